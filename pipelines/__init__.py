@@ -1,0 +1,2 @@
+"""Beam composites that wire ``streaming``, ``tgn`` and ``profiles`` into live and replay
+pipelines, the command line and the HTTP server."""
