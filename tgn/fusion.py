@@ -1,0 +1,190 @@
+"""DynLLM fusion: distilled attention over the four LLM profile facets.
+
+Part 3 of DynLLM (arXiv 2405.07580): every facet text embedding is projected (linear → dropout →
+LayerNorm) and passed through a learned top-k gate that keeps the ``k`` dimensions with the
+largest score ``s = e ⊙ p/‖p‖`` as ``e_I ⊙ tanh(s_I)`` and zeroes the rest (the gPool trick of
+Graph U-Nets, applied across dimensions). The temporal user embedding then attends over the four
+distilled facets (multi-head; the averaged attention weights are the facets' relevance) and an MLP
+merges ``[temporal ‖ attended facets]`` into the final user embedding.
+
+Users without a profile use a learned "no profile" facet set in place of their distilled facets,
+so the attention always has four keys and the output stays finite.
+
+Shapes: ``B`` batch, ``F`` facets (4), ``E`` text embedding width (384), ``D`` model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+#: The facet order used everywhere (profiles export, fusion, explain).
+FACETS = ("crowd_segment", "personal_interests", "preferred_categories", "favored_brands")
+
+
+@dataclass
+class FusionConfig:
+    """Configuration of :class:`DistilledFusion`."""
+
+    dim: int = 100  # D: width of the temporal user embedding it fuses with
+    text_dim: int = 384  # E: all-MiniLM-L6-v2 vectors
+    num_facets: int = len(FACETS)
+    top_k: int = 62  # the public code keeps 80 of 128 dims (62.5%); same share of D = 100
+    heads: int = 2  # as in the public code
+    dropout: float = 0.1
+    gate: bool = True  # False: the "without distillation gate" ablation
+    residual: bool = True  # add the temporal embedding back, so facets can only refine it
+
+
+class TopKGate(nn.Module):
+    """Learned top-k gate over the last dimension, one projection vector per facet.
+
+    Args:
+        num_facets: ``F``, one learned vector ``p`` per facet.
+        dim: ``D``, width of the gated vectors.
+        k: how many dimensions survive (``1 <= k <= D``).
+    """
+
+    def __init__(self, num_facets: int, dim: int, k: int) -> None:
+        super().__init__()
+        if not 1 <= k <= dim:
+            raise ValueError(f"top_k must be in [1, {dim}], got {k}")
+        self.k = k
+        self.p = nn.Parameter(torch.empty(num_facets, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``p`` from N(0, 1)."""
+        nn.init.normal_(self.p)
+
+    def forward(self, e: Tensor) -> Tensor:
+        """Keep the ``k`` best-scoring dimensions of ``e`` [B, F, D], scaled by ``tanh(score)``.
+
+        Returns:
+            [B, F, D], exactly ``k`` entries per facet may be non-zero.
+        """
+        s = e * (self.p / self.p.norm(dim=-1, keepdim=True))  # [B, F, D]
+        s_top, idx = s.topk(self.k, dim=-1)  # [B, F, k]
+        kept = e.gather(-1, idx) * torch.tanh(s_top)
+        return torch.zeros_like(e).scatter(-1, idx, kept)
+
+
+class FacetProjection(nn.Module):
+    """Per-facet linear → dropout → LayerNorm, batched over facets with one einsum.
+
+    Args:
+        num_facets: ``F``.
+        in_dim: ``E``, text embedding width.
+        out_dim: ``D``.
+        dropout: dropout probability between the linear map and the norm.
+    """
+
+    def __init__(self, num_facets: int, in_dim: int, out_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_facets, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(num_facets, out_dim))
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights, zero bias, fresh LayerNorm."""
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.norm.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Project ``x`` [B, F, E] to [B, F, D]."""
+        h = torch.einsum("bfe,fed->bfd", x, self.weight) + self.bias
+        return self.norm(self.dropout(h))
+
+
+@dataclass
+class FusionOutput:
+    """What :class:`DistilledFusion` returns.
+
+    Attributes:
+        embedding: [B, D] fused user embeddings.
+        relevance: [B, F] attention weights over facets (rows sum to 1); for users without a
+            profile they are the weights over the learned "no profile" facets.
+        has_profile: [B] bool, which rows used a real profile.
+    """
+
+    embedding: Tensor
+    relevance: Tensor
+    has_profile: Tensor
+
+
+class DistilledFusion(nn.Module):
+    """Fuse temporal user embeddings with distilled profile facets.
+
+    Args:
+        config: sizes and switches (see :class:`FusionConfig`).
+    """
+
+    def __init__(self, config: FusionConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or FusionConfig()
+        if config.dim % config.heads:
+            raise ValueError(f"dim {config.dim} is not divisible by heads {config.heads}")
+        self.project = FacetProjection(config.num_facets, config.text_dim, config.dim,
+                                       config.dropout)
+        self.gate = TopKGate(config.num_facets, config.dim, config.top_k) if config.gate else None
+        self.no_profile = nn.Parameter(torch.empty(config.num_facets, config.dim))
+        # no attention dropout: the returned weights are the facets' relevance and must sum to 1
+        self.attention = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
+        self.merge = nn.Sequential(
+            nn.Linear(2 * config.dim, config.dim),
+            nn.ReLU(),
+            nn.Linear(config.dim, config.dim),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every weight."""
+        self.project.reset_parameters()
+        if self.gate is not None:
+            self.gate.reset_parameters()
+        nn.init.normal_(self.no_profile, std=0.1)
+        self.attention._reset_parameters()
+        for layer in self.merge:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+        if self.config.residual:  # start as the identity on the temporal embedding
+            nn.init.zeros_(self.merge[-1].weight)
+            nn.init.zeros_(self.merge[-1].bias)
+
+    def distill(self, facets: Tensor, has_profile: Tensor) -> Tensor:
+        """Distilled facets [B, F, D] from text vectors ``facets`` [B, F, E].
+
+        Rows where ``has_profile`` [B] is False get the learned "no profile" facet set instead.
+        """
+        d = self.project(facets)
+        if self.gate is not None:
+            d = self.gate(d)
+        fallback = self.no_profile.unsqueeze(0).expand_as(d)
+        return torch.where(has_profile.view(-1, 1, 1), d, fallback)
+
+    def forward(self, z: Tensor, facets: Tensor, has_profile: Tensor) -> FusionOutput:
+        """Fuse.
+
+        Args:
+            z: [B, D] temporal user embeddings (the attention query).
+            facets: [B, F, E] facet text embeddings (ignored where ``has_profile`` is False).
+            has_profile: [B] bool.
+
+        Returns:
+            A :class:`FusionOutput` with the [B, D] embedding and [B, F] facet relevance.
+        """
+        if facets.shape[1:] != (self.config.num_facets, self.config.text_dim):
+            raise ValueError(f"facets must be [B, {self.config.num_facets}, "
+                             f"{self.config.text_dim}], got {list(facets.shape)}")
+        keys = self.distill(facets, has_profile)  # [B, F, D]
+        attended, weights = self.attention(z.unsqueeze(1), keys, keys, need_weights=True)
+        attended = attended.squeeze(1)  # [B, D]
+        out = self.merge(torch.cat([z, attended], dim=-1))
+        if self.config.residual:
+            out = out + z
+        return FusionOutput(out, weights.squeeze(1), has_profile)
