@@ -189,7 +189,8 @@ def init_label_values(metric: MetricWrapperBase, label: str, values: Iterable[st
 
     >>> rejected = Counter("rejected", "example", ["reason"], registry=None)
     >>> init_label_values(rejected, "reason", ["bad_json", "bad_id"])
-    >>> sorted(s.labels["reason"] for s in rejected.collect()[0].samples if s.name.endswith("total"))
+    >>> samples = rejected.collect()[0].samples
+    >>> sorted(s.labels["reason"] for s in samples if s.name == "rejected_total")
     ['bad_id', 'bad_json']
     """
     for value in values:
