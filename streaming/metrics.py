@@ -28,6 +28,7 @@ Usage in a process::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from wsgiref.simple_server import WSGIServer
@@ -49,6 +50,8 @@ PIPELINE_PORT = 9100
 WORKER_PORT = 9101
 #: Default HTTP port of the recommendation server, which serves ``/metrics`` itself.
 SERVER_PORT = 8080
+#: Environment variable naming the address :func:`start_metrics_server` binds by default.
+ADDR_ENV = "DYNLLM_METRICS_ADDR"
 
 # Bucket boundaries, in base units. Each covers the range seen on a 2-core CPU machine with room
 # above it, so slow runs still land in a finite bucket.
@@ -197,17 +200,19 @@ def init_label_values(metric: MetricWrapperBase, label: str, values: Iterable[st
         metric.labels(**{label: str(value)})
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> WSGIServer:
+def start_metrics_server(port: int, addr: str | None = None) -> WSGIServer:
     """Serve ``/metrics`` of the default registry from a daemon thread.
 
     Args:
         port: TCP port; 0 picks a free one (read it back from ``server.server_port``).
-        addr: Address to bind; loopback by default, ``"0.0.0.0"`` inside a container.
+        addr: Address to bind. ``None`` reads :data:`ADDR_ENV` (``DYNLLM_METRICS_ADDR``, set to
+            ``0.0.0.0`` in the containers of ``deploy/docker-compose.yml``) and falls back to
+            loopback, so nothing is exposed beyond the machine unless asked for.
 
     Returns:
         The running server; ``server.shutdown()`` stops it.
     """
-    server, _thread = start_http_server(port, addr)
+    server, _thread = start_http_server(port, addr or os.environ.get(ADDR_ENV, "127.0.0.1"))
     return server
 
 
