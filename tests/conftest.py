@@ -23,3 +23,12 @@ def cj_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cj_small")
     prepare(out, **CJ_SMALL)
     return out
+
+
+@pytest.fixture
+def kafka_broker():
+    """``"127.0.0.1:PORT"`` of a fresh local Tansu broker (memory-only, starts in ~70 ms)."""
+    from streaming.broker import Broker
+
+    with Broker() as broker:
+        yield broker.bootstrap_servers

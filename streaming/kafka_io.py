@@ -1,0 +1,198 @@
+"""Kafka helpers shared by the producer, the pipeline, the profile worker and the tests.
+
+Built on kafka-python. Reading uses ``assign()`` with explicit offsets instead of consumer-group
+joins: a group join takes ~23 s against the local Tansu broker, and a pipeline that checkpoints
+its own offsets does not need one. Values are read as raw ``bytes`` and handed to
+:func:`streaming.validation.validate_event`, so a malformed message becomes a dead letter instead of
+a crash in a deserializer.
+
+Two broker quirks shape this module (see docs/ARCHITECTURE.md): ``acks=0`` lost messages, so
+producers use ``acks >= 1``; and the broker can misreport partition end offsets after batched
+produce, so readers count what they read instead of trusting ``end_offsets``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+from kafka.serializer import Serializer
+
+#: Producer settings: ordered, acknowledged, duplicate-free delivery with batching for throughput.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    # Idempotence (Tansu supports it) keeps per-partition order and drops duplicates on retry
+    # with 5 requests in flight; it requires acks="all". acks=0 lost messages on this broker.
+    "enable_idempotence": True,
+    "acks": "all",
+    "max_in_flight_requests_per_connection": 5,
+    "linger_ms": 20,  # gather sends into larger requests (+20% here over 5 ms)
+    "batch_size": 256 * 1024,
+}
+
+
+class Record(NamedTuple):
+    """One message read from a topic (value still raw bytes)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact JSON for a message value; ``bytes`` pass through untouched (raw or junk records).
+
+    >>> encode_json({"a": 1, "b": [1.5]})
+    b'{"a":1,"b":[1.5]}'
+    """
+    if isinstance(value, bytes):
+        return value
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+class _JsonSerializer(Serializer):
+    def serialize(self, topic: str, value: Any) -> bytes:
+        return encode_json(value)
+
+
+class _KeySerializer(Serializer):
+    def serialize(self, topic: str, key: str | bytes | None) -> bytes | None:
+        return key.encode("utf-8") if isinstance(key, str) else key
+
+
+def json_producer(bootstrap_servers: str, **overrides: Any):
+    """A ``KafkaProducer`` whose values are JSON (or raw bytes) and keys UTF-8 strings.
+
+    Args:
+        bootstrap_servers: ``"host:port[,host:port]"``.
+        **overrides: Any ``KafkaProducer`` setting, replacing :data:`PRODUCER_DEFAULTS`.
+    """
+    from kafka import KafkaProducer
+
+    config = {**PRODUCER_DEFAULTS, **overrides}
+    return KafkaProducer(bootstrap_servers=bootstrap_servers, value_serializer=_JsonSerializer(),
+                         key_serializer=_KeySerializer(), **config)
+
+
+def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4) -> None:
+    """Create topics that do not exist yet (existing ones are left as they are)."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(n, num_partitions=partitions, replication_factor=1)
+               for n in names if n not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:  # created concurrently
+                pass
+    finally:
+        admin.close()
+
+
+class TopicReader:
+    """Read a topic's partitions with ``assign()`` from explicit offsets, in batches.
+
+    Args:
+        bootstrap_servers: ``"host:port"``.
+        topic: Topic to read.
+        partitions: Partitions to read; ``None`` means all of them.
+        offsets: Next offset to read per partition (e.g. restored from a checkpoint); a partition
+            not listed starts at its beginning.
+        max_batch: Most records returned by one :meth:`poll`.
+        **consumer_config: Extra ``KafkaConsumer`` settings.
+
+    Attributes:
+        positions: Next offset per partition, advanced by what was read (save it to resume).
+        count: Records read so far.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, partitions: Iterable[int] | None = None,
+                 offsets: dict[int, int] | None = None, max_batch: int = 5000,
+                 **consumer_config: Any) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        config = {"fetch_max_wait_ms": 100, "auto_offset_reset": "earliest", **consumer_config}
+        self.topic = topic
+        self.max_batch = max_batch
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
+                                       enable_auto_commit=False, **config)
+        chosen = sorted(partitions) if partitions is not None else self._wait_for_partitions()
+        offsets = offsets or {}
+        self.positions = {p: offsets.get(p, 0) for p in chosen}
+        self.count = 0
+        assigned = [TopicPartition(topic, p) for p in chosen]
+        self._consumer.assign(assigned)
+        for tp in assigned:
+            # Offset 0 below a real Kafka log start falls back to the earliest offset.
+            self._consumer.seek(tp, self.positions[tp.partition])
+
+    def _wait_for_partitions(self, timeout_s: float = 10.0) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self._consumer.partitions_for_topic(self.topic)
+            if found:
+                return sorted(found)
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"topic {self.topic!r} has no partitions (does it exist?)")
+            time.sleep(0.1)
+
+    def poll(self, timeout_s: float = 1.0) -> list[Record]:
+        """Up to ``max_batch`` new records (possibly none), in offset order per partition."""
+        fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=self.max_batch)
+        batch = [Record(m.partition, m.offset, m.key, m.value, m.timestamp)
+                 for messages in fetched.values() for m in messages]
+        for partition_messages in fetched.values():
+            last = partition_messages[-1]
+            self.positions[last.partition] = last.offset + 1
+        self.count += len(batch)
+        return batch
+
+    def batches(self, limit: int | None = None, idle_timeout_s: float | None = None,
+                poll_timeout_s: float = 0.5) -> Iterator[list[Record]]:
+        """Yield non-empty batches until ``limit`` records were read or none came for a while.
+
+        Args:
+            limit: Stop once this many records were read in total (the last batch is cut to it).
+            idle_timeout_s: Stop after this many seconds without a record; ``None`` waits forever.
+            poll_timeout_s: Longest single wait for the broker.
+        """
+        last_record = time.monotonic()
+        while limit is None or self.count < limit:
+            batch = self.poll(poll_timeout_s)
+            if batch:
+                last_record = time.monotonic()
+                if limit is not None and self.count > limit:
+                    batch = self._cut(batch, len(batch) - (self.count - limit))
+                yield batch
+            elif idle_timeout_s is not None and time.monotonic() - last_record > idle_timeout_s:
+                return
+
+    def _cut(self, batch: list[Record], keep: int) -> list[Record]:
+        """Keep the first ``keep`` records; rewind positions so the rest is read next time."""
+        from kafka import TopicPartition
+
+        kept, dropped = batch[:keep], batch[keep:]
+        for record in reversed(dropped):
+            self.positions[record.partition] = record.offset
+        for partition in {r.partition for r in dropped}:
+            self._consumer.seek(TopicPartition(self.topic, partition), self.positions[partition])
+        self.count -= len(dropped)
+        return kept
+
+    def close(self) -> None:
+        """Close the consumer connection."""
+        self._consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
