@@ -1,0 +1,79 @@
+"""Purchase events as tensors: :class:`EventBatch` and encoding from Arrow tables.
+
+Users and items are kept in two :class:`~tgn.ids.IdMap` s (dense user and item indices); a
+model maps those to graph nodes itself. Event features are ``[log1p(price), log1p(quantity)]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from tgn.ids import IdMap
+
+#: Width of the raw event features (:func:`event_features`).
+MSG_DIM = 2
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """Purchase events in time order.
+
+    Attributes:
+        users: dense user indices ``[B]`` (int64).
+        items: dense item indices ``[B]`` (int64).
+        t: event times ``[B]`` (float64 epoch seconds, non-decreasing).
+        feats: event features ``[B, MSG_DIM]`` (float32).
+    """
+
+    users: Tensor
+    items: Tensor
+    t: Tensor
+    feats: Tensor
+
+    def __len__(self) -> int:
+        return self.users.numel()
+
+    def __getitem__(self, index: slice | Tensor) -> EventBatch:
+        return EventBatch(self.users[index], self.items[index], self.t[index], self.feats[index])
+
+    def batches(self, size: int) -> Iterator[EventBatch]:
+        """Consecutive slices of at most ``size`` events."""
+        for start in range(0, len(self), size):
+            yield self[start:start + size]
+
+    @staticmethod
+    def cat(parts: list[EventBatch]) -> EventBatch:
+        """Concatenate batches in order."""
+        return EventBatch(*(torch.cat([getattr(p, f) for p in parts])
+                            for f in ("users", "items", "t", "feats")))
+
+
+def event_features(price: np.ndarray, quantity: np.ndarray) -> Tensor:
+    """``[log1p(price), log1p(quantity)]`` as ``[B, 2]`` float32 (negatives clipped to 0)."""
+    cols = [np.log1p(np.clip(np.asarray(c, dtype=np.float64), 0, None)) for c in (price, quantity)]
+    return torch.from_numpy(np.stack(cols, axis=1).astype(np.float32))
+
+
+def encode_events(table: pa.Table, users: IdMap, items: IdMap, grow: bool = True) -> EventBatch:
+    """Turn an ``EVENT_SCHEMA`` table into an :class:`EventBatch`.
+
+    Args:
+        table: events sorted by time.
+        users: user id map (grows with unseen users when ``grow``).
+        items: item id map (likewise).
+        grow: add unknown ids to the maps; otherwise an unknown id raises ``KeyError``.
+    """
+    user_idx = users.encode(table.column("user_id").to_pylist(), grow=grow)
+    item_idx = items.encode(table.column("item_id").to_pylist(), grow=grow)
+    ts = table.column("ts").to_numpy().astype(np.float64)
+    if len(ts) > 1 and np.any(np.diff(ts) < 0):
+        raise ValueError("events must be sorted by time")
+    feats = event_features(table.column("price").to_numpy(), table.column("quantity").to_numpy())
+    return EventBatch(torch.from_numpy(user_idx), torch.from_numpy(item_idx),
+                      torch.from_numpy(ts), feats)

@@ -1,0 +1,102 @@
+"""Temporal embedding: attention over recent neighbours and a JODIE-style time projection.
+
+* :class:`TemporalAttention` — one TGAT/TGN graph-attention layer
+  (https://arxiv.org/abs/2002.07962): the node's memory (query) attends over its recent
+  neighbours' memories concatenated with the cosine encoding of how long ago they met; the
+  result is merged with the node's own memory.
+* :class:`TimeProjection` — JODIE (https://arxiv.org/abs/1908.01207): ``z(t) = z ⊙ (1 + w·Δt)``,
+  so a user's embedding drifts with the time since their last event.
+* :class:`IdentityHead` — the default user head ``head(z, user_index, t) -> z``; the DynLLM fusion
+  head plugs in with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from tgn.memory import TimeEncoder
+
+SECONDS_PER_DAY = 86_400.0
+
+
+class TemporalAttention(nn.Module):
+    """Multi-head attention of a node over its recent neighbours.
+
+    Keys and values are linear in ``[neighbour memory ‖ cos_time(Δt)]``, so the memory part is
+    projected per *node* before the gather when that is cheaper (scoring a full catalog).
+
+    Args:
+        memory_dim: node memory width ``D``.
+        time_encoder: shared cosine time encoder (width ``T``).
+        embed_dim: output width ``E``.
+        heads: attention heads ``H`` (``E`` must be divisible by it).
+    """
+
+    def __init__(self, memory_dim: int, time_encoder: TimeEncoder, embed_dim: int,
+                 heads: int) -> None:
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+        self.time_enc, self.heads, self.embed_dim = time_encoder, heads, embed_dim
+        self.query = nn.Linear(memory_dim + time_encoder.out_channels, embed_dim)
+        self.key_value_memory = nn.Linear(memory_dim, 2 * embed_dim)
+        self.key_value_time = nn.Linear(time_encoder.out_channels, 2 * embed_dim, bias=False)
+        self.out = nn.Linear(embed_dim, embed_dim)
+        self.merge = nn.Sequential(nn.Linear(embed_dim + memory_dim, embed_dim), nn.ReLU(),
+                                   nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, memory: Tensor, nodes: Tensor, neighbor: Tensor, dt: Tensor,
+                valid: Tensor) -> Tensor:
+        """Embed ``nodes`` from their memory and their recent neighbours'.
+
+        Args:
+            memory: all nodes' memory ``[N, D]``.
+            nodes: nodes to embed ``[B]``.
+            neighbor: their neighbours ``[B, K]`` (any id where not ``valid``).
+            dt: seconds since each neighbour event ``[B, K]``.
+            valid: which neighbour slots are filled ``[B, K]`` (bool).
+
+        Returns:
+            Embeddings ``[B, E]``.
+        """
+        (b, k), h, e = neighbor.shape, self.heads, self.embed_dim
+        own = memory[nodes]  # [B, D]
+        zero_dt = self.time_enc(own.new_zeros(b))  # [B, T]
+        query = self.query(torch.cat([own, zero_dt], dim=1)).view(b, h, 1, e // h)
+        neighbor = neighbor.clamp_min(0)
+        if b * k > memory.size(0):  # project every node once, then gather
+            kv = self.key_value_memory(memory)[neighbor]  # [B, K, 2E]
+        else:
+            kv = self.key_value_memory(memory[neighbor])
+        kv = kv + self.key_value_time(self.time_enc(dt))
+        key, value = kv.view(b, k, 2, h, e // h).permute(2, 0, 3, 1, 4)  # [B, H, K, E/H] each
+        empty = ~valid.any(dim=1)  # [B]: no neighbour yet
+        mask = (valid | empty.unsqueeze(1)).view(b, 1, 1, k)  # keep softmax finite when empty
+        att = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [B, H, 1, E/H]
+        att = self.out(att.reshape(b, e)) * (~empty).unsqueeze(1).to(own.dtype)
+        return self.merge(torch.cat([att, own], dim=1))
+
+
+class TimeProjection(nn.Module):
+    """JODIE projection ``z ⊙ (1 + w · Δt_days)``, initialised near the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(1, dim)
+        nn.init.normal_(self.lin.weight, std=0.01)
+        nn.init.zeros_(self.lin.bias)
+
+    def forward(self, z: Tensor, dt: Tensor) -> Tensor:
+        """Age embeddings ``z [B, E]`` by ``dt [B]`` seconds; returns ``[B, E]``."""
+        days = (dt / SECONDS_PER_DAY).to(z.dtype).unsqueeze(1)
+        return z * (1 + self.lin(days))
+
+
+class IdentityHead(nn.Module):
+    """Default user head: returns the temporal embedding unchanged."""
+
+    def forward(self, z: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
+        """``z [B, E]``, ``user_index [B]``, ``t [B]`` → ``z [B, E]``."""
+        return z

@@ -1,0 +1,164 @@
+"""The temporal graph recommender: memory + recent neighbours + attention + time projection.
+
+Users and items share one node space: a user's node is ``user_node[user_index]``, an item's
+``item_node[item_index]``. Nodes are handed out in first-seen order, so the state grows when a
+stream brings unseen users or items (:meth:`TGNRecommender.encode`) without retraining.
+
+Streaming use from a checkpoint::
+
+    model = TGNRecommender.load("run/model.pt")
+    batch = model.encode(events_table)          # grows id maps and state for unseen ids
+    scores = model.score(batch)                 # [B, num_items], all from the same state
+    model.update(batch)                         # then apply the events
+    model.save("run/live.pt")                   # weights + state + id maps, one atomic file
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from tgn.data import MSG_DIM, EventBatch, encode_events
+from tgn.embedding import IdentityHead, TemporalAttention, TimeProjection
+from tgn.ids import IdMap
+from tgn.memory import Memory, TimeEncoder
+from tgn.neighbors import NeighborBuffer
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TGNConfig:
+    """Model sizes; defaults follow TGN's paper setup scaled to a 2-core CPU."""
+
+    memory_dim: int = 100
+    time_dim: int = 100
+    embed_dim: int = 100
+    heads: int = 2
+    neighbors: int = 10  # TGN's 10 most recent neighbours
+    aggregation: str = "last"  # TGN's best-performing aggregator
+    msg_dim: int = MSG_DIM
+
+
+class TGNRecommender(nn.Module):
+    """Scores every catalog item for a user by a dot product of temporal embeddings.
+
+    Args:
+        config: model sizes.
+        users: user id map (copied reference; grows with the stream).
+        items: item id map.
+        user_head: ``head(z [B, E], user_index [B], t [B]) -> [B, E]`` applied to user
+            embeddings (identity by default; the DynLLM fusion head plugs in here).
+    """
+
+    def __init__(self, config: TGNConfig | None = None, users: IdMap | None = None,
+                 items: IdMap | None = None, user_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config = config or TGNConfig()
+        self.users, self.items = users or IdMap(), items or IdMap()
+        self.time_enc = TimeEncoder(config.time_dim)
+        self.memory = Memory(0, config.memory_dim, config.msg_dim, self.time_enc,
+                             config.aggregation)
+        self.neighbors = NeighborBuffer(0, config.neighbors)
+        self.attention = TemporalAttention(config.memory_dim, self.time_enc, config.embed_dim,
+                                           config.heads)
+        self.projection = TimeProjection(config.embed_dim)
+        self.user_head = user_head or IdentityHead()
+        self.register_buffer("user_node", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("item_node", torch.zeros(0, dtype=torch.long))
+        self._sync_nodes()
+
+    @property
+    def num_nodes(self) -> int:
+        return self.memory.num_nodes
+
+    def _sync_nodes(self) -> None:
+        """Give graph nodes to ids added to the maps since the last call."""
+        start = self.num_nodes
+        new_users = len(self.users) - self.user_node.numel()
+        new_items = len(self.items) - self.item_node.numel()
+        nodes = torch.arange(start, start + new_users + new_items)
+        self.user_node = torch.cat([self.user_node, nodes[:new_users]])
+        self.item_node = torch.cat([self.item_node, nodes[new_users:]])
+        self.memory.grow(start + new_users + new_items)
+        self.neighbors.grow(start + new_users + new_items)
+
+    def encode(self, events: pa.Table) -> EventBatch:
+        """Encode an ``EVENT_SCHEMA`` table, growing id maps and state for unseen ids."""
+        batch = encode_events(events, self.users, self.items, grow=True)
+        self._sync_nodes()
+        return batch
+
+    def reset_state(self) -> None:
+        """Forget all events (memory, last-update times, neighbours); keeps weights and ids."""
+        self.memory.reset_state()
+        self.neighbors.reset_state()
+
+    def detach(self) -> None:
+        """Cut the state out of the autograd graph (after each optimiser step)."""
+        self.memory.detach()
+
+    def update(self, batch: EventBatch) -> None:
+        """Apply events to the memory and the neighbour buffer (gradients flow in train mode)."""
+        src, dst = self.user_node[batch.users], self.item_node[batch.items]
+        self.memory.update_state(src, dst, batch.t, batch.feats)
+        self.neighbors.insert(src, dst, batch.t)
+
+    def embed_nodes(self, nodes: Tensor, t: Tensor) -> Tensor:
+        """Attention embeddings ``[B, E]`` of ``nodes [B]`` at times ``t [B]`` (float64 s)."""
+        neighbor, when, valid = self.neighbors(nodes)  # [B, K] each
+        dt = (t.unsqueeze(1) - when).clamp_min(0)
+        return self.attention(self.memory.memory, nodes, neighbor, dt, valid)
+
+    def user_embeddings(self, user_index: Tensor, t: Tensor) -> Tensor:
+        """Final user embeddings ``[B, E]`` for users ``[B]`` at times ``t [B]``."""
+        nodes = self.user_node[user_index]
+        z = self.embed_nodes(nodes, t)
+        z = self.projection(z, (t - self.memory.last_update[nodes]).clamp_min(0))
+        return self.user_head(z, user_index, t)
+
+    def item_embeddings(self, t: float | Tensor, items: Tensor | None = None,
+                        chunk: int = 8192) -> Tensor:
+        """Item embeddings ``[N, E]`` at time ``t`` (scalar or ``[N]``); all items by default."""
+        items = torch.arange(self.item_node.numel()) if items is None else items
+        t = torch.as_tensor(t, dtype=torch.float64).expand(items.numel())
+        parts = [self.embed_nodes(self.item_node[items[i:i + chunk]], t[i:i + chunk])
+                 for i in range(0, items.numel(), chunk)]
+        return torch.cat(parts) if parts else self.memory.memory.new_zeros(0, self.config.embed_dim)
+
+    @torch.no_grad()
+    def score(self, batch: EventBatch) -> Tensor:
+        """Scores ``[B, num_items]`` of every item for each event's user, from the current state.
+
+        Items are embedded once at the batch's first time, so all candidates share one state.
+        """
+        users = self.user_embeddings(batch.users, batch.t)
+        return users @ self.item_embeddings(batch.t[0]).T
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write weights, state and id maps to one file, atomically (temp file + rename)."""
+        path = Path(path)
+        payload = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config),
+                   "users": self.users.to_list(), "items": self.items.to_list(),
+                   "state": self.state_dict(), "extra": extra or {}}
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, user_head: nn.Module | None = None) -> TGNRecommender:
+        """Rebuild a model saved by :meth:`save` (pass the same kind of ``user_head``)."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+        model = cls(TGNConfig(**payload["config"]), IdMap(payload["users"]),
+                    IdMap(payload["items"]), user_head)
+        model.load_state_dict(payload["state"])
+        model.checkpoint_extra = payload["extra"]
+        return model
