@@ -45,12 +45,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _accepts_connections(host: str, port: int) -> bool:
+def accepts_connections(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (within 0.2 s)."""
     try:
         with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
+
+
+def reachable(bootstrap_servers: str) -> bool:
+    """Whether any ``host:port`` of a bootstrap list accepts TCP connections."""
+    for address in bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        if port.isdigit() and accepts_connections(host or "127.0.0.1", int(port)):
+            return True
+    return False
 
 
 class Broker:
@@ -74,7 +84,7 @@ class Broker:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Broker:
         """Start the broker and wait until it accepts TCP connections."""
-        if _accepts_connections(self.host, self.port):
+        if accepts_connections(self.host, self.port):
             raise UsageError(f"port {self.port} on {self.host} is already in use")
         url = f"tcp://{self.host}:{self.port}"
         output = subprocess.DEVNULL if self.quiet else None
@@ -84,7 +94,7 @@ class Broker:
             stdout=output, stderr=output,
         )
         deadline = time.monotonic() + timeout_s
-        while not _accepts_connections(self.host, self.port):
+        while not accepts_connections(self.host, self.port):
             if self._process.poll() is not None:
                 raise RuntimeError(f"tansu exited with code {self._process.returncode}")
             if time.monotonic() > deadline:

@@ -1,10 +1,12 @@
-"""Subcommands of the ``streaming`` room: ``data prepare``, ``data import``."""
+"""Subcommands of the ``streaming`` room: ``data prepare``, ``data import``, ``broker``,
+``produce`` (in :mod:`streaming.kafka_cli`) and ``bench kafka``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from streaming import kafka_cli
 from streaming.errors import UsageError
 
 
@@ -71,3 +73,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "basket,store,title,category,brand,item_price]")
     imp.add_argument("--out", required=True, help="dataset directory to write")
     imp.set_defaults(func=_import)
+    kafka_cli.register(commands)
+
+
+def register_bench(bench_targets: argparse._SubParsersAction) -> None:
+    """Add ``bench kafka``."""
+    kafka_cli.register_bench(bench_targets)
