@@ -1,0 +1,80 @@
+"""The DynLLM user head: time-correct profile lookup + distilled attention fusion.
+
+Plugs into :class:`tgn.model.TGNRecommender` as ``user_head``: for users ``[B]`` at times
+``t [B]`` it looks up the latest profile written strictly before ``t``
+(:class:`tgn.profile_features.ProfileTable`) and fuses its four facet vectors with the temporal
+embedding (:class:`tgn.fusion.DistilledFusion`). The facet relevance of the last call is kept
+for explanations and the serving API.
+
+The profile table is data, not weights: it is saved beside the weights in the checkpoint's
+``extra`` (see :func:`head_extra` / :func:`load_dynllm`) and can be swapped while streaming
+(:meth:`DynLLMHead.set_profiles`) as new profiles arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tgn.fusion import DistilledFusion, FusionConfig, FusionOutput
+from tgn.profile_features import ProfileLookup, ProfileTable
+
+
+class DynLLMHead(nn.Module):
+    """``head(z [B, D], user_index [B], t [B]) -> [B, D]`` fusing profiles into ``z``.
+
+    Args:
+        config: fusion sizes and switches; ``config.dim`` must equal the model's embed width.
+        profiles: the profile versions to read (empty: every user takes the no-profile path).
+    """
+
+    def __init__(self, config: FusionConfig | None = None,
+                 profiles: ProfileTable | None = None) -> None:
+        super().__init__()
+        self.fusion = DistilledFusion(config)
+        self.config = self.fusion.config
+        self.profiles = profiles or ProfileTable.empty(self.config.num_facets,
+                                                       self.config.text_dim)
+        self.last: FusionOutput | None = None  #: output of the latest call
+        self.last_lookup: ProfileLookup | None = None  #: profile rows of the latest call
+
+    def set_profiles(self, profiles: ProfileTable) -> None:
+        """Read from ``profiles`` from now on (e.g. after new profiles arrived)."""
+        if (profiles.num_facets, profiles.text_dim) != (self.config.num_facets,
+                                                        self.config.text_dim) and len(profiles):
+            raise ValueError(f"profiles are [P, {profiles.num_facets}, {profiles.text_dim}], "
+                             f"the head expects [P, {self.config.num_facets}, "
+                             f"{self.config.text_dim}]")
+        self.profiles = profiles
+
+    def forward(self, z: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
+        """Fused user embeddings [B, D] (facet relevance kept in :attr:`last`)."""
+        found = self.profiles.lookup(user_index, t)
+        out = self.fusion(z, found.facets.to(z.dtype), found.has_profile)
+        self.last, self.last_lookup = out, found
+        return out.embedding
+
+
+def head_extra(head: DynLLMHead) -> dict[str, Any]:
+    """What a checkpoint's ``extra`` needs to rebuild ``head``: its config and profile table."""
+    return {"model": "dynllm", "fusion": asdict(head.config), "profiles": head.profiles.to_state()}
+
+
+def load_dynllm(path: str | Path):
+    """Load a DynLLM checkpoint written by ``TGNRecommender.save(path, extra=head_extra(...))``.
+
+    Returns:
+        The :class:`tgn.model.TGNRecommender` with its :class:`DynLLMHead` and profile table.
+    """
+    from tgn.model import TGNRecommender
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    extra = payload.get("extra", {})
+    if extra.get("model") != "dynllm":
+        raise ValueError(f"{path} is not a DynLLM checkpoint (model={extra.get('model')!r})")
+    head = DynLLMHead(FusionConfig(**extra["fusion"]), ProfileTable.from_state(extra["profiles"]))
+    return TGNRecommender.load(path, user_head=head)
