@@ -32,3 +32,37 @@ def kafka_broker():
 
     with Broker() as broker:
         yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def prometheus():
+    """Factory starting **real Prometheus servers** (Debian ``prometheus``) on loopback.
+
+    Call it with job name → ``["host:port", ...]`` targets that serve ``/metrics``; it returns a
+    started :class:`streaming.prometheus_server.PrometheusServer` scraping them every second
+    (generated config, free port, temp storage dir; all stopped and deleted at teardown). Query it
+    with ``.query(promql)`` (raw result list), ``.value(promql)`` (one number or None) and
+    ``.wait_for(promql, accept, timeout_s)``. The first scrape lands ~5 s after start, so wait for
+    ``up`` before asserting, and use rate windows of at least ``[5s]``::
+
+        def test_pipeline_metrics(kafka_broker, prometheus):
+            metrics_port = ...  # start the process under test with its metrics server
+            prom = prometheus({"pipeline": [f"127.0.0.1:{metrics_port}"]})
+            prom.wait_for('up{job="pipeline"}', lambda v: v == 1)
+            prom.wait_for("sum(dynllm_events_dead_lettered_total)", lambda v: v == n_bad)
+            assert prom.value("sum(rate(dynllm_events_consumed_total[5s]))") > 0
+
+    A missing binary fails with a UsageError telling to run ``make prometheus``.
+    """
+    from streaming.prometheus_server import PrometheusServer
+
+    servers = []
+
+    def start(targets, scrape_interval_s: float = 1.0) -> PrometheusServer:
+        server = PrometheusServer(targets, scrape_interval_s).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

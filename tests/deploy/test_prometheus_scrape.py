@@ -1,0 +1,80 @@
+"""A real Prometheus server scrapes a real process exposing ``streaming.metrics``: the series
+exist under their exported names, counters move, and exact counts survive the trip."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.prometheus
+
+#: A small process using streaming.metrics the way the pipeline does: 3 bad records up front,
+#: then 10 consumed records and one 20 ms event→embedding latency every 50 ms until killed.
+PROBE = textwrap.dedent("""
+    import time
+    from streaming import metrics as m
+
+    m.process_info("probe", model_id="tiny-test")
+    m.init_label_values(m.EVENTS_DEAD_LETTERED, "reason", ["bad_json", "bad_id"])
+    for _ in range(3):
+        m.EVENTS_DEAD_LETTERED.labels(reason="bad_json").inc()
+    for partition in (0, 1):
+        m.CONSUMER_LAG.labels(topic="purchases", partition=str(partition)).set(7 * partition)
+    server = m.start_metrics_server(0)
+    print(server.server_port, flush=True)
+    while True:
+        m.EVENTS_CONSUMED.inc(10)
+        m.EVENT_TO_EMBEDDING_SECONDS.observe(0.02)
+        time.sleep(0.05)
+""")
+
+
+@pytest.fixture
+def probe_port():
+    """Port of a running probe process's /metrics (the process is killed afterwards)."""
+    process = subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def test_prometheus_scrapes_streaming_metrics(prometheus, probe_port):
+    prom = prometheus({"probe": [f"127.0.0.1:{probe_port}"]})
+    assert prom.wait_for('up{job="probe"}', lambda v: v == 1) == 1
+
+    # exact counts, by reason, including a reason created at zero
+    assert prom.value('dynllm_events_dead_lettered_total{job="probe",reason="bad_json"}') == 3
+    assert prom.value('dynllm_events_dead_lettered_total{reason="bad_id"}') == 0
+    assert prom.value("sum(dynllm_events_dead_lettered_total)") == 3
+    assert prom.value('sum(dynllm_consumer_lag_messages{topic="purchases"})') == 7
+    assert prom.value("count(dynllm_consumer_lag_messages)") == 2
+
+    # the counter moves between scrapes and its rate is positive and plausible (≤ 200/s written)
+    first = prom.value("dynllm_events_consumed_total")
+    later = prom.wait_for("dynllm_events_consumed_total", lambda v: v > first, timeout_s=10)
+    assert later > first > 0
+    rate = prom.wait_for("rate(dynllm_events_consumed_total[5s])", lambda v: v > 0, timeout_s=10)
+    assert 0 < rate <= 250
+
+    # histogram percentiles: every observation is 0.02 s, inside the (0.01, 0.025] bucket
+    buckets = "sum by (le) (rate(dynllm_event_to_embedding_seconds_bucket[5s]))"
+    p95 = prom.wait_for(f"histogram_quantile(0.95, {buckets})", math.isfinite, timeout_s=10)
+    assert 0.01 < p95 <= 0.025
+
+    info = prom.query('dynllm_process_info{job="probe"}')
+    assert len(info) == 1 and info[0]["metric"]["role"] == "probe"
+    assert info[0]["metric"]["model_id"] == "tiny-test" and info[0]["metric"]["version"]
+
+
+def test_query_errors_are_reported(prometheus):
+    prom = prometheus({})
+    with pytest.raises(ValueError, match="parse error"):
+        prom.query("sum(rate(dynllm_events_consumed_total[5s])")
+    assert prom.value("dynllm_no_such_metric") is None
