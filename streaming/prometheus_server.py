@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from streaming.broker import free_port
 from streaming.errors import UsageError
+from streaming.processes import stop_process
 
 #: Seconds to wait for ``/-/ready`` (Prometheus usually answers within 1-2 s).
 START_TIMEOUT_S = 30.0
@@ -118,13 +119,7 @@ class PrometheusServer:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate Prometheus (kill after ``timeout_s``) and delete its config and storage."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
