@@ -6,9 +6,10 @@ A dead letter is written as one JSON object::
      "raw": "{\\"event_id\\": ...}", "raw_encoding": "utf-8"}
 
 ``raw_encoding`` says how to get the original record back (:func:`decode_raw`): ``utf-8`` (the
-text itself), ``base64`` (bytes that were not UTF-8, or a string with lone surrogates), ``json``
-(a dict given directly) or ``repr`` (anything else; not reversible). Sinks count what they wrote
-per reason, so ``accepted + sum(sink.counts.values())`` adds up to what was read.
+text itself; UTF-8 bytes come back as ``str``), ``base64`` (bytes that were not UTF-8, or a
+string with lone surrogates), ``json`` (a dict given directly) or ``repr`` (anything else; not
+reversible). Sinks count what they wrote per reason, so
+``accepted + sum(sink.counts.values())`` adds up to what was read.
 """
 
 from __future__ import annotations

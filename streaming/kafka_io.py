@@ -54,12 +54,12 @@ def encode_json(value: Any) -> bytes:
 
 
 class _JsonSerializer(Serializer):
-    def serialize(self, topic: str, value: Any) -> bytes:
+    def serialize(self, topic: str, headers: Any, value: Any) -> bytes:
         return encode_json(value)
 
 
 class _KeySerializer(Serializer):
-    def serialize(self, topic: str, key: str | bytes | None) -> bytes | None:
+    def serialize(self, topic: str, headers: Any, key: str | bytes | None) -> bytes | None:
         return key.encode("utf-8") if isinstance(key, str) else key
 
 
