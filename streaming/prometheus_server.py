@@ -42,12 +42,14 @@ def prometheus_binary() -> str:
     return path
 
 
-def scrape_config(targets: Mapping[str, Sequence[str]], scrape_interval_s: float) -> dict:
+def scrape_config(targets: Mapping[str, Sequence[str]], scrape_interval_s: float,
+                  rule_files: Sequence[str | Path] = ()) -> dict:
     """A Prometheus config scraping each job's ``host:port`` targets at ``/metrics``.
 
     Args:
         targets: Job name → ``["host:port", ...]``.
         scrape_interval_s: Scrape (and rule evaluation) interval in seconds.
+        rule_files: Recording/alerting rule files to load (made absolute).
 
     Returns:
         The config as a dict (JSON is valid YAML, so it can be written with ``json.dump``).
@@ -58,6 +60,7 @@ def scrape_config(targets: Mapping[str, Sequence[str]], scrape_interval_s: float
     interval = f"{int(scrape_interval_s * 1000)}ms"
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(Path(path).resolve()) for path in rule_files],
         "scrape_configs": [
             {"job_name": job, "scrape_timeout": interval,
              "static_configs": [{"targets": list(hosts)}]}
@@ -73,14 +76,17 @@ class PrometheusServer:
         targets: Job name → ``["host:port", ...]`` to scrape at ``/metrics``.
         scrape_interval_s: Scrape interval; 1 s lets ``rate(x[5s])`` work within seconds.
         port: Port for Prometheus's own web/API server; ``None`` picks a free one.
+        rule_files: Alerting/recording rule files to evaluate at the scrape interval (e.g.
+            ``deploy/prometheus/alerts.yml``).
 
     Attributes:
         url: ``"http://127.0.0.1:PORT"`` of the API once started.
     """
 
     def __init__(self, targets: Mapping[str, Sequence[str]], scrape_interval_s: float = 1.0,
-                 port: int | None = None):
+                 port: int | None = None, rule_files: Sequence[str | Path] = ()):
         self.targets = {job: list(hosts) for job, hosts in targets.items()}
+        self.rule_files = list(rule_files)
         self.scrape_interval_s = scrape_interval_s
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -93,7 +99,8 @@ class PrometheusServer:
         binary = prometheus_binary()
         self._dir = Path(tempfile.mkdtemp(prefix="dynllm-prometheus-"))
         config = self._dir / "prometheus.yml"
-        config.write_text(json.dumps(scrape_config(self.targets, self.scrape_interval_s)))
+        config.write_text(json.dumps(
+            scrape_config(self.targets, self.scrape_interval_s, self.rule_files)))
         self._log = (self._dir / "prometheus.log").open("wb")
         self._process = subprocess.Popen(
             [binary, f"--config.file={config}", f"--storage.tsdb.path={self._dir / 'data'}",
@@ -140,18 +147,29 @@ class PrometheusServer:
         Raises:
             ValueError: Prometheus rejected the query (the message is Prometheus's error).
         """
-        address = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        data = self.api("query", query=promql)
+        if data["resultType"] in ("scalar", "string"):
+            return [{"metric": {}, "value": data["result"]}]
+        return data["result"]
+
+    def api(self, endpoint: str, **params: str) -> Any:
+        """GET ``/api/v1/<endpoint>`` (e.g. ``"query"``, ``"rules"``, ``"targets"``).
+
+        Returns:
+            The response's ``data`` field.
+
+        Raises:
+            ValueError: Prometheus answered with an error (its message is included).
+        """
+        address = f"{self.url}/api/v1/{endpoint}?" + urllib.parse.urlencode(params)
         try:
             with urllib.request.urlopen(address, timeout=10) as response:
                 body = json.load(response)
         except urllib.error.HTTPError as exc:  # 400/422 carry a JSON error
             body = json.load(exc)
         if body.get("status") != "success":
-            raise ValueError(f"{promql!r}: {body.get('errorType')}: {body.get('error')}")
-        data = body["data"]
-        if data["resultType"] in ("scalar", "string"):
-            return [{"metric": {}, "value": data["result"]}]
-        return data["result"]
+            raise ValueError(f"{endpoint} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
 
     def value(self, promql: str) -> float | None:
         """The single number a query returns, or ``None`` when it returns no series.

@@ -38,12 +38,14 @@ def kafka_broker():
 def prometheus():
     """Factory starting **real Prometheus servers** (Debian ``prometheus``) on loopback.
 
-    Call it with job name → ``["host:port", ...]`` targets that serve ``/metrics``; it returns a
-    started :class:`streaming.prometheus_server.PrometheusServer` scraping them every second
-    (generated config, free port, temp storage dir; all stopped and deleted at teardown). Query it
-    with ``.query(promql)`` (raw result list), ``.value(promql)`` (one number or None) and
-    ``.wait_for(promql, accept, timeout_s)``. The first scrape lands ~5 s after start, so wait for
-    ``up`` before asserting, and use rate windows of at least ``[5s]``::
+    Call it with job name → ``["host:port", ...]`` targets that serve ``/metrics`` (and optionally
+    ``rule_files=[...]`` to evaluate); it returns a started
+    :class:`streaming.prometheus_server.PrometheusServer` scraping them every second (generated
+    config, free port, temp storage dir; all stopped and deleted at teardown). Query it with
+    ``.query(promql)`` (raw result list), ``.value(promql)`` (one number or None),
+    ``.wait_for(promql, accept, timeout_s)`` and ``.api("rules")`` for other API endpoints. The
+    first scrape lands ~5 s after start, so wait for ``up`` before asserting, and use rate
+    windows of at least ``[5s]``::
 
         def test_pipeline_metrics(kafka_broker, prometheus):
             metrics_port = ...  # start the process under test with its metrics server
@@ -52,14 +54,17 @@ def prometheus():
             prom.wait_for("sum(dynllm_events_dead_lettered_total)", lambda v: v == n_bad)
             assert prom.value("sum(rate(dynllm_events_consumed_total[5s]))") > 0
 
-    A missing binary fails with a UsageError telling to run ``make prometheus``.
+    Metrics are process-global: if the code under test runs inside the pytest process (its
+    ``start_metrics_server(0)`` port as the target), counters still hold what earlier tests added,
+    so assert differences from a value read first, or run the process under test as a
+    subprocess. A missing binary fails with a UsageError telling to run ``make prometheus``.
     """
     from streaming.prometheus_server import PrometheusServer
 
     servers = []
 
-    def start(targets, scrape_interval_s: float = 1.0) -> PrometheusServer:
-        server = PrometheusServer(targets, scrape_interval_s).start()
+    def start(targets, scrape_interval_s: float = 1.0, rule_files=()) -> PrometheusServer:
+        server = PrometheusServer(targets, scrape_interval_s, rule_files=rule_files).start()
         servers.append(server)
         return server
 
