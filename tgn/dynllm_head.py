@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from tgn.fusion import DistilledFusion, FusionConfig, FusionOutput
-from tgn.profile_features import ProfileLookup, ProfileTable
+from tgn.profile_features import ProfileTable
 
 
 class DynLLMHead(nn.Module):
@@ -40,7 +40,13 @@ class DynLLMHead(nn.Module):
         self.profiles = profiles or ProfileTable.empty(self.config.num_facets,
                                                        self.config.text_dim)
         self.last: FusionOutput | None = None  #: output of the latest call
-        self.last_lookup: ProfileLookup | None = None  #: profile rows of the latest call
+        self.last_rows: Tensor | None = None  #: [B] profile rows of the latest call (-1: none)
+        self._keys: Tensor | None = None  # [P, F, 2D] cached facet keys (eval mode only)
+
+    def train(self, mode: bool = True) -> DynLLMHead:
+        """Switch mode; leaving eval mode drops the cached facet keys (weights will change)."""
+        self._keys = None
+        return super().train(mode)
 
     def set_profiles(self, profiles: ProfileTable) -> None:
         """Read from ``profiles`` from now on (e.g. after new profiles arrived)."""
@@ -50,12 +56,35 @@ class DynLLMHead(nn.Module):
                              f"the head expects [P, {self.config.num_facets}, "
                              f"{self.config.text_dim}]")
         self.profiles = profiles
+        self._keys = None
+
+    @torch.no_grad()
+    def _cached_keys(self) -> Tensor:
+        """Facet keys [P, F, 2D] of every profile version, computed once per eval session."""
+        if self._keys is None:
+            parts = [self.fusion.facet_keys(self.profiles.vectors[i:i + 4096])
+                     for i in range(0, len(self.profiles), 4096)]
+            width = 2 * self.config.dim
+            self._keys = torch.cat(parts) if parts else torch.zeros(0, self.config.num_facets,
+                                                                    width)
+        return self._keys
 
     def forward(self, z: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
-        """Fused user embeddings [B, D] (facet relevance kept in :attr:`last`)."""
-        found = self.profiles.lookup(user_index, t)
-        out = self.fusion(z, found.facets.to(z.dtype), found.has_profile)
-        self.last, self.last_lookup = out, found
+        """Fused user embeddings [B, D] (facet relevance kept in :attr:`last`).
+
+        In eval mode the profile-only part (projection, gate, key/value maps) is computed once
+        per profile version and gathered per event; in training it runs per event.
+        """
+        if self.training or len(self.profiles) == 0:
+            found = self.profiles.lookup(user_index, t)
+            keys = self.fusion.facet_keys(found.facets.to(z.dtype))
+            row, has = found.row, found.has_profile
+        else:  # no facet gather: only the rows are needed
+            row = self.profiles.latest_rows(user_index, t)
+            has = row >= 0
+            keys = self._cached_keys()[row.clamp(min=0)]
+        out = self.fusion.attend(z, keys, has)
+        self.last, self.last_rows = out, row
         return out.embedding
 
 

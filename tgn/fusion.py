@@ -15,6 +15,7 @@ Shapes: ``B`` batch, ``F`` facets (4), ``E`` text embedding width (384), ``D`` m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,10 @@ class FusionOutput:
 class DistilledFusion(nn.Module):
     """Fuse temporal user embeddings with distilled profile facets.
 
+    The work splits in two: :meth:`facet_keys` depends on the profile only (projection, gate,
+    key/value maps) and can be cached per profile version; :meth:`attend` is the per-event part
+    (query, softmax over ``F`` keys, merge MLP).
+
     Args:
         config: sizes and switches (see :class:`FusionConfig`).
     """
@@ -133,8 +138,11 @@ class DistilledFusion(nn.Module):
                                        config.dropout)
         self.gate = TopKGate(config.num_facets, config.dim, config.top_k) if config.gate else None
         self.no_profile = nn.Parameter(torch.empty(config.num_facets, config.dim))
-        # no attention dropout: the returned weights are the facets' relevance and must sum to 1
-        self.attention = nn.MultiheadAttention(config.dim, config.heads, batch_first=True)
+        # multi-head attention with one query; no attention dropout: the weights are the
+        # facets' relevance and must sum to 1
+        self.query = nn.Linear(config.dim, config.dim)
+        self.key_value = nn.Linear(config.dim, 2 * config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
         self.merge = nn.Sequential(
             nn.Linear(2 * config.dim, config.dim),
             nn.ReLU(),
@@ -148,24 +156,46 @@ class DistilledFusion(nn.Module):
         if self.gate is not None:
             self.gate.reset_parameters()
         nn.init.normal_(self.no_profile, std=0.1)
-        self.attention._reset_parameters()
-        for layer in self.merge:
+        for layer in (self.query, self.key_value, self.out, *self.merge):
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
         if self.config.residual:  # start as the identity on the temporal embedding
             nn.init.zeros_(self.merge[-1].weight)
             nn.init.zeros_(self.merge[-1].bias)
 
-    def distill(self, facets: Tensor, has_profile: Tensor) -> Tensor:
-        """Distilled facets [B, F, D] from text vectors ``facets`` [B, F, E].
-
-        Rows where ``has_profile`` [B] is False get the learned "no profile" facet set instead.
-        """
+    def distill(self, facets: Tensor) -> Tensor:
+        """Distilled facets [B, F, D] from text vectors ``facets`` [B, F, E]."""
+        if facets.shape[1:] != (self.config.num_facets, self.config.text_dim):
+            raise ValueError(f"facets must be [B, {self.config.num_facets}, "
+                             f"{self.config.text_dim}], got {list(facets.shape)}")
         d = self.project(facets)
-        if self.gate is not None:
-            d = self.gate(d)
-        fallback = self.no_profile.unsqueeze(0).expand_as(d)
-        return torch.where(has_profile.view(-1, 1, 1), d, fallback)
+        return d if self.gate is None else self.gate(d)
+
+    def facet_keys(self, facets: Tensor) -> Tensor:
+        """Attention keys and values [B, F, 2D] of the distilled facets of ``facets`` [B, F, E]."""
+        return self.key_value(self.distill(facets))
+
+    def no_profile_keys(self) -> Tensor:
+        """Keys and values [F, 2D] of the learned "no profile" facet set."""
+        return self.key_value(self.no_profile)
+
+    def attend(self, z: Tensor, keys: Tensor, has_profile: Tensor) -> FusionOutput:
+        """The per-event part: ``z`` [B, D] attends over ``keys`` [B, F, 2D], then the merge.
+
+        Rows where ``has_profile`` [B] is False use :meth:`no_profile_keys` instead of ``keys``.
+        """
+        (b, f, _), h, d = keys.shape, self.config.heads, self.config.dim
+        keys = torch.where(has_profile.view(-1, 1, 1), keys,
+                           self.no_profile_keys().unsqueeze(0).to(keys.dtype))
+        key, value = keys.view(b, f, 2, h, d // h).unbind(2)  # [B, F, H, D/H] each
+        query = self.query(z).view(b, 1, h, d // h)
+        # with F = 4 keys, broadcast products beat batched matmuls on CPU
+        weights = torch.softmax((query * key).sum(-1) / math.sqrt(d // h), dim=1)  # [B, F, H]
+        attended = self.out((weights.unsqueeze(-1) * value).sum(1).reshape(b, d))  # [B, D]
+        out = self.merge(torch.cat([z, attended], dim=-1))
+        if self.config.residual:
+            out = out + z
+        return FusionOutput(out, weights.mean(2), has_profile)  # relevance [B, F]
 
     def forward(self, z: Tensor, facets: Tensor, has_profile: Tensor) -> FusionOutput:
         """Fuse.
@@ -178,13 +208,4 @@ class DistilledFusion(nn.Module):
         Returns:
             A :class:`FusionOutput` with the [B, D] embedding and [B, F] facet relevance.
         """
-        if facets.shape[1:] != (self.config.num_facets, self.config.text_dim):
-            raise ValueError(f"facets must be [B, {self.config.num_facets}, "
-                             f"{self.config.text_dim}], got {list(facets.shape)}")
-        keys = self.distill(facets, has_profile)  # [B, F, D]
-        attended, weights = self.attention(z.unsqueeze(1), keys, keys, need_weights=True)
-        attended = attended.squeeze(1)  # [B, D]
-        out = self.merge(torch.cat([z, attended], dim=-1))
-        if self.config.residual:
-            out = out + z
-        return FusionOutput(out, weights.squeeze(1), has_profile)
+        return self.attend(z, self.facet_keys(facets), has_profile)

@@ -48,3 +48,15 @@ def test_checkpoint_round_trip_keeps_profiles_and_outputs(tmp_path):
         after = loaded.user_embeddings(users, t)
     torch.testing.assert_close(before, after)
     assert len(loaded.user_head.profiles) == 1
+
+
+def test_eval_cache_matches_uncached_and_is_dropped_in_training():
+    model, head = _model()
+    users = torch.tensor([0, 0, 1])
+    t = torch.tensor([104.0, 105.0, 105.0], dtype=torch.float64)
+    with torch.no_grad():
+        cached = model.user_embeddings(users, t)
+        head.train()  # dropout is 0: training mode differs only by not caching
+        uncached = model.user_embeddings(users, t)
+    torch.testing.assert_close(cached, uncached)
+    assert head._keys is None
