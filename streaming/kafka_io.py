@@ -106,6 +106,7 @@ class TopicReader:
         offsets: Next offset to read per partition (e.g. restored from a checkpoint); a partition
             not listed starts at its beginning.
         max_batch: Most records returned by one :meth:`poll`.
+        metadata_timeout_s: How long to wait for the topic's partitions (``partitions=None``).
         **consumer_config: Extra ``KafkaConsumer`` settings.
 
     Attributes:
@@ -115,7 +116,7 @@ class TopicReader:
 
     def __init__(self, bootstrap_servers: str, topic: str, partitions: Iterable[int] | None = None,
                  offsets: dict[int, int] | None = None, max_batch: int = 5000,
-                 **consumer_config: Any) -> None:
+                 metadata_timeout_s: float = 10.0, **consumer_config: Any) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
         config = {"fetch_max_wait_ms": 100, "auto_offset_reset": "earliest", **consumer_config}
@@ -123,7 +124,8 @@ class TopicReader:
         self.max_batch = max_batch
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
                                        enable_auto_commit=False, **config)
-        chosen = sorted(partitions) if partitions is not None else self._wait_for_partitions()
+        chosen = (sorted(partitions) if partitions is not None
+                  else self._wait_for_partitions(metadata_timeout_s))
         offsets = offsets or {}
         self.positions = {p: offsets.get(p, 0) for p in chosen}
         self.count = 0
@@ -133,7 +135,7 @@ class TopicReader:
             # Offset 0 below a real Kafka log start falls back to the earliest offset.
             self._consumer.seek(tp, self.positions[tp.partition])
 
-    def _wait_for_partitions(self, timeout_s: float = 10.0) -> list[int]:
+    def _wait_for_partitions(self, timeout_s: float) -> list[int]:
         deadline = time.monotonic() + timeout_s
         while True:
             found = self._consumer.partitions_for_topic(self.topic)
