@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "tgn.cli",
     "profiles.cli",
     "pipelines.commands",
+    "streaming.monitor",
 )
 
 

@@ -108,7 +108,7 @@ class PrometheusServer:
             stdout=subprocess.DEVNULL, stderr=self._log,
         )
         deadline = time.monotonic() + timeout_s
-        while not self._ready():
+        while not self.ready():
             if self._process.poll() is not None or time.monotonic() > deadline:
                 log = (self._dir / "prometheus.log").read_text(errors="replace")[-2000:]
                 self.stop()
@@ -116,7 +116,8 @@ class PrometheusServer:
             time.sleep(0.05)
         return self
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
+        """Whether Prometheus answers ``/-/ready`` with 200 right now."""
         try:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
                 return response.status == 200
@@ -133,6 +134,11 @@ class PrometheusServer:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the Prometheus child process is alive."""
+        return self._process is not None and self._process.poll() is None
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Evaluate an instant query now.
