@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,3 +163,38 @@ def test_scrape_targets_match_compose_services_and_default_ports():
         flag = "--port" if service == "server" else "--metrics-port"
         assert command[command.index(flag) + 1] == str(port), service
     assert services["pipeline"]["environment"]["DYNLLM_METRICS_ADDR"] == "0.0.0.0"
+
+
+def compose_commands() -> list[tuple[str, list[str]]]:
+    """``(service, dynllm arguments)`` of every dynllm invocation in docker-compose.yml."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    commands = []
+    for name, service in services.items():
+        if service.get("image") != "dynllm:latest":
+            continue
+        if service.get("entrypoint") == ["sh", "-c"]:  # a shell script of dynllm commands
+            for part in re.findall(r"dynllm ([^;|&]+)", service["command"][0]):
+                commands.append((name, shlex.split(part)))
+        else:
+            commands.append((name, service["command"]))
+    return commands
+
+
+def test_compose_commands_parse_with_the_real_cli(capsys):
+    """Every dynllm command in docker-compose.yml is accepted by today's ``dynllm`` parser."""
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    known = set(parser._subparsers._group_actions[0].choices)
+    commands = compose_commands()
+    assert {name for name, _ in commands} >= {"setup", "producer", "pipeline", "worker", "server"}
+    missing = sorted({args[0] for _, args in commands} - known)
+    for service, args in commands:
+        if args[0] in missing:
+            continue
+        try:
+            parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"{service}: dynllm {' '.join(args)}\n{capsys.readouterr().err}")
+    if missing:
+        pytest.skip(f"subcommands not registered yet: {missing}")
