@@ -1,0 +1,171 @@
+"""Subcommands of the ``profiles`` room: ``worker``, ``profiles build|show``, ``bench profiles``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from streaming.errors import UsageError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
+    return value
+
+
+def _add_llm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("language model")
+    group.add_argument("--llm-model", metavar="PATH",
+                       help="local Hugging Face model folder (default: the packaged "
+                            "Qwen2.5-Coder-0.5B-Instruct, converted once into the cache)")
+    group.add_argument("--llm-url", metavar="URL",
+                       help="OpenAI-compatible endpoint instead, e.g. http://gpu:8000/v1")
+    group.add_argument("--llm-name", default="default", help="model name sent to --llm-url")
+    group.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
+    group.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch")
+    group.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    group.add_argument("--hops", type=int, choices=(1, 2), default=2,
+                       help="2: graph-aware prompt with co-buyers; 1: own history only")
+
+
+def _writer(args: argparse.Namespace, store_path: str):
+    """Backend + embedder + store from the command-line options."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from profiles.backends import HttpBackend, TransformersBackend
+    from profiles.embed import FacetEmbedder
+    from profiles.modelpack import resolve_model
+    from profiles.store import ProfileStore
+    from profiles.writer import ProfileWriter
+
+    torch.set_num_threads(args.threads)
+    if args.llm_url:
+        if args.llm_model:
+            raise UsageError("give --llm-model or --llm-url, not both")
+        backend = HttpBackend(args.llm_url, args.llm_name, timeout=args.llm_timeout)
+    else:
+        backend = TransformersBackend(resolve_model(args.llm_model), batch_size=args.batch_size)
+    return ProfileWriter(backend, FacetEmbedder(), ProfileStore(store_path))
+
+
+def _dataset(path: str):
+    from streaming.dataset import Dataset
+
+    return Dataset.load(path)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from profiles.batch import build
+
+    dataset = _dataset(args.data)
+    store_path = args.store or str(Path(args.data) / "profiles.sqlite")
+    writer = _writer(args, store_path)
+    written = build(dataset, writer, writer.store, args.until_split, args.refresh_every,
+                    args.hops, args.max_users, args.limit, args.batch_size)
+    s = writer.stats
+    print(f"wrote {written} profiles to {store_path} ({len(writer.store)} stored): "
+          f"{s.generated} generated, {s.cached} cached, {s.fallbacks} fallbacks, "
+          f"grounding {s.grounding_share:.1%}, {s.new_tokens} tokens in {s.llm_seconds:.0f} s")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from profiles.store import ProfileStore
+
+    if not Path(args.store).exists():
+        raise UsageError(f"no profile store at {args.store}")
+    store = ProfileStore(args.store)
+    profile = store.latest_before(args.user, args.before) if args.before else \
+        store.latest(args.user)
+    if profile is None:
+        raise UsageError(f"no profile for user {args.user!r} in {args.store}")
+    print(f"user {profile.user_id} v{profile.version} ts={profile.ts:.0f} "
+          f"model={profile.model_id} hops={profile.hops} fallback={profile.facets.fallback} "
+          f"grounded={profile.grounded}/{profile.named}")
+    print(profile.facets.render())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from profiles.graph import PurchaseGraph
+    from profiles.worker import ProfileWorker, TriggerPolicy
+    from streaming import metrics
+
+    graph = PurchaseGraph(_dataset(args.data))
+    writer = _writer(args, args.store)
+    metrics.process_info("worker", model_id=writer.backend.model_id)
+    if args.metrics_port is not None:
+        metrics.start_metrics_server(args.metrics_port)
+    policy = TriggerPolicy(args.min_new_events, args.max_age_days * 86400.0)
+    worker = ProfileWorker(args.bootstrap_servers, graph, writer, policy, args.hops,
+                           args.batch_size, args.max_queue)
+    worker.run(args.idle_exit)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from profiles import bench
+    from profiles.modelpack import resolve_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return bench.main(args.data, resolve_model(args.llm_model), args.users, args.batch_size,
+                      args.threads, args.reference_users, args.hops, args.json)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``worker`` and ``profiles build|show``."""
+    from streaming.metrics import WORKER_PORT
+
+    worker = commands.add_parser("worker", help="async LLM profile worker (Kafka)")
+    worker.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
+    worker.add_argument("--data", required=True, help="dataset directory (purchase history)")
+    worker.add_argument("--store", default="profiles.sqlite", help="profile store file")
+    worker.add_argument("--min-new-events", type=_positive_int, default=5,
+                        help="regenerate after N new purchase lines")
+    worker.add_argument("--max-age-days", type=float, default=7.0,
+                        help="... or when the profile is older than this (event time)")
+    worker.add_argument("--max-queue", type=_positive_int, default=64,
+                        help="most queued users; reading pauses while they are served")
+    worker.add_argument("--metrics-port", type=int, default=WORKER_PORT,
+                        help="serve /metrics on this port")
+    worker.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    _add_llm_options(worker)
+    worker.set_defaults(func=_worker)
+
+    profiles = commands.add_parser("profiles", help="LLM user profiles in batch")
+    verbs = profiles.add_subparsers(dest="verb", required=True, metavar="VERB")
+    build = verbs.add_parser("build", help="write the time series of profiles for a dataset")
+    build.add_argument("--data", required=True, help="dataset directory")
+    build.add_argument("--store", help="profile store file (default: DATA/profiles.sqlite)")
+    build.add_argument("--until-split", default="train", choices=("train", "val", "test", "all"),
+                       help="use events up to the end of this split")
+    build.add_argument("--refresh-every", type=int, default=0, metavar="N",
+                       help="also a profile after every N-th purchase line (0: final only)")
+    build.add_argument("--max-users", type=_positive_int, help="first N users only")
+    build.add_argument("--limit", type=_positive_int, help="write at most N profiles this run")
+    _add_llm_options(build)
+    build.set_defaults(func=_build)
+    show = verbs.add_parser("show", help="print a user's stored profile")
+    show.add_argument("--store", required=True, help="profile store file")
+    show.add_argument("--user", required=True, help="user id")
+    show.add_argument("--before", type=float, help="latest profile written before this time")
+    show.set_defaults(func=_show)
+
+
+def register_bench(bench_targets: argparse._SubParsersAction) -> None:
+    """Add ``bench profiles``."""
+    bench = bench_targets.add_parser("profiles", help="LLM profile throughput and quality")
+    bench.add_argument("--data", default="data/cj-small", help="dataset directory")
+    bench.add_argument("--users", type=_positive_int, default=16, help="users to profile")
+    bench.add_argument("--reference-users", type=_positive_int, default=2,
+                       help="users for the batch-size-1 reference")
+    bench.add_argument("--llm-model", metavar="PATH", help="local model folder")
+    bench.add_argument("--batch-size", type=_positive_int, default=8)
+    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--hops", type=int, choices=(1, 2), default=2)
+    bench.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    bench.set_defaults(func=_bench)

@@ -1,0 +1,95 @@
+"""Facet parsing, grounding and the statistical fallback.
+
+A generation is accepted when all four headed lines are present and non-empty. Grounding is the
+share of categories and brands a profile names that occur in the user's history or shown
+neighbourhood (``UserContext.known``): a name counts when it equals, contains or is contained in
+a known name (case-insensitive, at least 4 characters).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from profiles.graph import UserContext
+from profiles.prompt import FACETS
+
+_LINE = re.compile(r"^\s*[-*#\d.]*\s*\**\s*(" + "|".join(FACETS) + r")\s*\**\s*:\s*(.*)$", re.I)
+_COUNT = re.compile(r"\(\d+\)")
+MAX_FACET_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Facets:
+    """The four facet texts (without their headings) and how they were made.
+
+    Attributes:
+        texts: ``(crowd segment, personal interests, preferred categories, favored brands)``.
+        fallback: True when written from history statistics instead of the model.
+    """
+
+    texts: tuple[str, str, str, str]
+    fallback: bool = False
+
+    def render(self) -> str:
+        """The four ``Heading: text`` lines."""
+        return "\n".join(f"{h}: {t}" for h, t in zip(FACETS, self.texts, strict=True))
+
+
+def parse_facets(text: str) -> Facets | None:
+    """The facets in a model answer, or ``None`` if any is missing or empty.
+
+    >>> parse_facets("Crowd segment: young family\\nPersonal interests: baking\\n"
+    ...              "Preferred categories: Cheese\\nFavored brands: M69 private label").texts[3]
+    'M69 private label'
+    >>> parse_facets("Crowd segment: x") is None
+    True
+    """
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match is None:
+            continue
+        heading = next(h for h in FACETS if h.lower() == match.group(1).lower())
+        value = match.group(2).strip().strip("*").strip().rstrip(".")[:MAX_FACET_CHARS]
+        found.setdefault(heading, value)
+    if any(not found.get(h) or found[h].startswith("<") for h in FACETS):
+        return None
+    return Facets(tuple(found[h] for h in FACETS))  # type: ignore[arg-type]
+
+
+def named_entities(facets: Facets) -> list[str]:
+    """Category and brand names a profile states (lower case, counts stripped)."""
+    names = []
+    for text in facets.texts[2:]:
+        for part in re.split(r",|;|\band\b|/(?= )", _COUNT.sub("", text)):
+            name = part.strip(" .'\"").lower()
+            if name:
+                names.append(name)
+    return names
+
+
+def _is_known(name: str, known: set[str]) -> bool:
+    if name in known:
+        return True
+    return len(name) >= 4 and any(len(k) >= 4 and (name in k or k in name) for k in known)
+
+
+def grounding(facets: Facets, ctx: UserContext) -> tuple[int, int]:
+    """``(grounded, named)``: how many named categories/brands occur in the context."""
+    names = named_entities(facets)
+    return sum(_is_known(n, ctx.known) for n in names), len(names)
+
+
+def fallback_facets(ctx: UserContext) -> Facets:
+    """Facets from history statistics only (used when the model fails twice)."""
+    crowd = ctx.household or f"household with {ctx.n_events} purchases"
+    return Facets(
+        (
+            crowd,
+            ", ".join(n for n, _ in ctx.types[:3]) or "groceries",
+            ", ".join(n for n, _ in ctx.categories[:3]) or "groceries",
+            ", ".join(n for n, _ in ctx.brands[:2]) or "unknown brand",
+        ),
+        fallback=True,
+    )

@@ -1,0 +1,168 @@
+"""The asynchronous profile worker: ``profile-requests`` → profiles → ``profile-updates``.
+
+A request is a JSON message ``{"user_id": "u7", "ts": 1483272000.0, "new_events": 1}`` (the user
+bought ``new_events`` lines, the newest at event time ``ts``). The :class:`TriggerPolicy` decides
+whether it is due (N new purchases since the last profile, or the last profile older than T, or no
+profile yet); due requests wait in a queue that holds one entry per user (a newer request replaces
+the older one) and at most ``max_queue`` users: while the queue drains, nothing more is read
+(backpressure). Each batch of users is written (cached prompts cost nothing), stored, and
+published as ``profile-updates``.
+
+Delivery: read positions are saved in the profile store only once every request read so far is
+done, and after the updates were flushed to the broker. A worker killed mid-batch therefore
+re-reads the unfinished requests on restart (at-least-once; repeats hit the cache and the store's
+unique key), and no request is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+from profiles.graph import PurchaseGraph
+from profiles.store import ProfileStore
+from profiles.writer import ProfileWriter
+from streaming import metrics
+from streaming.kafka_io import TopicReader, json_producer
+
+log = logging.getLogger(__name__)
+
+REQUESTS_TOPIC = "profile-requests"
+UPDATES_TOPIC = "profile-updates"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed profile request."""
+
+    user_id: str
+    ts: float
+    new_events: int = 1
+
+
+def parse_request(value: bytes | None) -> Request | None:
+    """The request in a message value, or ``None`` if it is not one.
+
+    >>> parse_request(b'{"user_id": "7", "ts": 5}')
+    Request(user_id='7', ts=5.0, new_events=1)
+    >>> parse_request(b'{"ts": 5}') is None
+    True
+    """
+    try:
+        data = json.loads(value or b"")
+        return Request(str(data["user_id"]), float(data["ts"]), int(data.get("new_events", 1)))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class TriggerPolicy:
+    """When a user's profile is due for regeneration.
+
+    Args:
+        min_new_events: Regenerate after this many purchase lines since the last profile.
+        max_age_s: ... or when the last profile is this much older (event time) than the request.
+    """
+
+    min_new_events: int = 5
+    max_age_s: float = 7 * 86400.0
+    _pending: dict[str, int] = field(default_factory=dict)
+    _last_ts: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, request: Request, store: ProfileStore) -> bool:
+        """Count the request's purchases; True if the user's profile is now due."""
+        user = request.user_id
+        if user not in self._last_ts:
+            latest = store.latest(user)
+            self._last_ts[user] = latest.ts if latest else float("-inf")
+        self._pending[user] = self._pending.get(user, 0) + request.new_events
+        return (self._pending[user] >= self.min_new_events
+                or request.ts - self._last_ts[user] >= self.max_age_s)
+
+    def done(self, user_id: str, ts: float) -> None:
+        """A profile from events up to ``ts`` was written for ``user_id``."""
+        self._pending[user_id] = 0
+        self._last_ts[user_id] = max(ts, self._last_ts.get(user_id, float("-inf")))
+
+
+class ProfileWorker:
+    """Consumes requests, writes profiles, publishes updates.
+
+    Args:
+        bootstrap_servers: Kafka ``host:port``.
+        graph: The purchase history the prompts are built from.
+        writer: Model + embedder + store.
+        policy: The trigger policy.
+        hops: 2 for graph-aware prompts, 1 for own history only.
+        batch_size: Users per generation batch.
+        max_queue: Most queued users (backpressure bound).
+    """
+
+    def __init__(self, bootstrap_servers: str, graph: PurchaseGraph, writer: ProfileWriter,
+                 policy: TriggerPolicy, hops: int = 2, batch_size: int = 8,
+                 max_queue: int = 64) -> None:
+        self.graph, self.writer, self.store = graph, writer, writer.store
+        self.policy, self.hops = policy, hops
+        self.batch_size, self.max_queue = batch_size, max_queue
+        self.reader = TopicReader(bootstrap_servers, REQUESTS_TOPIC,
+                                  offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue)
+        self.producer = json_producer(bootstrap_servers)
+        self.queue: dict[str, Request] = {}
+        self.stopping = False
+
+    def _enqueue(self, records: list) -> None:
+        for record in records:
+            request = parse_request(record.value)
+            if request is None:
+                metrics.PROFILES_FAILED.labels(reason="bad_request").inc()
+                log.warning("skipping malformed request at offset %s", record.offset)
+            elif self.policy.observe(request, self.store):
+                old = self.queue.get(request.user_id)
+                if old is None or request.ts > old.ts:
+                    self.queue[request.user_id] = request
+                metrics.PROFILE_REQUESTS_QUEUED.inc()
+        metrics.PROFILE_QUEUE_LENGTH.set(len(self.queue))
+
+    def _process_batch(self) -> None:
+        users = list(self.queue)[: self.batch_size]
+        contexts = []
+        for user in users:
+            request = self.queue[user]
+            try:
+                contexts.append(self.graph.context(user, request.ts, self.hops))
+            except KeyError:
+                metrics.PROFILES_FAILED.labels(reason="unknown_user").inc()
+                log.warning("user %s has no history up to %s; request dropped", user, request.ts)
+        for profile in self.writer.write(contexts, self.hops) if contexts else []:
+            self.producer.send(UPDATES_TOPIC, key=profile.user_id, value=profile.to_message())
+            self.policy.done(profile.user_id, profile.ts)
+        self.producer.flush()
+        for user in users:
+            del self.queue[user]
+        metrics.PROFILE_QUEUE_LENGTH.set(len(self.queue))
+
+    def run(self, idle_exit_s: float | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or ``idle_exit_s`` without requests)."""
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        last_work = time.monotonic()
+        while not self.stopping:
+            records = self.reader.poll(0.5)
+            self._enqueue(records)
+            while self.queue and not self.stopping:  # drain before reading more (backpressure)
+                self._process_batch()
+            if not self.queue:  # every request read so far is done: safe to resume from here
+                self.store.save_offsets(REQUESTS_TOPIC, self.reader.positions)
+            if records:
+                last_work = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
+                break
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the Kafka connections."""
+        self.producer.flush()
+        self.producer.close()
+        self.reader.close()

@@ -1,0 +1,78 @@
+"""Contexts (1 and 2 hops, time cut), prompts, facet parsing, grounding and fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from profiles.facets import Facets, fallback_facets, grounding, parse_facets
+from profiles.graph import PurchaseGraph
+from profiles.prompt import build_messages, prompt_hash, render_context
+from streaming.dataset import Dataset
+
+DAY = 86400.0
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_data) -> PurchaseGraph:
+    return PurchaseGraph(Dataset.load(tiny_data))
+
+
+def test_context_sees_only_events_up_to_t(graph):
+    ctx = graph.context("u1", 14 * DAY)  # u1's chips purchase (day 15) is in the future
+    assert ctx.n_events == 5 and ctx.ts == 14 * DAY
+    assert [n for n, _ in ctx.categories] == ["Cheese", "Fluid Milk"]  # 3 and 2
+    assert "bag snacks" not in {n for n, _ in ctx.categories}
+    assert ctx.household == "age 45-54, income 50-74K, 2 Adults Kids"
+    with pytest.raises(KeyError):
+        graph.context("u3", 3 * DAY)  # u3's first purchase is on day 4
+
+
+def test_two_hops_adds_co_buyers_and_one_hop_does_not(graph):
+    two = graph.context("u1", 14 * DAY, hops=2)
+    # u2 shares cheese with u1; u2 (up to day 14) bought cheese x2 and soda x2.
+    assert two.neighbours == 1
+    assert dict(two.crowd_categories) == {"Cheese": 2, "Soft Drinks": 2}
+    assert "soft drinks" in two.known and "co-buyers" not in render_context(two)
+    assert "1 shoppers who bought the same items buy most: Cheese, Soft Drinks" in \
+        render_context(two)
+    one = graph.context("u1", 14 * DAY, hops=1)
+    assert one.neighbours == 0 and "shoppers" not in render_context(one)
+    assert "soft drinks" not in one.known
+    lonely = graph.context("u4", 13 * DAY)  # bread: nobody else buys it
+    assert lonely.neighbours == 0
+
+
+def test_prompt_is_deterministic_and_bounded(graph):
+    a, b = build_messages(graph.context("u2", 11 * DAY)), build_messages(
+        graph.context("u2", 11 * DAY))
+    assert a == b and prompt_hash(a) == prompt_hash(b)
+    assert prompt_hash(a) != prompt_hash(build_messages(graph.context("u2", 7 * DAY)))
+    assert len(a[1]["content"]) < 600
+
+
+def test_parse_accepts_variants_and_rejects_incomplete():
+    text = ("Crowd segment: retired couple\n**Personal interests:** gardening\n"
+            "- Preferred categories: Cheese (3), Soft Drinks\nFavored brands: M7 national.\n")
+    facets = parse_facets(text)
+    assert facets is not None
+    assert facets.texts == ("retired couple", "gardening", "Cheese (3), Soft Drinks",
+                            "M7 national")
+    assert parse_facets(text.replace("Favored brands: M7 national.", "")) is None
+    assert parse_facets("Crowd segment: a\nPersonal interests: b\nPreferred categories: c\n"
+                        "Favored brands: <1-2 brands copied from the data>") is None
+
+
+def test_grounding_counts_names_found_in_the_context(graph):
+    ctx = graph.context("u1", 14 * DAY)
+    facets = Facets(("x", "y", "Cheese, Caviar", "M69 private label and Gucci"))
+    assert grounding(facets, ctx) == (2, 4)  # Cheese, M69 yes; Caviar, Gucci no
+    crowd_only = Facets(("x", "y", "Soft Drinks", "M7 national"))  # named by co-buyers
+    assert grounding(crowd_only, ctx) == (2, 2)
+
+
+def test_fallback_uses_history_statistics(graph):
+    ctx = graph.context("u2", 11 * DAY)
+    facets = fallback_facets(ctx)
+    assert facets.fallback
+    assert facets.texts[2] == "Cheese, Soft Drinks" and grounding(facets, ctx) == (4, 4)
+    assert facets.texts[0] == "household with 4 purchases"
