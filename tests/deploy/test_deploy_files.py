@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,17 @@ def test_compose_commands_parse_with_the_real_cli(capsys):
             pytest.fail(f"{service}: dynllm {' '.join(args)}\n{capsys.readouterr().err}")
     if missing:
         pytest.skip(f"subcommands not registered yet: {missing}")
+
+
+def test_compose_file_follows_the_compose_spec(tmp_path):
+    """docker-compose.yml validates against the Compose Specification's JSON schema (vendored in
+    check-jsonschema, offline), and a misspelled key would not."""
+    check = Path(sys.executable).with_name("check-jsonschema")
+    compose = DEPLOY / "docker-compose.yml"
+    args = [str(check), "--builtin-schema", "vendor.compose-spec"]
+    done = subprocess.run([*args, str(compose)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(compose.read_text().replace("depends_on:", "depend_on:", 1))
+    done = subprocess.run([*args, str(broken)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "depend_on" in done.stdout + done.stderr
