@@ -22,6 +22,7 @@ from streaming.errors import UsageError
 COMMAND_MODULES = (
     "streaming.cli",
     "tgn.cli",
+    "tgn.dynllm_cli",
     "profiles.cli",
     "pipelines.commands",
     "streaming.monitor",

@@ -32,7 +32,7 @@ class FusionConfig:
     dim: int = 100  # D: width of the temporal user embedding it fuses with
     text_dim: int = 384  # E: all-MiniLM-L6-v2 vectors
     num_facets: int = len(FACETS)
-    top_k: int = 62  # the public code keeps 80 of 128 dims (62.5%); same share of D = 100
+    top_k: int | None = None  # None: the public code's share, 80 of 128 dims (62.5%) of D
     heads: int = 2  # as in the public code
     dropout: float = 0.1
     gate: bool = True  # False: the "without distillation gate" ablation
@@ -136,7 +136,8 @@ class DistilledFusion(nn.Module):
             raise ValueError(f"dim {config.dim} is not divisible by heads {config.heads}")
         self.project = FacetProjection(config.num_facets, config.text_dim, config.dim,
                                        config.dropout)
-        self.gate = TopKGate(config.num_facets, config.dim, config.top_k) if config.gate else None
+        k = config.top_k or max(1, round(0.625 * config.dim))
+        self.gate = TopKGate(config.num_facets, config.dim, k) if config.gate else None
         self.no_profile = nn.Parameter(torch.empty(config.num_facets, config.dim))
         # multi-head attention with one query; no attention dropout: the weights are the
         # facets' relevance and must sum to 1

@@ -13,8 +13,10 @@ Shapes: ``P`` profiles, ``B`` queries, ``F`` facets, ``E`` text embedding width.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,3 +157,51 @@ class ProfileTable:
     def from_state(cls, state: Mapping[str, Tensor]) -> ProfileTable:
         """Inverse of :meth:`to_state`."""
         return cls(state["user_index"], state["ts"], state["vectors"], state["fallback"])
+
+
+def read_profile_store(path: str | Path, hops: int | None = None
+                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Read every profile version from a profile store file (the ``profiles`` room's SQLite).
+
+    Reads the file format, not the ``profiles`` package (``tgn`` never imports it): columns
+    ``user_id, ts, hops, fallback, dim, vectors`` of table ``profiles``, vectors as float32
+    ``[4, dim]`` blobs.
+
+    Args:
+        path: the store file.
+        hops: keep only profiles written with this prompt kind (2 graph-aware, 1 own history).
+
+    Returns:
+        ``(user_ids [P], ts [P] float64, vectors [P, 4, E] float32, fallback [P] bool)``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no profile store at {path}")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT user_id, ts, fallback, dim, vectors FROM profiles "
+                          "WHERE (? IS NULL OR hops = ?) ORDER BY user_id, ts",
+                          (hops, hops)).fetchall()
+    dims = {r[3] for r in rows}
+    if len(dims) > 1:
+        raise ValueError(f"{path}: profiles of different widths {sorted(dims)}")
+    dim = dims.pop() if dims else 384
+    vectors = np.frombuffer(b"".join(r[4] for r in rows), np.float32).reshape(-1, 4, dim)
+    return ([r[0] for r in rows], np.array([r[1] for r in rows], np.float64), vectors.copy(),
+            np.array([bool(r[2]) for r in rows], bool))
+
+
+def read_profile_texts(path: str | Path, user_id: str, ts: float, hops: int | None = None
+                       ) -> tuple[str, str, str, str] | None:
+    """The four facet texts of ``user_id``'s profile written at ``ts`` (None if absent).
+
+    Args:
+        path: the profile store file.
+        user_id: the user.
+        ts: the profile's last-seen event time (as in :class:`ProfileTable`).
+        hops: prompt kind, when the store holds several.
+    """
+    with sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT crowd, interests, categories, brands FROM profiles "
+                         "WHERE user_id = ? AND ts = ? AND (? IS NULL OR hops = ?) "
+                         "ORDER BY version DESC LIMIT 1", (user_id, ts, hops, hops)).fetchone()
+    return None if row is None else tuple(row)  # type: ignore[return-value]

@@ -1,0 +1,104 @@
+"""DynLLM end to end on the tiny dataset: joint training, run directory, explain, ablation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from profiles.facets import Facets
+from profiles.store import Profile, ProfileStore
+from streaming.dataset import Dataset
+from streaming.errors import UsageError
+from tgn.ablation import aggregate, markdown_table, run_ablation
+from tgn.dynllm_experiment import fit_dynllm
+from tgn.explain import explain_user, render
+from tgn.model import TGNConfig
+from tgn.profile_features import read_profile_store, read_profile_texts
+from tgn.train import TrainConfig
+
+SMALL = TGNConfig(memory_dim=8, time_dim=4, embed_dim=8, heads=2, neighbors=3)
+QUICK = TrainConfig(epochs=1, batch_size=60, eval_batch_size=60)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_dataset, tmp_path_factory):
+    """Two profile versions per user (after its 5th and 15th event), for hops 2 and 1."""
+    ev = Dataset.load(tiny_dataset).events.to_pandas()
+    path = tmp_path_factory.mktemp("store") / "profiles.sqlite"
+    rng = np.random.default_rng(0)
+    profiles = []
+    for user, rows in ev.groupby("user_id"):
+        for n in (5, 15):
+            for hops in (1, 2):
+                texts = (f"{user} crowd {n}", "baking", "Bread", f"M{hops} brand")
+                profiles.append(Profile(user, float(rows.ts.iloc[n - 1]), Facets(texts),
+                                        rng.normal(size=(4, 384)).astype(np.float32),
+                                        "test-model", f"h{user}{n}{hops}", hops))
+    db = ProfileStore(path)
+    db.put(profiles)
+    db.close()
+    return path
+
+
+def test_read_store_filters_hops_and_keeps_texts(store):
+    users, ts, vectors, fallback = read_profile_store(store, hops=1)
+    assert len(users) == 24 and vectors.shape == (24, 4, 384) and not fallback.any()
+    assert read_profile_texts(store, users[0], ts[0], hops=1)[3] == "M1 brand"
+    assert read_profile_texts(store, users[0], ts[0] + 1, hops=1) is None
+    with pytest.raises(FileNotFoundError):
+        read_profile_store(store.parent / "missing.sqlite")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dataset, store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    fit_dynllm(tiny_dataset, out, store, hops=2, model_config=SMALL, train_config=QUICK,
+               progress=False)
+    return out
+
+
+def test_fit_writes_a_self_contained_dynllm_run(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "dynllm" and config["hops"] == 2
+    assert config["profile_counts"]["profiles"] == 24
+    assert config["profile_counts"]["users_with_profile"] == 12
+    assert (run_dir / "model.pt").exists() and (run_dir / "curves.png").exists()
+
+
+def test_explain_prints_facets_weights_and_items(run_dir):
+    expl = explain_user(run_dir, "u3", k=5)
+    assert expl.profile_ts is not None
+    assert [f[2] for f in expl.facets] == ["u3 crowd 15", "baking", "Bread", "M2 brand"]
+    assert sum(f[1] for f in expl.facets) == pytest.approx(1.0, abs=1e-5)
+    assert len(expl.items) == 5 and expl.items[0][1] >= expl.items[-1][1]
+    text = render(expl)
+    assert "favored brands" in text and "top 5 recommendations" in text
+
+
+def test_explain_before_any_profile_says_so(run_dir, tiny_dataset):
+    first = float(Dataset.load(tiny_dataset).events.column("ts")[0].as_py())
+    expl = explain_user(run_dir, "u3", k=3, at=first)
+    assert expl.profile_ts is None and all(f[2] is None for f in expl.facets)
+    assert "no profile" in render(expl)
+
+
+def test_explain_rejects_unknown_user(run_dir):
+    with pytest.raises(UsageError, match="not known"):
+        explain_user(run_dir, "nobody")
+
+
+def test_ablation_aggregates_over_seeds(tiny_dataset, store):
+    result = run_ablation(tiny_dataset, store, [0, 1], QUICK, SMALL,
+                          models=("popularity", "dynllm_1hop"), progress=False)
+    assert len(result["popularity"]["recall@20"]["values"]) == 1  # deterministic: run once
+    values = result["dynllm_1hop"]["recall@20"]["values"]
+    assert len(values) == 2 and 0.0 <= min(values) <= max(values) <= 1.0
+    assert result["_meta"]["profiles"]["hops1"]["profiles"] == 24
+    assert "dynllm_1hop" in markdown_table(result)
+
+
+def test_aggregate_mean_and_sample_std():
+    out = aggregate([{"m": 1.0}, {"m": 3.0}])
+    assert out["m"]["mean"] == 2.0 and out["m"]["std"] == pytest.approx(2 ** 0.5)

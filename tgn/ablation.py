@@ -1,0 +1,204 @@
+"""``dynllm bench ablation``: DynLLM against its ablations and the heuristics, over seeds.
+
+Models (same dataset, same chronological split, same evaluator — full catalog, tie-aware,
+test-then-update after replaying train + val):
+
+* ``popularity`` — global purchase counts; ``buy_again`` — the user's own items by frequency,
+  others by popularity (both deterministic: their std over seeds is 0);
+* ``tgn`` — the temporal graph model alone;
+* ``dynllm`` — TGN + distilled attention over graph-aware (2-hop) profiles;
+* ``dynllm_no_gate`` — the same without the top-k distillation gate;
+* ``dynllm_1hop`` — the same with profiles written from the user's own history only.
+
+Profiles are expensive (an LLM on a 2-core CPU), so the ablation runs on a documented subset:
+:func:`top_users_subset` keeps the most active users of a dataset with all their events.
+
+Output: ``{model: {metric: {"mean", "std", "values"}}}`` plus a ``_meta`` entry, a markdown table
+and a bar chart of Recall@20.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from tqdm import tqdm
+
+from streaming.dataset import Dataset, write_dataset
+from tgn.baselines import BuyAgain, GlobalPopularity
+from tgn.data import EventBatch
+from tgn.dynllm_experiment import build_dynllm, profile_summary
+from tgn.evaluate import Evaluator, Recommender
+from tgn.experiment import build_model
+from tgn.model import TGNConfig, TGNRecommender
+from tgn.train import TrainConfig, train
+
+MODELS = ("popularity", "buy_again", "tgn", "dynllm", "dynllm_no_gate", "dynllm_1hop")
+TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr",
+                 "new/recall@20", "new/ndcg@20")
+#: (hops, gate) of each DynLLM variant
+VARIANTS = {"dynllm": (2, True), "dynllm_no_gate": (2, False), "dynllm_1hop": (1, True)}
+
+
+def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dict[str, Any]:
+    """Write a dataset with the ``top_users`` most active users of ``source`` (all their events).
+
+    Ties in activity are broken by user id, so the subset is deterministic. The split is
+    recomputed on the subset (chronological 70/15/15 of its events).
+    """
+    data = Dataset.load(source)
+    counts = data.events.group_by("user_id").aggregate([("user_id", "count")])
+    counts = counts.sort_by([("user_id_count", "descending"), ("user_id", "ascending")])
+    keep = counts.column("user_id").slice(0, top_users)
+    events = data.events.filter(pc.is_in(data.events.column("user_id"), keep))
+    items = data.items.filter(pc.is_in(data.items.column("item_id"),
+                                       pc.unique(events.column("item_id"))))
+    users = data.users.filter(pc.is_in(data.users.column("user_id"), keep)) \
+        if data.users.num_rows else None
+    name = f"{data.meta.get('name', 'custom')}-top{top_users}"
+    return write_dataset(out, events, items, users, name=name,
+                         extra_meta={"subset": {"source": str(source), "top_users": top_users}})
+
+
+def _fresh_model(name: str, data: Dataset, store: str | Path | None, config: TGNConfig
+                 ) -> tuple[TGNRecommender, list[EventBatch]]:
+    if name == "tgn":
+        return build_model(data, config)
+    if store is None:
+        raise ValueError(f"model {name} needs a profile store")
+    hops, gate = VARIANTS[name]
+    return build_dynllm(data, store, hops, gate, config)
+
+
+def run_one(name: str, data: Dataset, store: str | Path | None, seed: int,
+            train_config: TrainConfig, model_config: TGNConfig, progress: bool = False
+            ) -> dict[str, float]:
+    """Train (if neural) and evaluate one model with one seed; metrics plus timings."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    extra: dict[str, float] = {}
+    if name in ("popularity", "buy_again"):
+        _, (tr, va, test) = build_model(data, model_config)
+        recommender: Recommender = GlobalPopularity() if name == "popularity" else \
+            BuyAgain("frequency", fallback_popularity=True)
+    else:
+        model, (tr, va, test) = _fresh_model(name, data, store, model_config)
+        result = train(model, tr, va, replace(train_config, seed=seed), progress)
+        extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
+        model.eval()
+        model.reset_state()
+        recommender = model
+    trained = time.perf_counter()
+    metrics = Evaluator().run(recommender, test, EventBatch.cat([tr, va]),
+                              train_config.eval_batch_size)
+    return {**metrics, **extra, "train_seconds": trained - started,
+            "eval_seconds": time.perf_counter() - trained}
+
+
+def aggregate(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """``{metric: {"mean", "std", "values"}}`` over runs (sample std; 0 for one run)."""
+    out = {}
+    for key in runs[0]:
+        values = [float(r[key]) for r in runs]
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        out[key] = {"mean": float(np.mean(values)), "std": std, "values": values}
+    return out
+
+
+def run_ablation(data_dir: str | Path, store: str | Path | None, seeds: Sequence[int],
+                 train_config: TrainConfig, model_config: TGNConfig | None = None,
+                 models: Sequence[str] = MODELS, progress: bool = True,
+                 on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every model × seed; heuristics run once (they are deterministic).
+
+    Args:
+        data_dir: dataset directory (e.g. from :func:`top_users_subset`).
+        store: profile store file holding hops=2 and hops=1 profiles.
+        seeds: seeds of the neural models.
+        train_config: optimisation settings (the seed is replaced per run).
+        model_config: temporal model sizes.
+        models: which of :data:`MODELS` to run.
+        progress: tqdm bar over runs.
+        on_result: called with the partial result after every run (to save progress).
+    """
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; expected some of {MODELS}")
+    data, model_config = Dataset.load(data_dir), model_config or TGNConfig()
+    jobs = [(m, s) for m in models for s in (seeds[:1] if m in ("popularity", "buy_again")
+                                             else seeds)]
+    runs: dict[str, list[dict[str, float]]] = {}
+    result: dict[str, Any] = {}
+    for name, seed in tqdm(jobs, desc="ablation", disable=not progress):
+        runs.setdefault(name, []).append(run_one(name, data, store, seed, train_config,
+                                                 model_config))
+        result = {m: aggregate(r) for m, r in runs.items()}
+        result["_meta"] = _meta(data, data_dir, store, seeds, train_config, model_config)
+        if on_result is not None:
+            on_result(result)
+    return result
+
+
+def _meta(data: Dataset, data_dir: str | Path, store: str | Path | None, seeds: Sequence[int],
+          train_config: TrainConfig, model_config: TGNConfig) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "data": str(data_dir), "counts": data.meta["counts"], "split": data.meta["split"],
+        "subset": data.meta.get("subset"), "seeds": list(seeds),
+        "train_config": asdict(train_config), "model_config": asdict(model_config),
+        "threads": torch.get_num_threads(),
+    }
+    if store is not None:
+        model, _ = build_model(data, model_config)
+        from tgn.dynllm_experiment import profile_table
+
+        meta["profiles"] = {f"hops{h}": profile_summary(profile_table(store, model, h),
+                                                        len(model.users)) for h in (1, 2)}
+    return meta
+
+
+def markdown_table(result: dict[str, Any], metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """``mean ± std`` per model and metric, one row per model."""
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name in (m for m in MODELS if m in result):
+        row = result[name]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[m]['mean']:.4f} ± {row[m]['std']:.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def plot_recall(result: dict[str, Any], path: str | Path, metric: str = "recall@20") -> None:
+    """Bar chart of ``metric`` per model with ±std error bars (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in MODELS if m in result]
+    means = [result[m][metric]["mean"] for m in names]
+    stds = [result[m][metric]["std"] for m in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue")
+    ax.set(ylabel=metric, title=f"{metric} on the test split (mean ± std over seeds)")
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save(result: dict[str, Any], path: str | Path) -> None:
+    """Write the JSON (atomically enough for a partial-progress file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+__all__ = ["MODELS", "aggregate", "markdown_table", "plot_recall", "run_ablation", "run_one",
+           "save", "top_users_subset"]

@@ -1,0 +1,130 @@
+"""DynLLM subcommands: ``explain``, ``bench fusion`` and ``bench ablation``.
+
+``dynllm train --model dynllm --profiles STORE`` lives with ``train`` in :mod:`tgn.cli` and calls
+:func:`tgn.dynllm_experiment.fit_dynllm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from streaming.errors import UsageError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tgn.explain import explain_user, render
+
+    print(render(explain_user(args.run, args.user, args.k, args.at)))
+    return 0
+
+
+def _bench_fusion(args: argparse.Namespace) -> int:
+    from tgn.bench_fusion import bench_fusion
+
+    report = bench_fusion(args.data, args.batch_size, args.repeats, args.versions, args.threads,
+                          args.max_events)
+    us = report["us_per_event"]
+    print(f"{report['events']:,} validation events of {args.data}, batch {args.batch_size}, "
+          f"{args.threads} thread(s), {report['profiles']:,} profile versions, median of "
+          f"{args.repeats} repeats")
+    print("| per event | TGN µs | DynLLM µs | added by fusion |")
+    print("|---|---:|---:|---:|")
+    print(f"| user embedding | {us['tgn/embed']:.1f} | {us['dynllm/embed']:.1f} | "
+          f"{report['added_embed']:+.1%} |")
+    print(f"| embedding + memory update | {us['tgn/step']:.1f} | {us['dynllm/step']:.1f} | "
+          f"{report['added_step']:+.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _bench_ablation(args: argparse.Namespace) -> int:
+    import torch
+
+    from tgn import ablation
+    from tgn.train import TrainConfig
+
+    if args.prepare_from:
+        meta = ablation.top_users_subset(args.prepare_from, args.data, args.top_users)
+        print(f"wrote {args.data}: {meta['counts']}; next: dynllm profiles build --data "
+              f"{args.data} --until-split val --refresh-every N --hops 2 (and --hops 1)")
+        return 0
+    if args.profiles and not Path(args.profiles).is_file():
+        raise UsageError(f"no profile store at {args.profiles}")
+    needs_profiles = [m for m in args.models if m.startswith("dynllm")]
+    if needs_profiles and not args.profiles:
+        raise UsageError(f"models {', '.join(needs_profiles)} need --profiles STORE")
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         patience=args.patience)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = ablation.run_ablation(args.data, args.profiles, args.seeds, config,
+                                   models=args.models,
+                                   on_result=lambda r: ablation.save(r, out))
+    print(ablation.markdown_table(result))
+    ablation.plot_recall(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``explain``."""
+    ex = commands.add_parser("explain", help="facet texts, facet relevance and top-K items "
+                                             "of a DynLLM run for one user")
+    ex.add_argument("--run", required=True, help="run directory of `dynllm train --model dynllm`")
+    ex.add_argument("--user", required=True, help="user id")
+    ex.add_argument("--k", type=_positive_int, default=10, help="recommendations to show")
+    ex.add_argument("--at", type=float, help="epoch seconds (default: after the run's last event)")
+    ex.set_defaults(func=_explain)
+
+
+def register_bench(bench_targets: argparse._SubParsersAction) -> None:
+    """Add ``bench fusion`` and ``bench ablation``."""
+    from tgn.ablation import MODELS
+
+    fu = bench_targets.add_parser("fusion", help="per-event cost the DynLLM fusion head adds")
+    fu.add_argument("--data", default="data/cj-small", help="dataset directory")
+    fu.add_argument("--batch-size", type=_positive_int, default=200)
+    fu.add_argument("--repeats", type=_positive_int, default=7)
+    fu.add_argument("--versions", type=_positive_int, default=3, help="profiles per user")
+    fu.add_argument("--threads", type=_positive_int, default=1)
+    fu.add_argument("--max-events", type=_positive_int, default=5000,
+                    help="validation events to embed per repeat")
+    fu.add_argument("--json", help="write the figures to this JSON file")
+    fu.set_defaults(func=_bench_fusion)
+
+    ab = bench_targets.add_parser("ablation", help="DynLLM vs ablations and heuristics, "
+                                                   "mean ± std over seeds")
+    ab.add_argument("--data", required=True, help="dataset directory (see --prepare-from)")
+    ab.add_argument("--profiles", help="profile store with hops=2 and hops=1 profiles")
+    ab.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
+                    help=f"comma-separated subset of {','.join(MODELS)}")
+    ab.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="e.g. 0,1,2")
+    ab.add_argument("--epochs", type=_positive_int, default=5)
+    ab.add_argument("--patience", type=_positive_int, default=2)
+    ab.add_argument("--batch-size", type=_positive_int, default=200)
+    ab.add_argument("--lr", type=float, default=1e-3)
+    ab.add_argument("--threads", type=_positive_int, default=2)
+    ab.add_argument("--out", default="benchmarks/ablation.json", help="JSON to write")
+    ab.add_argument("--prepare-from", metavar="DATASET",
+                    help="only write --data as the --top-users most active users of DATASET")
+    ab.add_argument("--top-users", type=_positive_int, default=150)
+    ab.set_defaults(func=_bench_ablation)
