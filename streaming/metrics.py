@@ -2,14 +2,15 @@
 
 Three long-running processes expose ``/metrics`` (ports agreed in ``deploy/README.md``):
 
-* the **pipeline** (``dynllm pipeline ...``) on :data:`PIPELINE_PORT` (9100),
-* the **profile worker** (``dynllm profiles worker ...``) on :data:`WORKER_PORT` (9101),
+* the **pipeline** (``dynllm run ...``) on :data:`PIPELINE_PORT` (9100),
+* the **profile worker** (``dynllm worker ...``) on :data:`WORKER_PORT` (9101),
 * the **server** (``dynllm serve ...``) at ``/metrics`` on its HTTP port :data:`SERVER_PORT`
   (8080).
 
 All metrics live in prometheus-client's default registry, so every process exposes the whole set;
 a metric a process never touches stays at zero there (labelled ones have no series at all), and
-queries select a process with the ``job`` label that Prometheus adds. Names follow the Prometheus
+queries select a process with the ``job`` label that Prometheus adds. ``dynllm monitor`` runs a
+local Prometheus scraping all three. Names follow the Prometheus
 conventions (https://prometheus.io/docs/practices/naming/): the ``dynllm_`` prefix, base units
 (seconds, bytes), counters exposed with ``_total`` (prometheus-client appends it), histograms as
 ``_bucket``/``_sum``/``_count``. Labels carry only low-cardinality values (stage, reason, topic,
