@@ -26,7 +26,7 @@ from profiles.graph import PurchaseGraph
 from profiles.store import ProfileStore
 from profiles.writer import ProfileWriter
 from streaming import metrics
-from streaming.kafka_io import TopicReader, json_producer
+from streaming.kafka_io import TopicReader, create_topics, json_producer
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class ProfileWorker:
         self.graph, self.writer, self.store = graph, writer, writer.store
         self.policy, self.hops = policy, hops
         self.batch_size, self.max_queue = batch_size, max_queue
+        create_topics(bootstrap_servers, [REQUESTS_TOPIC, UPDATES_TOPIC])
         self.reader = TopicReader(bootstrap_servers, REQUESTS_TOPIC,
                                   offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue)
         self.producer = json_producer(bootstrap_servers)

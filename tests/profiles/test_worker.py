@@ -1,0 +1,113 @@
+"""The async worker against a real Tansu broker: trigger policy, dedupe, kill and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from profiles.backends import HttpBackend
+from profiles.graph import PurchaseGraph
+from profiles.store import ProfileStore
+from profiles.worker import (
+    REQUESTS_TOPIC,
+    UPDATES_TOPIC,
+    ProfileWorker,
+    Request,
+    TriggerPolicy,
+)
+from profiles.writer import ProfileWriter
+from streaming.dataset import Dataset
+from streaming.kafka_io import TopicReader, create_topics, json_producer
+
+DAY = 86400.0
+
+
+def _produce(bootstrap: str, messages: list) -> None:
+    create_topics(bootstrap, [REQUESTS_TOPIC, UPDATES_TOPIC])
+    producer = json_producer(bootstrap)
+    for m in messages:
+        producer.send(REQUESTS_TOPIC, key=m.get("user_id", "?") if isinstance(m, dict) else None,
+                      value=m)
+    producer.flush()
+    producer.close()
+
+
+def _updates(bootstrap: str) -> list[dict]:
+    with TopicReader(bootstrap, UPDATES_TOPIC) as reader:
+        return [json.loads(r.value) for b in reader.batches(idle_timeout_s=2.0) for r in b]
+
+
+def test_trigger_policy_counts_new_purchases_and_age(tmp_path):
+    store = ProfileStore(tmp_path / "p.sqlite")
+    policy = TriggerPolicy(min_new_events=3, max_age_s=10 * DAY)
+    assert policy.observe(Request("u", 1 * DAY), store)  # no profile yet: due
+    policy.done("u", 1 * DAY)
+    assert not policy.observe(Request("u", 2 * DAY), store)
+    assert policy.observe(Request("u", 3 * DAY, new_events=2), store)  # 3 new lines
+    policy.done("u", 3 * DAY)
+    assert policy.observe(Request("u", 13 * DAY), store)  # profile 10 days old
+
+
+@pytest.mark.kafka
+def test_worker_serves_dedupes_and_counts(kafka_broker, tiny_data, chat_peer, embedder,
+                                          tmp_path):
+    _produce(kafka_broker, [{"user_id": "u1", "ts": 6 * DAY}, {"user_id": "u1", "ts": 10 * DAY},
+                            {"user_id": "u2", "ts": 11 * DAY}, {"user_id": "nobody", "ts": 1.0},
+                            {"ts": 3}])
+    before = REGISTRY.get_sample_value("dynllm_profiles_failed_total",
+                                       {"reason": "bad_request"}) or 0.0
+    store = ProfileStore(tmp_path / "p.sqlite")
+    writer = ProfileWriter(HttpBackend(chat_peer.url), embedder, store)
+    worker = ProfileWorker(kafka_broker, PurchaseGraph(Dataset.load(tiny_data)), writer,
+                           TriggerPolicy(min_new_events=1), max_queue=8)
+    worker.run(idle_exit_s=1.0)
+    updates = _updates(kafka_broker)
+    # u1's two requests were read in one poll: one profile, from the newer request
+    assert sorted((u["user_id"], u["ts"]) for u in updates) == [("u1", 10 * DAY),
+                                                                ("u2", 11 * DAY)]
+    assert len(updates[0]["vectors"]) == 4 and len(updates[0]["vectors"][0]) == 384
+    assert store.offsets(REQUESTS_TOPIC) and sum(store.offsets(REQUESTS_TOPIC).values()) == 5
+    after = REGISTRY.get_sample_value("dynllm_profiles_failed_total", {"reason": "bad_request"})
+    assert after == before + 1
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_killed_worker_loses_no_request(kafka_broker, cj_small, tiny_llm, tmp_path):
+    graph = PurchaseGraph(Dataset.load(cj_small))
+    users = graph.users[:12]
+    requests = [{"user_id": u, "ts": float(graph.user_event_times(u)[-1])} for u in users]
+    _produce(kafka_broker, requests)
+    store_path = tmp_path / "p.sqlite"
+    command = [sys.executable, "-m", "pipelines.cli", "worker", "--bootstrap-servers",
+               kafka_broker, "--data", str(cj_small), "--store", str(store_path),
+               "--llm-model", str(tiny_llm), "--min-new-events", "1", "--batch-size", "2",
+               "--max-queue", "4", "--threads", "1", "--metrics-port", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    store = ProfileStore(store_path)
+    deadline = time.monotonic() + 240
+    while len(store) < 2 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # mid-run: some users done, the rest not
+    first.wait()
+    done_at_kill = len(store)
+    assert 2 <= done_at_kill < len(users)
+    second = subprocess.run([*command, "--idle-exit", "2"], env=env, timeout=300,
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    stored = {u: store.latest(u) for u in users}
+    assert all(p is not None and p.ts == r["ts"] for (u, p), r in zip(stored.items(), requests,
+                                                                       strict=True))
+    assert len(store) == len(users)  # repeats after the restart hit the store's unique key
+    published = {u["user_id"] for u in _updates(kafka_broker)}
+    assert published == set(users)
+    assert sum(store.offsets(REQUESTS_TOPIC).values()) == len(users)
