@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from tgn.memory import TimeEncoder
+from tgn.memory import Memory, TimeEncoder
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -44,39 +44,42 @@ class TemporalAttention(nn.Module):
         self.key_value_memory = nn.Linear(memory_dim, 2 * embed_dim)
         self.key_value_time = nn.Linear(time_encoder.out_channels, 2 * embed_dim, bias=False)
         self.out = nn.Linear(embed_dim, embed_dim)
-        self.merge = nn.Sequential(nn.Linear(embed_dim + memory_dim, embed_dim), nn.ReLU(),
+        self.merge = nn.Sequential(nn.Linear(embed_dim + memory_dim + 1, embed_dim), nn.ReLU(),
                                    nn.Linear(embed_dim, embed_dim))
 
-    def forward(self, memory: Tensor, nodes: Tensor, neighbor: Tensor, dt: Tensor,
-                valid: Tensor) -> Tensor:
+    def forward(self, memory: Memory, nodes: Tensor, neighbor: Tensor, dt: Tensor,
+                valid: Tensor, degree: Tensor) -> Tensor:
         """Embed ``nodes`` from their memory and their recent neighbours'.
 
         Args:
-            memory: all nodes' memory ``[N, D]``.
+            memory: the node memory (rows are read with ``memory.get``).
             nodes: nodes to embed ``[B]``.
             neighbor: their neighbours ``[B, K]`` (any id where not ``valid``).
             dt: seconds since each neighbour event ``[B, K]``.
             valid: which neighbour slots are filled ``[B, K]`` (bool).
+            degree: events each node took part in so far ``[B]``; enters as ``log1p``, so
+                popularity is visible to the model without a per-node parameter.
 
         Returns:
             Embeddings ``[B, E]``.
         """
         (b, k), h, e = neighbor.shape, self.heads, self.embed_dim
-        own = memory[nodes]  # [B, D]
+        own = memory.get(nodes)  # [B, D]
         zero_dt = self.time_enc(own.new_zeros(b))  # [B, T]
         query = self.query(torch.cat([own, zero_dt], dim=1)).view(b, h, 1, e // h)
         neighbor = neighbor.clamp_min(0)
-        if b * k > memory.size(0):  # project every node once, then gather
-            kv = self.key_value_memory(memory)[neighbor]  # [B, K, 2E]
+        if b * k > memory.num_nodes and not torch.is_grad_enabled():
+            kv = self.key_value_memory(memory.memory)[neighbor]  # project every node once
         else:
-            kv = self.key_value_memory(memory[neighbor])
+            kv = self.key_value_memory(memory.get(neighbor))  # [B, K, 2E]
         kv = kv + self.key_value_time(self.time_enc(dt))
         key, value = kv.view(b, k, 2, h, e // h).permute(2, 0, 3, 1, 4)  # [B, H, K, E/H] each
         empty = ~valid.any(dim=1)  # [B]: no neighbour yet
         mask = (valid | empty.unsqueeze(1)).view(b, 1, 1, k)  # keep softmax finite when empty
         att = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [B, H, 1, E/H]
         att = self.out(att.reshape(b, e)) * (~empty).unsqueeze(1).to(own.dtype)
-        return self.merge(torch.cat([att, own], dim=1))
+        degree = torch.log1p(degree.to(own.dtype)).unsqueeze(1)  # [B, 1]
+        return self.merge(torch.cat([att, own, degree], dim=1))
 
 
 class TimeProjection(nn.Module):

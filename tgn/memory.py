@@ -6,6 +6,11 @@ store: :meth:`Memory.update_state` builds the messages of a batch, aggregates th
 index/scatter ops (``"last"`` or ``"mean"``) and runs one ``GRUCell`` call over the touched nodes.
 Memory and last-update times are registered buffers, so ``state_dict`` saves them exactly.
 
+Gradients: the buffer itself never enters the autograd graph (a graph through a ``[N, D]``
+buffer costs dense ``[N, D]`` gradients per read). The rows a training-mode update writes are
+kept aside with their graph until :meth:`Memory.detach`; :meth:`Memory.get` serves them, so a
+loss computed after the update reaches the GRU and the message path (PyG's lazy update, vectorized).
+
 Message of node ``n`` from an event ``(src, dst, t, msg)`` it takes part in::
 
     [memory[n] ‖ memory[other] ‖ cos_time(t - last_update[n]) ‖ msg]
@@ -71,6 +76,7 @@ class Memory(nn.Module):
         self.register_buffer("memory", torch.zeros(num_nodes, memory_dim))
         # float64: epoch seconds (~1.5e9) lose minutes of precision in float32
         self.register_buffer("last_update", torch.zeros(num_nodes, dtype=torch.float64))
+        self._fresh: tuple[Tensor, Tensor] | None = None  # (row of node or -1 [N], values [U, D])
 
     @property
     def num_nodes(self) -> int:
@@ -82,12 +88,22 @@ class Memory(nn.Module):
 
     def reset_state(self) -> None:
         """Zero every node's memory and last-update time."""
-        self.memory = torch.zeros_like(self.memory)
+        self.memory.zero_()
         self.last_update.zero_()
+        self._fresh = None
 
     def detach(self) -> None:
         """Cut the memory out of the autograd graph (call after each optimiser step)."""
-        self.memory = self.memory.detach()
+        self._fresh = None
+
+    def get(self, nodes: Tensor) -> Tensor:
+        """Memory rows ``[*nodes.shape, D]``; rows updated since :meth:`detach` keep gradients."""
+        rows = self.memory[nodes]
+        if self._fresh is None:
+            return rows
+        row_of, values = self._fresh
+        row = row_of[nodes]
+        return torch.where((row >= 0).unsqueeze(-1), values[row.clamp_min(0)], rows)
 
     def grow(self, num_nodes: int) -> None:
         """Add zero-memory nodes up to ``num_nodes`` (no-op if already that large)."""
@@ -125,14 +141,27 @@ class Memory(nn.Module):
             message = message / count[:, None]
             when = self.last_update.new_zeros(nodes.numel()).scatter_reduce_(
                 0, inverse, t.repeat(2), "amax", include_self=False)
-        self.memory[nodes] = self.gru(message, self.memory[nodes])
+        updated = self.gru(message, self.get(nodes))  # [U, D]
+        self.memory[nodes] = updated.detach()
         self.last_update[nodes] = when
+        if torch.is_grad_enabled() and updated.requires_grad:
+            row_of = torch.full((self.num_nodes,), -1, dtype=torch.long, device=nodes.device)
+            if self._fresh is not None:  # an earlier update of this step keeps its rows
+                old_rows, old_values = self._fresh
+                keep = (old_rows >= 0) & (row_of.scatter(0, nodes, 0) < 0)
+                row_of[keep] = torch.arange(int(keep.sum()), device=nodes.device)
+                kept = old_values[old_rows[keep]]
+                row_of[nodes] = torch.arange(nodes.numel(), device=nodes.device) + kept.size(0)
+                self._fresh = (row_of, torch.cat([kept, updated]))
+            else:
+                row_of[nodes] = torch.arange(nodes.numel(), device=nodes.device)
+                self._fresh = (row_of, updated)
 
     def _messages(self, node: Tensor, other: Tensor, t: Tensor, msg: Tensor) -> Tensor:
         """Messages ``[E, 2D + T + msg_dim]`` for nodes ``node [E]`` meeting ``other [E]``."""
         dt = (t - self.last_update[node]).clamp_min(0)
-        mem = self.memory
-        return torch.cat([mem[node], mem[other], self.time_enc(dt), msg.to(mem.dtype)], dim=1)
+        return torch.cat([self.get(node), self.get(other), self.time_enc(dt),
+                          msg.to(self.memory.dtype)], dim=1)
 
 
 def gru_input_dim(memory_dim: int, time_dim: int, msg_dim: int) -> int:

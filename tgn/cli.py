@@ -1,0 +1,116 @@
+"""Subcommands of the ``tgn`` room: ``train``, ``evaluate`` and ``bench memory``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from streaming.errors import UsageError
+
+MODELS = ("tgn",)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
+    return value
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.model not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}; available: {', '.join(MODELS)}")
+    _set_threads(args.threads)
+    from tgn.experiment import fit
+    from tgn.model import TGNConfig
+    from tgn.train import TrainConfig
+
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, patience=args.patience,
+                               max_val_events=args.max_val_events)
+    summary = fit(args.data, args.out, TGNConfig(), train_config, progress=not args.quiet)
+    print(f"best epoch {summary['best_epoch']} (val recall@10 "
+          f"{summary['best_val_recall@10']:.4f}), {summary['train_seconds']:.0f} s; "
+          f"wrote {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    from tgn.experiment import evaluate_run, markdown_table
+
+    results = evaluate_run(args.data, args.run, args.baselines, args.batch_size,
+                           progress=not args.quiet)
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from tgn.bench import bench_memory
+
+    report = bench_memory(num_nodes=args.nodes, num_events=args.events, repeats=args.repeats,
+                          threads=args.threads)
+    print("| batch | ours events/s | PyG events/s | GRU limit events/s | vs PyG | of GRU limit |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for key in (k for k in report if k.startswith("batch_") and k != "batch_size"):
+        r = report[key]
+        print(f"| {key[6:]} | {r['events_per_s']:,.0f} | {r['pyg_events_per_s']:,.0f} | "
+              f"{r['gru_limit_events_per_s']:,.0f} | {r['speedup_vs_pyg']:.1f}x | "
+              f"{r['fraction_of_gru_limit']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``evaluate``."""
+    train = commands.add_parser("train", help="train a temporal graph model on a dataset")
+    train.add_argument("--data", required=True, help="dataset directory")
+    train.add_argument("--model", default="tgn", help="tgn")
+    train.add_argument("--out", required=True, help="run directory to write")
+    train.add_argument("--epochs", type=_positive_int, default=10)
+    train.add_argument("--batch-size", type=_positive_int, default=200)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--patience", type=_positive_int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-val-events", type=_positive_int,
+                       help="validate on the first N validation events only (smoke runs)")
+    train.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train)
+    ev = commands.add_parser("evaluate", help="rank the test split: full catalog, "
+                                              "test-then-update")
+    ev.add_argument("--data", required=True, help="dataset directory")
+    ev.add_argument("--run", required=True, help="run directory written by `dynllm train`")
+    ev.add_argument("--json", help="write all metrics to this JSON file")
+    ev.add_argument("--baselines", action="store_true",
+                    help="also evaluate popularity, recent popularity and buy-again")
+    ev.add_argument("--batch-size", type=_positive_int, default=2000,
+                    help="events scored from one state (default 2000)")
+    ev.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_evaluate)
+
+
+def register_bench(bench_targets: argparse._SubParsersAction) -> None:
+    """Add ``bench memory``."""
+    mem = bench_targets.add_parser("memory", help="memory updates/s vs PyG TGNMemory and a GRU")
+    mem.add_argument("--json", help="write the figures to this JSON file")
+    mem.add_argument("--nodes", type=_positive_int, default=10_000)
+    mem.add_argument("--events", type=_positive_int, default=20_000)
+    mem.add_argument("--repeats", type=_positive_int, default=5)
+    mem.add_argument("--threads", type=_positive_int, default=2)
+    mem.set_defaults(func=_bench_memory)
