@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from streaming.errors import UsageError
+from streaming.processes import stop_process
 
 #: Seconds to wait for the broker to accept connections (it usually takes ~70 ms).
 START_TIMEOUT_S = 15.0
@@ -106,14 +107,7 @@ class Broker:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminate the broker, killing it if it does not exit within ``timeout_s``."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s)
 
     def wait(self) -> int:
         """Block until the broker exits; returns its exit code."""

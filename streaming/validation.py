@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from streaming.schema import OPTIONAL_EVENT_FIELDS, REQUIRED_EVENT_FIELDS, PurchaseEvent
+from streaming.schema import REQUIRED_EVENT_FIELDS, PurchaseEvent
 
 #: Longest accepted identifier, in characters.
 MAX_ID_CHARS = 256
@@ -129,6 +129,13 @@ class RecentIds:
 DEFAULT_RULES = ValidationRules()
 
 
+class _Invalid(Exception):
+    """Raised inside the checks (invalid records only) and caught in :func:`validate_event`."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
 def validate_event(
     raw: Any, rules: ValidationRules = DEFAULT_RULES, recent: RecentIds | None = None
 ) -> PurchaseEvent | DeadLetter:
@@ -143,96 +150,84 @@ def validate_event(
     Returns:
         The event, or a :class:`DeadLetter` with a :class:`Reason`.
     """
-    obj = _parse(raw, rules.max_bytes)
-    if type(obj) is DeadLetter:
-        return obj
-    result = _check_fields(obj, rules)
-    if type(result) is str:  # "reason|detail"
-        reason, _, detail = result.partition("|")
-        return DeadLetter(Reason(reason), detail, raw)
-    if recent is not None and not recent.add(result.event_id):
-        return DeadLetter(Reason.DUPLICATE_EVENT_ID, f"event_id {_quote(result.event_id)}", raw)
-    return result
+    try:
+        event = _check_fields(_parse(raw, rules.max_bytes), rules)
+    except _Invalid as invalid:
+        return DeadLetter(invalid.reason, invalid.detail, raw)
+    if recent is not None and not recent.add(event.event_id):
+        return DeadLetter(Reason.DUPLICATE_EVENT_ID, f"event_id {_quote(event.event_id)}", raw)
+    return event
 
 
-def _parse(raw: Any, max_bytes: int) -> dict | DeadLetter:
+def _parse(raw: Any, max_bytes: int) -> dict:
     if isinstance(raw, dict):
         return raw
     if isinstance(raw, bytes | bytearray | memoryview):
         if len(raw) > max_bytes:
-            return DeadLetter(Reason.OVERSIZED, f"{len(raw)} bytes > {max_bytes}", raw)
+            raise _Invalid(Reason.OVERSIZED, f"{len(raw)} bytes > {max_bytes}")
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            return DeadLetter(Reason.BAD_ENCODING, f"not UTF-8 at byte {exc.start}", raw)
+            raise _Invalid(Reason.BAD_ENCODING, f"not UTF-8 at byte {exc.start}") from None
     elif isinstance(raw, str):
         size = len(raw) if raw.isascii() else len(raw.encode("utf-8", "surrogatepass"))
         if size > max_bytes:
-            return DeadLetter(Reason.OVERSIZED, f"{size} bytes > {max_bytes}", raw)
+            raise _Invalid(Reason.OVERSIZED, f"{size} bytes > {max_bytes}")
         text = raw
     else:
-        return DeadLetter(Reason.NOT_AN_OBJECT, f"a {type(raw).__name__}, not JSON", raw)
+        raise _Invalid(Reason.NOT_AN_OBJECT, f"a {type(raw).__name__}, not JSON")
     try:
         obj = _decode_json(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        return DeadLetter(Reason.BAD_JSON, str(exc)[:_MAX_QUOTE * 2], raw)
+        raise _Invalid(Reason.BAD_JSON, str(exc)[:_MAX_QUOTE * 2]) from None
     if not isinstance(obj, dict):
-        return DeadLetter(Reason.NOT_AN_OBJECT, f"JSON {type(obj).__name__}, not an object", raw)
+        raise _Invalid(Reason.NOT_AN_OBJECT, f"JSON {type(obj).__name__}, not an object")
     return obj
 
 
-def _check_fields(obj: dict, rules: ValidationRules) -> PurchaseEvent | str:
-    """The event, or ``"reason|detail"`` (a string is cheaper than a dead letter to pass up)."""
-    values: dict[str, Any] = {}
+def _check_fields(obj: dict, rules: ValidationRules) -> PurchaseEvent:
+    get = obj.get
     for name in REQUIRED_EVENT_FIELDS:
-        value = obj.get(name)
-        if value is None:
-            return f"missing_field|{name}"
-        values[name] = value
-    for name in ("event_id", "user_id", "item_id"):
-        checked = _check_id(name, values[name])
-        if checked[0] is not None:
-            return checked[0]
-        values[name] = checked[1]
-    for name in OPTIONAL_EVENT_FIELDS:
-        value = obj.get(name)
-        if value is not None:
-            checked = _check_id(name, value)
-            if checked[0] is not None:
-                return checked[0]
-            values[name] = checked[1]
-    for name in ("ts", "quantity", "price"):
-        number = _number(values[name])
-        if number is None:
-            return f"bad_type|{name} is {_type_name(values[name])}, not a number"
-        values[name] = number
-    ts, quantity, price = values["ts"], values["quantity"], values["price"]
+        if get(name) is None:
+            raise _Invalid(Reason.MISSING_FIELD, name)
+    event_id = _id("event_id", get("event_id"))
+    user_id = _id("user_id", get("user_id"))
+    item_id = _id("item_id", get("item_id"))
+    basket_id, store_id = get("basket_id"), get("store_id")
+    if basket_id is not None:
+        basket_id = _id("basket_id", basket_id)
+    if store_id is not None:
+        store_id = _id("store_id", store_id)
+    ts = _number("ts", get("ts"))
+    quantity = _number("quantity", get("quantity"))
+    price = _number("price", get("price"))
     if not (math.isfinite(ts) and ts >= 0.0):
-        return f"bad_timestamp|ts={ts!r}"
+        raise _Invalid(Reason.BAD_TIMESTAMP, f"ts={ts!r}")
     if ts > rules.clock() + rules.max_future_skew_s:
-        return f"future_timestamp|ts={ts!r} is more than {rules.max_future_skew_s:g}s ahead"
+        raise _Invalid(Reason.FUTURE_TIMESTAMP,
+                       f"ts={ts!r} is more than {rules.max_future_skew_s:g}s ahead")
     if not (math.isfinite(quantity) and quantity > 0.0):
-        return f"bad_quantity|quantity={quantity!r}"
+        raise _Invalid(Reason.BAD_QUANTITY, f"quantity={quantity!r}")
     if not (math.isfinite(price) and price >= 0.0):
-        return f"bad_price|price={price!r}"
-    if rules.catalog is not None and values["item_id"] not in rules.catalog:
-        return f"unknown_item|item_id {_quote(values['item_id'])}"
-    return PurchaseEvent(**values)
+        raise _Invalid(Reason.BAD_PRICE, f"price={price!r}")
+    if rules.catalog is not None and item_id not in rules.catalog:
+        raise _Invalid(Reason.UNKNOWN_ITEM, f"item_id {_quote(item_id)}")
+    return PurchaseEvent(event_id, user_id, item_id, ts, quantity, price, basket_id, store_id)
 
 
-def _check_id(name: str, value: Any) -> tuple[str | None, str]:
-    """``(None, id)`` for a good id (ints become strings), else ``("reason|detail", "")``."""
+def _id(name: str, value: Any) -> str:
+    """A good identifier (integers become strings), else :class:`_Invalid`."""
+    if type(value) is str:
+        if 0 < len(value) <= MAX_ID_CHARS and value.isprintable() and not value.isspace():
+            return value
+        raise _Invalid(Reason.BAD_ID, f"{name} {_quote(value)}")
     if type(value) is int and value.bit_length() < 800:  # str() of a huge int raises
-        return None, str(value)
-    if type(value) is not str:
-        return f"bad_type|{name} is {_type_name(value)}, not a string", ""
-    if not value or len(value) > MAX_ID_CHARS or not value.isprintable() or value.isspace():
-        return f"bad_id|{name} {_quote(value)}", ""
-    return None, value
+        return str(value)
+    raise _Invalid(Reason.BAD_TYPE, f"{name} is {_type_name(value)}, not a string")
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a float if it is a JSON number (not a bool), else ``None``."""
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float if it is a JSON number (not a bool), else :class:`_Invalid`."""
     kind = type(value)
     if kind is float:
         return value
@@ -241,7 +236,7 @@ def _number(value: Any) -> float | None:
             return float(value)
         except OverflowError:
             return math.inf if value > 0 else -math.inf
-    return None
+    raise _Invalid(Reason.BAD_TYPE, f"{name} is {_type_name(value)}, not a number")
 
 
 def _type_name(value: Any) -> str:
