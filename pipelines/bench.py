@@ -1,0 +1,234 @@
+"""``dynllm bench pipeline``: replay throughput and live event→embedding latency.
+
+* **Replay**: the whole pipeline (read → parse → memory → fusion → write) over the first
+  ``--events`` rows of a dataset, on the in-process runner. Throughput is
+  ``events / (wall(N rows) - wall(1 row))``, so Beam and model start-up cost is not counted as
+  throughput (it is reported as ``replay_startup_s``). Reference, same run: the bare model loop
+  (encode → update → temporal user embeddings per batch, no Beam, parsing or writing).
+* **Live**: the pipeline reads a fresh local broker while a separate producer process sends
+  events at ``--rate`` for ``--seconds``; latency per event is emit time minus the Kafka record
+  timestamp (set at produce). Lag is produced minus consumed, sampled every second.
+
+Use ``flock /tmp/dynllm-bench.lock dynllm bench pipeline ...`` so benchmarks never overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+LIVE_TOPIC = "purchases"
+
+
+def _consumed() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dynllm_events_consumed_total") or 0.0
+
+
+def untrained_run(data_dir: str, out: Path) -> str:
+    """A run directory with an untrained TGN whose id maps cover the dataset (timing only)."""
+    import pyarrow.compute as pc
+
+    from streaming.dataset import Dataset
+    from tgn.ids import IdMap
+    from tgn.model import TGNRecommender
+
+    data = Dataset.load(data_dir)
+    model = TGNRecommender(None, IdMap(pc.unique(data.events.column("user_id")).to_pylist()),
+                           IdMap(data.items.column("item_id").to_pylist()))
+    model.save(out / "model.pt")
+    (out / "config.json").write_text(json.dumps({"data": str(Path(data_dir).resolve())}))
+    return str(out)
+
+
+def _bare_loop(run_dir: str, log_path: str, events: int, batch: int) -> float:
+    """Seconds for the model alone over the same batches (encode, update, user embeddings)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.state import load_run_model
+
+    model = load_run_model(run_dir).eval()
+    model.reset_state()
+    table = pq.read_table(log_path).slice(0, events)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, table.num_rows, batch):
+            encoded = model.encode(table.slice(lo, batch))
+            model.update(encoded)
+            users = torch.unique(encoded.users)
+            nodes = model.user_node[users]
+            t = model.memory.last_update[nodes]
+            model.projection(model.embed_nodes(nodes, t), torch.zeros_like(t))
+    return time.perf_counter() - started
+
+
+def bench_replay(run_dir: str, log_path: str, events: int, batch: int,
+                 repeats: int) -> dict[str, float]:
+    """Replay figures (medians over ``repeats``)."""
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+
+    def wall(rows: int) -> float:
+        started = time.perf_counter()
+        run_pipeline(PipelineConfig(run_dir=run_dir, log_path=log_path, stop_row=rows,
+                                    fresh_state=True, max_batch=batch))
+        return time.perf_counter() - started
+
+    rates, startups, refs = [], [], []
+    for _ in range(repeats):
+        startup, full = wall(1), wall(events)
+        rates.append(events / max(full - startup, 1e-9))
+        startups.append(startup)
+        refs.append(events / _bare_loop(run_dir, log_path, events, batch))
+    rate, ref = statistics.median(rates), statistics.median(refs)
+    return {"replay_events_per_s": rate, "replay_events_per_s_runs": rates,
+            "replay_startup_s": statistics.median(startups),
+            "reference_model_events_per_s": ref, "replay_vs_reference": rate / ref,
+            "replay_events": events, "batch_size": batch}
+
+
+def _produce_main(argv: list[str]) -> None:
+    """Child process: send the first ``limit`` events at ``rate``/s, printing counts."""
+    import pyarrow.parquet as pq
+
+    from streaming.kafka_io import json_producer
+
+    bootstrap, topic, log_path, limit, rate = argv[0], argv[1], argv[2], int(argv[3]), float(
+        argv[4])
+    rows = pq.read_table(log_path).slice(0, limit).to_pylist()
+    producer = json_producer(bootstrap)
+    print("ready", flush=True)
+    started, reported = time.monotonic(), 0.0
+    for i, row in enumerate(rows):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0.001:
+            time.sleep(delay)
+        producer.send(topic, key=row["user_id"],
+                      value={k: v for k, v in row.items() if v is not None})
+        if time.monotonic() - reported >= 0.5:
+            print(i + 1, flush=True)
+            reported = time.monotonic()
+    producer.flush()
+    print(len(rows), flush=True)
+    print("done", flush=True)
+
+
+def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
+               batch: int) -> dict[str, object]:
+    """Live figures: latency percentiles and lag over a run at ``rate`` events/s."""
+    from pipelines import outputs
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+    from pipelines.sources import StopFlag
+    from streaming.broker import Broker
+    from streaming.kafka_io import create_topics, json_producer
+
+    limit = int(rate * seconds)
+    with Broker() as broker, tempfile.TemporaryDirectory() as state:
+        create_topics(broker.bootstrap_servers, [LIVE_TOPIC], partitions=4)
+        stop = StopFlag()
+        config = PipelineConfig(run_dir=run_dir, state_dir=state,
+                                bootstrap_servers=broker.bootstrap_servers, max_batch=batch,
+                                request_profiles=False)
+        outputs.LATENCY_LOG = latencies = []
+        pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
+        pipeline.start()
+        warm = json_producer(broker.bootstrap_servers)  # one event to know the pipeline is up
+        warm.send(LIVE_TOPIC, value={"event_id": "warm-up", "user_id": "warm", "item_id": "w",
+                                     "ts": 0.0, "quantity": 1.0, "price": 0.0})
+        warm.flush()
+        while not latencies:
+            time.sleep(0.1)
+        latencies.clear()
+        base = _consumed()
+        child = subprocess.Popen([sys.executable, "-m", "pipelines.bench", "produce",
+                                  broker.bootstrap_servers, LIVE_TOPIC, log_path, str(limit),
+                                  str(rate)], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        child.stdout.readline()  # "ready"
+        samples, started = [], time.monotonic()
+        for line in child.stdout:
+            if line.strip().isdigit():
+                sent = int(line)
+                samples.append((time.monotonic() - started, sent, _consumed() - base))
+        child.wait()
+        deadline = time.monotonic() + 60
+        while _consumed() - base < limit and time.monotonic() < deadline:
+            time.sleep(0.1)
+        drain_s = time.monotonic() - started - samples[-1][0]
+        stop.set()
+        pipeline.join(60)
+    lat_ms = np.asarray(latencies) * 1000.0
+    lags = np.array([s[1] - s[2] for s in samples])
+    half = len(lags) // 2
+    return {"live_rate": rate, "live_seconds": seconds, "live_events": limit,
+            "live_events_emitted": int(lat_ms.size),
+            "live_p50_ms": float(np.percentile(lat_ms, 50)),
+            "live_p90_ms": float(np.percentile(lat_ms, 90)),
+            "live_p99_ms": float(np.percentile(lat_ms, 99)),
+            "live_max_ms": float(lat_ms.max()),
+            "live_achieved_produce_rate": samples[-1][1] / max(samples[-1][0], 1e-9),
+            "lag_max": int(lags.max()), "lag_median": float(np.median(lags)),
+            "lag_median_first_half": float(np.median(lags[:half])) if half else 0.0,
+            "lag_median_second_half": float(np.median(lags[half:])) if half else 0.0,
+            "drain_after_last_send_s": drain_s,
+            "lag_samples": [[round(t, 2), int(p), int(c)] for t, p, c in samples]}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log_path = str(Path(args.data) / "events.parquet")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = args.run or untrained_run(args.data, Path(tmp))
+        report: dict[str, object] = {"data": args.data, "run": args.run or "untrained",
+                                     "threads": args.threads}
+        if not args.skip_replay:
+            report.update(bench_replay(run_dir, log_path, args.events, args.batch_size,
+                                       args.repeats))
+            print(f"replay: {report['replay_events_per_s']:,.0f} events/s (model alone "
+                  f"{report['reference_model_events_per_s']:,.0f}/s, ratio "
+                  f"{report['replay_vs_reference']:.2f})", flush=True)
+        if not args.skip_live:
+            report.update(bench_live(run_dir, log_path, args.rate, args.seconds,
+                                     args.live_batch))
+            print(f"live @ {args.rate:,.0f}/s for {args.seconds:.0f}s: p50 "
+                  f"{report['live_p50_ms']:.0f} ms, p99 {report['live_p99_ms']:.0f} ms, "
+                  f"lag max {report['lag_max']} (median first/second half "
+                  f"{report['lag_median_first_half']:.0f}/{report['lag_median_second_half']:.0f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def add_bench_arguments(bench_targets: argparse._SubParsersAction) -> None:
+    """Add ``bench pipeline``."""
+    bench = bench_targets.add_parser("pipeline", help="replay events/s and live latency/lag "
+                                                      "of the streaming pipeline")
+    bench.add_argument("--data", default="data/cj26", help="dataset directory (data/cj26)")
+    bench.add_argument("--run", help="run directory (default: an untrained model; timing only)")
+    bench.add_argument("--events", type=int, default=100_000, help="replayed events (100000)")
+    bench.add_argument("--batch-size", type=int, default=2000, help="replay batch (2000)")
+    bench.add_argument("--repeats", type=int, default=3, help="replay repeats (3)")
+    bench.add_argument("--rate", type=float, default=2000.0, help="live events/s (2000)")
+    bench.add_argument("--seconds", type=float, default=60.0, help="live duration (60)")
+    bench.add_argument("--live-batch", type=int, default=2000, help="live max batch (2000)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    bench.add_argument("--skip-replay", action="store_true")
+    bench.add_argument("--skip-live", action="store_true")
+    bench.add_argument("--json", help="write the figures to this JSON file")
+    bench.set_defaults(func=_bench)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["produce"]:
+    _produce_main(sys.argv[2:])

@@ -1,0 +1,123 @@
+"""The elements that flow between the pipeline's transforms.
+
+Beam's per-element overhead caps a Python pipeline at ~5k elements/s on this machine, so an
+element is a *batch* of events and every per-event step is vectorized. Each batch remembers
+where it came from: one source partition and the half-open offset range ``[start, end)`` it
+covers (a Kafka partition's offsets, or row numbers of a replayed log). That range is what makes
+recovery exact: a shard applies a batch only when it starts at the shard's own position, skips
+offsets it already applied, and saves its positions in the same file as its memory.
+
+Shapes: ``B`` events in a batch, ``U`` distinct users in it, ``E`` embedding width, ``F`` facets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass
+class Span:
+    """Where a batch came from.
+
+    Attributes:
+        partition: source partition (0 for a replayed log).
+        start: first offset covered (the reader's position before the read).
+        end: offset after the last record read.
+        checkpoint: every shard saves its state after applying this batch (the reader sets it
+            every N events / T seconds and on shutdown, so all shards save at the same place).
+    """
+
+    partition: int
+    start: int
+    end: int
+    checkpoint: bool = False
+
+
+@dataclass
+class RawBatch:
+    """Records as read, not yet validated.
+
+    Attributes:
+        span: partition and offset range.
+        values: ``B`` raw records: a list (``bytes`` from Kafka, or ``dict`` s), or the rows of a
+            log as an Arrow table.
+        offsets: ``[B]`` int64 offset of each record.
+        produced_at: ``[B]`` float64 wall-clock seconds each record was produced (Kafka's
+            record timestamp; the read time for a replayed log).
+    """
+
+    span: Span
+    values: list[Any] | pa.Table
+    offsets: np.ndarray
+    produced_at: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class EventsBatch:
+    """Valid events of one batch (or of one shard's part of it).
+
+    Attributes:
+        span: partition and offset range of the batch it came from.
+        events: ``EVENT_SCHEMA`` table, ``B`` rows, in read order.
+        offsets: ``[B]`` int64 source offsets.
+        produced_at: ``[B]`` float64 produce times (wall clock).
+    """
+
+    span: Span
+    events: pa.Table
+    offsets: np.ndarray
+    produced_at: np.ndarray
+
+    def __len__(self) -> int:
+        return self.events.num_rows
+
+    def take(self, mask: np.ndarray) -> EventsBatch:
+        """The rows where boolean ``mask [B]`` holds (same span)."""
+        return replace(self, events=self.events.filter(pa.array(mask)),
+                       offsets=self.offsets[mask], produced_at=self.produced_at[mask])
+
+
+@dataclass
+class UserStates:
+    """Per-user output of one memory update: the temporal embeddings of the users it touched.
+
+    Attributes:
+        shard: the shard that applied the events.
+        span: the batch's partition and offset range.
+        user_ids: ``U`` string ids.
+        user_index: ``[U]`` int64 dense user indices of the shard's model.
+        ts: ``[U]`` float64 event time of each user's latest event in the batch.
+        version: ``[U]`` int64 events of the user applied so far (grows by one per event).
+        events_before: ``[U]`` int64 the user's event count before this batch.
+        temporal: ``[U, E]`` float32 temporal user embeddings after the update.
+        produced_at: ``[B]`` float64 produce times of the batch's events (for latency).
+        first_produced_at: ``[U]`` float64 produce time of each user's earliest event in it.
+        embedding: ``[U, E]`` float32 final embeddings (set by ``FuseEmbeddings``).
+        facet_weights: ``[U, F]`` float32 facet relevance, or ``None`` without fusion.
+        has_profile: ``[U]`` bool, a valid profile was fused.
+    """
+
+    shard: int
+    span: Span
+    user_ids: list[str]
+    user_index: np.ndarray
+    ts: np.ndarray
+    version: np.ndarray
+    events_before: np.ndarray
+    temporal: np.ndarray
+    produced_at: np.ndarray
+    first_produced_at: np.ndarray
+    embedding: np.ndarray | None = None
+    facet_weights: np.ndarray | None = None
+    has_profile: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)

@@ -1,0 +1,159 @@
+"""``WriteEmbeddings``: user embeddings to the ``user-embeddings`` topic and an on-disk store.
+
+Each message is JSON ``{user_id, ts, version, embedding, facet_weights}`` keyed by user id
+(``facet_weights`` is ``null`` without a profile model). The store keeps each user's latest
+embedding per shard in ``STATE_DIR/embeddings-shard-K-of-N.npz``, rewritten atomically at every
+checkpoint, which is what ``dynllm serve`` reads.
+
+Shapes: ``U`` users, ``E`` embedding width, ``F`` facets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.coders import VarIntCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+
+from pipelines.elements import UserStates
+from streaming import metrics
+
+#: Output topic of the live pipeline.
+EMBEDDING_TOPIC = "user-embeddings"
+#: When set to a list, every event's produce→emit latency (seconds) is appended (benchmarks).
+LATENCY_LOG: list[float] | None = None
+
+
+def store_path(state_dir: str | Path, shard: int, num_shards: int) -> Path:
+    """The embedding store file of one shard."""
+    return Path(state_dir) / f"embeddings-shard-{shard}-of-{num_shards}.npz"
+
+
+class EmbeddingStore:
+    """The latest embedding of every user of one shard, saved as one ``.npz`` file.
+
+    Args:
+        path: the file (loaded if it exists).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: dict[str, tuple[float, int, np.ndarray, np.ndarray | None]] = {}
+        if path is not None and path.exists():
+            for user, ts, version, vector, weights in zip(*load_store(path), strict=True):
+                self.rows[str(user)] = (float(ts), int(version), vector,
+                                        None if np.isnan(weights).all() else weights)
+
+    def put(self, states: UserStates) -> None:
+        """Keep the users' new embeddings."""
+        weights = states.facet_weights
+        for i, user in enumerate(states.user_ids):
+            self.rows[user] = (float(states.ts[i]), int(states.version[i]), states.embedding[i],
+                               None if weights is None else weights[i])
+
+    def save(self) -> None:
+        """Rewrite the file atomically (temp file + ``os.replace``)."""
+        if self.path is None or not self.rows:
+            return
+        users = list(self.rows)
+        values = list(self.rows.values())
+        width = next((len(v[3]) for v in values if v[3] is not None), 0)
+        weights = np.stack([v[3] if v[3] is not None else np.full(width, np.nan, np.float32)
+                            for v in values]) if width else np.zeros((len(users), 0), np.float32)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("wb") as out:
+            np.savez(out, user_ids=np.array(users), ts=np.array([v[0] for v in values]),
+                     version=np.array([v[1] for v in values], np.int64),
+                     embedding=np.stack([v[2] for v in values]).astype(np.float32),
+                     facet_weights=weights.astype(np.float32))
+        os.replace(tmp, self.path)
+
+
+def load_store(path: str | Path) -> tuple[np.ndarray, ...]:
+    """``(user_ids [U], ts [U], version [U], embedding [U, E], facet_weights [U, F])``."""
+    with np.load(path) as data:
+        return tuple(data[k] for k in ("user_ids", "ts", "version", "embedding",
+                                       "facet_weights"))
+
+
+def embedding_message(states: UserStates, i: int) -> dict[str, object]:
+    """The ``user-embeddings`` message of user ``i`` of a batch."""
+    weights = states.facet_weights
+    return {"user_id": states.user_ids[i], "ts": float(states.ts[i]),
+            "version": int(states.version[i]),
+            "embedding": np.round(states.embedding[i], 6).tolist(),
+            "facet_weights": None if weights is None else np.round(weights[i], 6).tolist()}
+
+
+class _WriteFn(beam.DoFn):
+    """Stateful per shard, so one worker owns each shard's store file."""
+
+    WRITTEN = ReadModifyWriteStateSpec("written", VarIntCoder())
+    _written = beam.DoFn.StateParam(WRITTEN)
+
+    def __init__(self, bootstrap_servers: str | None, topic: str, state_dir: str | None,
+                 num_shards: int) -> None:
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.state_dir, self.num_shards = state_dir, num_shards
+
+    def setup(self) -> None:
+        self._stores: dict[int, EmbeddingStore] = {}
+        self._producer = None
+        if self.bootstrap_servers:
+            from streaming.kafka_io import create_topics, json_producer
+
+            create_topics(self.bootstrap_servers, [self.topic])
+            self._producer = json_producer(self.bootstrap_servers, linger_ms=5)
+
+    def process(self, keyed: tuple[int, UserStates], written=_written):
+        shard, states = keyed
+        store = self._stores.get(shard)
+        if store is None:
+            path = store_path(self.state_dir, shard, self.num_shards) if self.state_dir else None
+            store = self._stores[shard] = EmbeddingStore(path)
+        store.put(states)
+        if self._producer is not None:
+            for i, user in enumerate(states.user_ids):
+                self._producer.send(self.topic, key=user, value=embedding_message(states, i))
+        emitted = time.time()
+        for seconds in emitted - states.first_produced_at:  # per embedding, its oldest event
+            metrics.EVENT_TO_EMBEDDING_SECONDS.observe(seconds)
+        if LATENCY_LOG is not None:  # per event
+            LATENCY_LOG.extend((emitted - states.produced_at).tolist())
+        metrics.EMBEDDINGS_EMITTED.inc(len(states))
+        written.write((written.read() or 0) + len(states))
+        if states.span.checkpoint:
+            store.save()
+        return []
+
+    def teardown(self) -> None:
+        for store in getattr(self, "_stores", {}).values():
+            store.save()
+        if getattr(self, "_producer", None) is not None:
+            self._producer.flush()
+            self._producer.close()
+
+
+class WriteEmbeddings(beam.PTransform):
+    """Publish user embeddings and keep them in the on-disk store.
+
+    Args:
+        bootstrap_servers: Kafka ``host:port`` (``None``: store only, e.g. replay).
+        topic: output topic.
+        state_dir: where the store files live (``None``: no store).
+        num_shards: the shard count (part of the store file names).
+    """
+
+    def __init__(self, bootstrap_servers: str | None = None, topic: str = EMBEDDING_TOPIC,
+                 state_dir: str | None = None, num_shards: int = 1) -> None:
+        super().__init__()
+        self.fn = _WriteFn(bootstrap_servers, topic, state_dir and str(state_dir), num_shards)
+
+    def expand(self, states):
+        return (states
+                | "KeyByShard" >> beam.Map(lambda s: (s.shard, s))
+                | "Write" >> beam.ParDo(self.fn))

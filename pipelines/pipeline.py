@@ -1,0 +1,129 @@
+"""Wire the composites into one pipeline, live (Kafka) or replay (a dataset's log).
+
+::
+
+    ReadPurchases → ParseAndValidate ──(dead letters)──► WriteDeadLetters
+                          │
+                          ▼
+                   UpdateGraphMemory ──► RequestProfiles (live)
+                          │
+                          ▼
+                   FuseEmbeddings → WriteEmbeddings
+
+Live and replay differ only in the source and in where side outputs go; the transforms are the
+same objects. Runner: the in-process FnApiRunner unless ``--runner`` is given in the Beam
+arguments (see ``docs/pipeline.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipelines.memory import UpdateGraphMemory
+from pipelines.outputs import WriteEmbeddings
+from pipelines.parse import DEAD_LETTERS, ParseAndValidate, WriteDeadLetters
+from pipelines.profiles_io import FuseEmbeddings, RequestProfiles
+from pipelines.sources import CheckpointPolicy, ReadPurchases, StopFlag
+from pipelines.state import check_shard_count, resume_positions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """What a pipeline run reads, where its state lives and how it is split.
+
+    Attributes:
+        run_dir: trained run directory (``model.pt``).
+        state_dir: shard checkpoints and embedding stores (``None``: keep nothing).
+        shards: how many shards split the users.
+        bootstrap_servers: Kafka ``host:port`` (live); ``None`` for a replay.
+        topic: purchases topic (live).
+        log_path: ``events.parquet`` to replay.
+        stop_row: replay rows before this one only.
+        cut_row: replay batches restart at this row (where evaluated events start).
+        dead_letter_path: JSONL file for dead letters of a replay.
+        fresh_state: start from empty memory (a replay from the beginning of the log).
+        evaluate_to: JSON file for test-then-update metrics (replay, one shard).
+        test_from: event time where evaluated events start.
+        max_batch: most events per batch.
+        checkpoint_events: checkpoint at least every this many events...
+        checkpoint_seconds: ... or this many seconds.
+        request_profiles: publish profile requests (live).
+    """
+
+    run_dir: str
+    state_dir: str | None = None
+    shards: int = 1
+    bootstrap_servers: str | None = None
+    topic: str = "purchases"
+    log_path: str | None = None
+    stop_row: int | None = None
+    cut_row: int | None = None
+    dead_letter_path: str | None = None
+    fresh_state: bool = False
+    evaluate_to: str | None = None
+    test_from: float = -np.inf
+    max_batch: int = 2000
+    checkpoint_events: int = 50_000
+    checkpoint_seconds: float = 30.0
+    request_profiles: bool = True
+
+    @property
+    def live(self) -> bool:
+        """Reading Kafka rather than a log."""
+        return self.bootstrap_servers is not None
+
+
+def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag) -> None:
+    """Add the transforms of ``config`` to ``pipeline``."""
+    positions = resume_positions(config.state_dir, config.shards)
+    if positions:
+        log.info("resuming from checkpointed positions %s", positions)
+    policy = CheckpointPolicy(config.checkpoint_events, config.checkpoint_seconds)
+    raw = pipeline | "ReadPurchases" >> ReadPurchases(
+        bootstrap_servers=config.bootstrap_servers, topic=config.topic, positions=positions,
+        log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
+        max_batch=config.max_batch, policy=policy)
+    parsed = raw | "ParseAndValidate" >> ParseAndValidate()
+    dlq_path = None if config.live else config.dead_letter_path
+    if config.live or dlq_path:
+        _ = parsed[DEAD_LETTERS] | "WriteDeadLetters" >> WriteDeadLetters(
+            config.bootstrap_servers, dlq_path)
+    states = parsed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
+        config.run_dir, config.state_dir, config.shards, config.fresh_state,
+        config.evaluate_to, config.test_from)
+    if config.live and config.request_profiles:
+        _ = states | "RequestProfiles" >> RequestProfiles(config.bootstrap_servers)
+    _ = (states
+         | "FuseEmbeddings" >> FuseEmbeddings(config.run_dir, config.bootstrap_servers, stop=stop)
+         | "WriteEmbeddings" >> WriteEmbeddings(config.bootstrap_servers,
+                                                state_dir=config.state_dir,
+                                                num_shards=config.shards))
+
+
+def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
+                 beam_args: Sequence[str] = ()) -> None:
+    """Build and run the pipeline until the log ends (replay) or ``stop`` is set (live).
+
+    Args:
+        config: what to run.
+        stop: ends a live run cleanly (drain, checkpoint); a new flag if ``None``.
+        beam_args: runner arguments, e.g. ``["--runner", "FlinkRunner", ...]``.
+    """
+    if config.state_dir:
+        check_shard_count(config.state_dir, config.shards)
+    options = PipelineOptions(list(beam_args))
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:  # Prism would try to download its binary; run in this process instead
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        runner = FnApiRunner()
+    with beam.Pipeline(runner=runner, options=options) as pipeline:
+        build(pipeline, config, stop or StopFlag())

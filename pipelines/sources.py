@@ -1,0 +1,233 @@
+"""``ReadPurchases``: purchase records in batches, from Kafka (live) or a dataset's log (replay).
+
+Live reading is a splittable DoFn over Kafka partitions and offsets on kafka-python (Beam's
+``ReadFromKafka`` is a Java cross-language transform that needs a downloaded expansion service).
+Each partition is one element whose restriction is the offset range ``[start, ∞)``; every call
+polls once, claims the last offset read, emits one :class:`~pipelines.elements.RawBatch`, sets
+the watermark to the newest produce time and defers the rest of the range, so the runner keeps
+calling back while downstream stages run between calls. A :class:`StopFlag` ends reading cleanly:
+the reader emits a last, empty batch marked ``checkpoint`` and claims the end of its range.
+
+Replay reads ``events.parquet`` in row batches; the row number is the offset.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from pipelines.elements import RawBatch, Span
+from streaming import metrics
+
+#: Stop flags by name: DoFns are pickled, so they find their flag by name in this process.
+_STOP_FLAGS: dict[str, threading.Event] = {}
+
+
+class StopFlag:
+    """A picklable handle on a process-wide ``threading.Event`` that stops the readers."""
+
+    def __init__(self) -> None:
+        self.name = uuid.uuid4().hex
+        _STOP_FLAGS[self.name] = threading.Event()
+
+    def set(self) -> None:
+        """Ask every reader holding this flag to finish."""
+        _STOP_FLAGS[self.name].set()
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        event = _STOP_FLAGS.get(self.name)
+        return event is not None and event.is_set()
+
+
+@dataclass
+class CheckpointPolicy:
+    """When the reader marks a batch ``checkpoint``: every ``events`` records or ``seconds``."""
+
+    events: int = 50_000
+    seconds: float = 30.0
+    _count: int = field(default=0, init=False)
+    _last: float = field(default_factory=time.monotonic, init=False)
+
+    def due(self, new_records: int) -> bool:
+        """Count ``new_records``; True (and reset) when a checkpoint is due."""
+        self._count += new_records
+        if self._count >= self.events or time.monotonic() - self._last >= self.seconds:
+            self._count, self._last = 0, time.monotonic()
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class KafkaPartition:
+    """The element a live reader starts from: one partition and its first offset."""
+
+    bootstrap_servers: str
+    topic: str
+    partition: int
+    start: int
+
+
+class _UnboundedOffsets(RestrictionProvider):
+    def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
+        return OffsetRange(element.start, sys.maxsize)
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element: KafkaPartition, restriction: OffsetRange) -> int:
+        return 1  # unknown: the log has no end
+
+
+_OFFSETS = beam.DoFn.RestrictionParam(_UnboundedOffsets())
+_WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
+
+
+class _ReadKafkaPartitionFn(beam.DoFn):
+    """Splittable DoFn: one poll of one partition per call, then defer the remaining offsets."""
+
+    def __init__(self, stop: StopFlag, max_batch: int, poll_s: float,
+                 policy: CheckpointPolicy) -> None:
+        self.stop, self.max_batch, self.poll_s, self.policy = stop, max_batch, poll_s, policy
+
+    def setup(self) -> None:
+        self._readers: dict[int, object] = {}
+
+    def _reader(self, element: KafkaPartition, start: int):
+        from streaming.kafka_io import TopicReader
+
+        reader = self._readers.get(element.partition)
+        if reader is None or reader.positions[element.partition] != start:
+            if reader is not None:
+                reader.close()
+            reader = TopicReader(element.bootstrap_servers, element.topic, [element.partition],
+                                 {element.partition: start}, max_batch=self.max_batch)
+            self._readers[element.partition] = reader
+        return reader
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, element: KafkaPartition, tracker=_OFFSETS, watermark=_WATERMARK):
+        start = tracker.current_restriction().start
+        span = Span(element.partition, start, start)
+        if self.stop.is_set():
+            tracker.try_claim(tracker.current_restriction().stop)  # done: nothing left to read
+            yield RawBatch(Span(element.partition, start, start, checkpoint=True), [],
+                           np.zeros(0, np.int64), np.zeros(0))
+            return
+        reader = self._reader(element, start)
+        records = reader.poll(self.poll_s)
+        lag = reader.lag(element.partition) if hasattr(reader, "lag") else None
+        if lag is not None:
+            metrics.CONSUMER_LAG.labels(element.topic, str(element.partition)).set(lag)
+        if records:
+            if not tracker.try_claim(records[-1].offset):
+                return
+            metrics.EVENTS_CONSUMED.inc(len(records))
+            span = Span(element.partition, start, records[-1].offset + 1,
+                        checkpoint=self.policy.due(len(records)))
+            produced = np.fromiter((r.timestamp_ms for r in records), np.float64,
+                                   len(records)) / 1000.0
+            watermark.set_watermark(Timestamp(float(produced.max())))
+            yield RawBatch(span, [r.value for r in records],
+                           np.fromiter((r.offset for r in records), np.int64, len(records)),
+                           produced)
+        elif self.policy.due(0):
+            yield RawBatch(Span(element.partition, start, start, checkpoint=True), [],
+                           np.zeros(0, np.int64), np.zeros(0))
+        tracker.defer_remainder(Duration.of(0))
+
+    def teardown(self) -> None:
+        for reader in getattr(self, "_readers", {}).values():
+            reader.close()
+
+
+def batch_bounds(start: int, stop: int, size: int, cut: int | None = None) -> list[int]:
+    """Row boundaries of batches of ``size`` from ``start``, restarting at ``cut`` if given.
+
+    >>> batch_bounds(0, 10, 4, cut=5)
+    [0, 4, 5, 9, 10]
+    """
+    cut = stop if cut is None or not start < cut < stop else cut
+    return [*range(start, cut, size), *range(cut, stop, size), stop]
+
+
+class _ReadLogFn(beam.DoFn):
+    """Yield a dataset's ``events.parquet`` rows ``[start, stop)`` as Arrow tables."""
+
+    def __init__(self, batch_size: int, policy: CheckpointPolicy, cut: int | None) -> None:
+        self.batch_size, self.policy, self.cut = batch_size, policy, cut
+
+    def process(self, element: tuple[str, int, int | None]):
+        path, start, stop = element
+        log = pq.read_table(path)
+        stop = log.num_rows if stop is None else min(stop, log.num_rows)
+        bounds = batch_bounds(start, stop, self.batch_size, self.cut)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            metrics.EVENTS_CONSUMED.inc(hi - lo)
+            yield RawBatch(Span(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo)),
+                           log.slice(lo, hi - lo), np.arange(lo, hi, dtype=np.int64),
+                           np.full(hi - lo, time.time()))
+
+
+class ReadPurchases(beam.PTransform):
+    """Purchase records as :class:`~pipelines.elements.RawBatch` es, live or replayed.
+
+    Give either Kafka settings or a log path.
+
+    Args:
+        bootstrap_servers: Kafka ``host:port`` (live).
+        topic: topic to read (live).
+        positions: next offset per partition to start from (from the checkpoints); a missing
+            partition starts at 0. For a log, partition 0 is the first row.
+        log_path: a dataset's ``events.parquet`` (replay).
+        stop_row: replay rows before this one only (``None``: to the end).
+        cut_row: replayed batches restart at this row (the first test event, so that evaluated
+            batches line up with ``dynllm evaluate``'s).
+        stop: ends live reading when set.
+        max_batch: most records per batch.
+        poll_s: longest wait for Kafka per call.
+        policy: when batches are marked ``checkpoint``.
+    """
+
+    def __init__(self, *, bootstrap_servers: str | None = None, topic: str = "purchases",
+                 positions: dict[int, int] | None = None, log_path: str | None = None,
+                 stop_row: int | None = None, cut_row: int | None = None,
+                 stop: StopFlag | None = None,
+                 max_batch: int = 2000, poll_s: float = 0.05,
+                 policy: CheckpointPolicy | None = None) -> None:
+        super().__init__()
+        if (bootstrap_servers is None) == (log_path is None):
+            raise ValueError("give exactly one of bootstrap_servers and log_path")
+        self.bootstrap_servers, self.topic, self.log_path = bootstrap_servers, topic, log_path
+        self.positions, self.stop_row, self.cut_row = positions or {}, stop_row, cut_row
+        self.stop, self.max_batch, self.poll_s = stop or StopFlag(), max_batch, poll_s
+        self.policy = policy or CheckpointPolicy()
+
+    def expand(self, pbegin):
+        if self.log_path is not None:
+            spec = (self.log_path, self.positions.get(0, 0), self.stop_row)
+            return (pbegin | "LogPath" >> beam.Create([spec])
+                    | "ReadLog" >> beam.ParDo(_ReadLogFn(self.max_batch, self.policy,
+                                                         self.cut_row)))
+        elements = [KafkaPartition(self.bootstrap_servers, self.topic, p,
+                                   self.positions.get(p, 0)) for p in self._partitions()]
+        return (pbegin | "Partitions" >> beam.Create(elements)
+                | "ReadKafka" >> beam.ParDo(_ReadKafkaPartitionFn(
+                    self.stop, self.max_batch, self.poll_s, self.policy)))
+
+    def _partitions(self) -> list[int]:
+        from streaming.kafka_io import TopicReader
+
+        with TopicReader(self.bootstrap_servers, self.topic) as reader:
+            return sorted(reader.positions)

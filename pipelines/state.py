@@ -1,0 +1,203 @@
+"""A shard's state: graph memory, neighbour buffers and consumed offsets, saved together.
+
+Users are split into shards by a stable hash of their id (:func:`shard_of`). Every shard holds a
+full model — weights, its users' memory and neighbours, and its own copy of every item's — and
+applies the events of its users in event-time order. Its checkpoint
+``STATE_DIR/shard-K-of-N.pt`` holds the model state *and* the next offset per source partition
+in one file written atomically (temp file + ``os.replace``, by ``TGNRecommender.save``), so a
+restart resumes exactly: the reader starts at the smallest saved position of any shard, and each
+shard skips offsets it had already applied (:meth:`ShardState.accept`).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.elements import EventsBatch, UserStates
+from streaming import metrics
+from streaming.errors import UsageError
+
+#: The trained model inside a run directory (written by ``dynllm train``).
+RUN_MODEL = "model.pt"
+
+
+def shard_of(user_ids: Sequence[str], num_shards: int) -> np.ndarray:
+    """Shard ``[B]`` (int64) of each user id: CRC-32 of its UTF-8 bytes modulo ``num_shards``.
+
+    >>> shard_of(["u1", "u2", "u1"], 2).tolist()
+    [1, 0, 1]
+    """
+    if num_shards == 1:
+        return np.zeros(len(user_ids), np.int64)
+    return np.fromiter((zlib.crc32(u.encode()) % num_shards for u in user_ids), np.int64,
+                       len(user_ids))
+
+
+def load_run_model(run_dir: str | Path):
+    """The trained model of ``run_dir`` (a DynLLM checkpoint keeps its fusion head)."""
+    from tgn.dynllm_head import load_dynllm
+    from tgn.model import TGNRecommender
+
+    path = Path(run_dir) / RUN_MODEL
+    if not path.exists():
+        raise UsageError(f"{run_dir} has no {RUN_MODEL} (train one with `dynllm train`)")
+    extra = torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    return load_dynllm(path) if extra.get("model") == "dynllm" else TGNRecommender.load(path)
+
+
+def checkpoint_path(state_dir: str | Path, shard: int, num_shards: int) -> Path:
+    """Where shard ``shard`` of ``num_shards`` keeps its checkpoint."""
+    return Path(state_dir) / f"shard-{shard}-of-{num_shards}.pt"
+
+
+def check_shard_count(state_dir: str | Path, num_shards: int) -> None:
+    """Refuse a state directory written with another shard count (its users are elsewhere)."""
+    others = [p.name for p in Path(state_dir).glob("shard-*-of-*.pt")
+              if not p.name.endswith(f"-of-{num_shards}.pt")]
+    if others:
+        raise UsageError(f"{state_dir} holds checkpoints for another shard count ({others[0]}); "
+                         f"use that --shards value or a new --state-dir")
+
+
+def resume_positions(state_dir: str | Path | None, num_shards: int) -> dict[int, int]:
+    """Where the reader starts: per partition, the smallest position saved by any shard.
+
+    A partition some shard never saw starts at 0; with no checkpoint at all, everything does.
+    """
+    if state_dir is None:
+        return {}
+    saved = []
+    for shard in range(num_shards):
+        path = checkpoint_path(state_dir, shard, num_shards)
+        if not path.exists():
+            return {}
+        extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+        saved.append({int(p): int(o) for p, o in extra["positions"].items()})
+    partitions = set().union(*saved)
+    return {p: min(s.get(p, 0) for s in saved) for p in partitions}
+
+
+class ShardState:
+    """One shard's model plus the next offset it expects per partition.
+
+    Args:
+        model: the shard's ``TGNRecommender`` (weights + state).
+        shard: this shard's number.
+        num_shards: how many shards split the users.
+        positions: next unapplied offset per partition.
+        path: checkpoint file (``None``: never saved).
+    """
+
+    def __init__(self, model, shard: int, num_shards: int, positions: dict[int, int],
+                 path: Path | None) -> None:
+        self.model, self.shard, self.num_shards = model, shard, num_shards
+        self.positions, self.path = positions, path
+        self._pending: dict[tuple[int, int], EventsBatch] = {}
+
+    @classmethod
+    def open(cls, run_dir: str | Path, state_dir: str | Path | None, shard: int,
+             num_shards: int, fresh_state: bool = False) -> ShardState:
+        """Resume from the shard's checkpoint if there is one, else start from the run's model.
+
+        Args:
+            fresh_state: start from the trained weights with empty memory (replay from scratch).
+        """
+        path = checkpoint_path(state_dir, shard, num_shards) if state_dir else None
+        if path is not None and path.exists():
+            from tgn.model import TGNRecommender
+
+            model = TGNRecommender.load(path, user_head=load_run_model(run_dir).user_head)
+            positions = {int(p): int(o) for p, o in model.checkpoint_extra["positions"].items()}
+            metrics.CHECKPOINT_TIMESTAMP.set(model.checkpoint_extra.get("saved_at", 0.0))
+            return cls(model.eval(), shard, num_shards, positions, path)
+        model = load_run_model(run_dir).eval()
+        if fresh_state:
+            model.reset_state()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(model, shard, num_shards, {}, path)
+
+    def accept(self, batch: EventsBatch) -> Iterator[EventsBatch]:
+        """The batches now ready to apply, in order, with already applied offsets removed.
+
+        A batch that starts beyond this shard's position waits until the batches before it
+        arrive; a batch wholly before the position was applied before a restart and is dropped.
+        """
+        self._pending[(batch.span.partition, batch.span.start)] = batch
+        while True:
+            ready = [key for key in self._pending if key[1] <= self.positions.get(key[0], 0)]
+            if not ready:
+                return
+            for key in sorted(ready, key=lambda k: k[1]):
+                batch = self._pending.pop(key)
+                position = self.positions.get(batch.span.partition, 0)
+                if batch.span.end <= position and batch.span.end > batch.span.start:
+                    continue  # applied before the restart
+                self.positions[batch.span.partition] = max(position, batch.span.end)
+                yield batch.take(batch.offsets >= position)
+
+    @torch.no_grad()
+    def apply(self, batch: EventsBatch, evaluator=None, test_from: float = -np.inf) -> UserStates:
+        """Apply a batch's events in event-time order; the touched users' temporal embeddings.
+
+        Args:
+            batch: this shard's events (any order).
+            evaluator: a :class:`tgn.evaluate.Evaluator`: a batch from ``test_from`` on is
+                scored before it is applied (test-then-update); an earlier one only observed.
+            test_from: event time where the evaluated (test) events start.
+        """
+        if len(batch) == 0:
+            return self._empty(batch)
+        order = np.argsort(batch.events.column("ts").to_numpy(), kind="stable")
+        events = batch.events.take(order)
+        model = self.model
+        encoded = model.encode(events)
+        started = time.perf_counter()
+        if evaluator is not None and len(encoded):
+            if float(encoded.t[0]) >= test_from:
+                evaluator.record(encoded, model.score(encoded))
+            else:
+                evaluator.observe(encoded)
+        before = model.neighbors.count[model.user_node[encoded.users]].numpy().copy()
+        model.update(encoded)
+        users, first, inverse = np.unique(encoded.users.numpy(), return_index=True,
+                                          return_inverse=True)
+        ts = np.full(len(users), -np.inf)
+        np.maximum.at(ts, inverse, encoded.t.numpy())
+        first_produced = np.full(len(users), np.inf)
+        np.minimum.at(first_produced, inverse, batch.produced_at[order])
+        user_index = torch.from_numpy(users)
+        t = torch.from_numpy(ts)
+        nodes = model.user_node[user_index]
+        z = model.embed_nodes(nodes, t)  # the temporal embedding, before any fusion head
+        z = model.projection(z, (t - model.memory.last_update[nodes]).clamp_min(0))
+        metrics.MEMORY_UPDATE_SECONDS.observe(time.perf_counter() - started)
+        metrics.MEMORY_UPDATE_BATCH_EVENTS.observe(len(encoded))
+        if len(encoded):
+            metrics.LAST_EVENT_TIMESTAMP.set(float(ts.max()))
+        return UserStates(
+            shard=self.shard, span=batch.span, user_ids=model.users.decode(users),
+            user_index=users, ts=ts, version=model.neighbors.count[nodes].numpy(),
+            events_before=before[first], temporal=z.numpy().astype(np.float32),
+            produced_at=batch.produced_at, first_produced_at=first_produced)
+
+    def _empty(self, batch: EventsBatch) -> UserStates:
+        none = np.zeros(0, np.int64)
+        return UserStates(self.shard, batch.span, [], none, np.zeros(0), none, none,
+                          np.zeros((0, self.model.config.embed_dim), np.float32),
+                          batch.produced_at, np.zeros(0))
+
+    def save(self) -> None:
+        """Write model state and positions to the checkpoint, atomically."""
+        if self.path is None:
+            return
+        saved_at = time.time()
+        self.model.save(self.path, extra={"positions": self.positions, "saved_at": saved_at,
+                                          "shard": self.shard, "num_shards": self.num_shards})
+        metrics.CHECKPOINT_TIMESTAMP.set(saved_at)
