@@ -127,7 +127,7 @@ class _ReadKafkaPartitionFn(beam.DoFn):
             return
         reader = self._reader(element, start)
         records = reader.poll(self.poll_s)
-        lag = reader.lag(element.partition) if hasattr(reader, "lag") else None
+        lag = reader.lag(element.partition)
         if lag is not None:
             metrics.CONSUMER_LAG.labels(element.topic, str(element.partition)).set(lag)
         if records:

@@ -189,6 +189,14 @@ class TopicReader:
         self.count -= len(dropped)
         return kept
 
+    def lag(self, partition: int) -> int | None:
+        """Records between the read position and the partition's end as the last fetch response
+        reported it (its high watermark); ``None`` before any fetch of that partition."""
+        from kafka import TopicPartition
+
+        end = self._consumer.highwater(TopicPartition(self.topic, partition))
+        return None if end is None else max(0, end - self.positions[partition])
+
     def close(self) -> None:
         """Close the consumer connection."""
         self._consumer.close()
