@@ -8,7 +8,12 @@ test-then-update after replaying train + val):
 * ``tgn`` — the temporal graph model alone;
 * ``dynllm`` — TGN + distilled attention over graph-aware (2-hop) profiles;
 * ``dynllm_no_gate`` — the same without the top-k distillation gate;
-* ``dynllm_1hop`` — the same with profiles written from the user's own history only.
+* ``dynllm_1hop`` — the same with profiles written from the user's own history only;
+* ``dynllm_stats`` — the same fusion over rule-based facets from history statistics (no LLM),
+  for every user: the fusion at full profile coverage.
+
+Besides all test purchases, every model is also scored on the purchases of the users that have
+an LLM profile (``profiled/`` metrics), where the LLM variants can differ from TGN at all.
 
 Profiles are expensive (an LLM on a 2-core CPU), so the ablation runs on a documented subset:
 :func:`top_users_subset` keeps the most active users of a dataset with all their events.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -29,22 +34,50 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from streaming.dataset import Dataset, write_dataset
 from tgn.baselines import BuyAgain, GlobalPopularity
 from tgn.data import EventBatch
-from tgn.dynllm_experiment import build_dynllm, profile_summary
-from tgn.evaluate import Evaluator, Recommender
+from tgn.dynllm_experiment import build_dynllm, profile_summary, profile_table
+from tgn.evaluate import Evaluator, Recommender, ranking_metrics
 from tgn.experiment import build_model
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.train import TrainConfig, train
 
-MODELS = ("popularity", "buy_again", "tgn", "dynllm", "dynllm_no_gate", "dynllm_1hop")
+MODELS = ("popularity", "buy_again", "tgn", "dynllm", "dynllm_no_gate", "dynllm_1hop",
+          "dynllm_stats")
 TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr",
-                 "new/recall@20", "new/ndcg@20")
-#: (hops, gate) of each DynLLM variant
-VARIANTS = {"dynllm": (2, True), "dynllm_no_gate": (2, False), "dynllm_1hop": (1, True)}
+                 "new/recall@20", "new/ndcg@20", "profiled/recall@20", "profiled/ndcg@20")
+#: (profile store, hops, gate) of each DynLLM variant
+VARIANTS = {"dynllm": ("llm", 2, True), "dynllm_no_gate": ("llm", 2, False),
+            "dynllm_1hop": ("llm", 1, True), "dynllm_stats": ("stats", 2, True)}
+
+
+class SlicedEvaluator(Evaluator):
+    """The evaluator, plus ``profiled/`` metrics on the purchases of users in ``users``.
+
+    Args:
+        users: [num_users] bool, which dense user indices form the slice.
+    """
+
+    def __init__(self, users: Tensor) -> None:
+        super().__init__()
+        self.users = users
+        self._in_slice: list[Tensor] = []
+
+    def record(self, batch: EventBatch, scores: Tensor) -> None:
+        super().record(batch, scores)
+        self._in_slice.append(self.users[batch.users])
+
+    def results(self) -> dict[str, float]:
+        out = super().results()
+        ranks = torch.cat(self._ranks) if self._ranks else torch.zeros(0)
+        chosen = torch.cat(self._in_slice) if self._in_slice else torch.zeros(0, dtype=torch.bool)
+        out.update(ranking_metrics(ranks[chosen], self.ks, prefix="profiled/"))
+        out["profiled/events"] = float(chosen.sum())
+        return out
 
 
 def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dict[str, Any]:
@@ -67,20 +100,39 @@ def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dic
                          extra_meta={"subset": {"source": str(source), "top_users": top_users}})
 
 
-def _fresh_model(name: str, data: Dataset, store: str | Path | None, config: TGNConfig
-                 ) -> tuple[TGNRecommender, list[EventBatch]]:
+def _fresh_model(name: str, data: Dataset, stores: Mapping[str, str | Path | None],
+                 config: TGNConfig) -> tuple[TGNRecommender, list[EventBatch]]:
     if name == "tgn":
         return build_model(data, config)
-    if store is None:
-        raise ValueError(f"model {name} needs a profile store")
-    hops, gate = VARIANTS[name]
-    return build_dynllm(data, store, hops, gate, config)
+    kind, hops, gate = VARIANTS[name]
+    if stores.get(kind) is None:
+        raise ValueError(f"model {name} needs the {kind} profile store")
+    return build_dynllm(data, stores[kind], hops, gate, config)
 
 
-def run_one(name: str, data: Dataset, store: str | Path | None, seed: int,
+def profiled_users(data: Dataset, store: str | Path | None, config: TGNConfig) -> Tensor:
+    """[num_users] bool: users with at least one hops=2 profile in ``store``."""
+    model, _ = build_model(data, config)
+    mask = torch.zeros(len(model.users), dtype=torch.bool)
+    if store is not None:
+        mask[profile_table(store, model, 2).user_index] = True
+    return mask
+
+
+def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], seed: int,
             train_config: TrainConfig, model_config: TGNConfig, progress: bool = False
             ) -> dict[str, float]:
-    """Train (if neural) and evaluate one model with one seed; metrics plus timings."""
+    """Train (if neural) and evaluate one model with one seed; metrics plus timings.
+
+    Args:
+        name: one of :data:`MODELS`.
+        data: the dataset.
+        stores: profile store files by kind: ``{"llm": …, "stats": …}``.
+        seed: seed of initialisation, negatives and dropout.
+        train_config: optimisation settings (its seed is replaced).
+        model_config: temporal model sizes.
+        progress: tqdm bars while training.
+    """
     torch.manual_seed(seed)
     started = time.perf_counter()
     extra: dict[str, float] = {}
@@ -89,15 +141,16 @@ def run_one(name: str, data: Dataset, store: str | Path | None, seed: int,
         recommender: Recommender = GlobalPopularity() if name == "popularity" else \
             BuyAgain("frequency", fallback_popularity=True)
     else:
-        model, (tr, va, test) = _fresh_model(name, data, store, model_config)
+        model, (tr, va, test) = _fresh_model(name, data, stores, model_config)
         result = train(model, tr, va, replace(train_config, seed=seed), progress)
         extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
         model.eval()
         model.reset_state()
         recommender = model
     trained = time.perf_counter()
-    metrics = Evaluator().run(recommender, test, EventBatch.cat([tr, va]),
-                              train_config.eval_batch_size)
+    evaluator = SlicedEvaluator(profiled_users(data, stores.get("llm"), model_config))
+    metrics = evaluator.run(recommender, test, EventBatch.cat([tr, va]),
+                            train_config.eval_batch_size)
     return {**metrics, **extra, "train_seconds": trained - started,
             "eval_seconds": time.perf_counter() - trained}
 
@@ -112,7 +165,8 @@ def aggregate(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_ablation(data_dir: str | Path, store: str | Path | None, seeds: Sequence[int],
+def run_ablation(data_dir: str | Path, stores: Mapping[str, str | Path | None],
+                 seeds: Sequence[int],
                  train_config: TrainConfig, model_config: TGNConfig | None = None,
                  models: Sequence[str] = MODELS, progress: bool = True,
                  on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -120,7 +174,8 @@ def run_ablation(data_dir: str | Path, store: str | Path | None, seeds: Sequence
 
     Args:
         data_dir: dataset directory (e.g. from :func:`top_users_subset`).
-        store: profile store file holding hops=2 and hops=1 profiles.
+        stores: profile store files by kind: ``{"llm": hops=2 and hops=1 LLM profiles,
+            "stats": rule-based profiles}``.
         seeds: seeds of the neural models.
         train_config: optimisation settings (the seed is replaced per run).
         model_config: temporal model sizes.
@@ -137,29 +192,29 @@ def run_ablation(data_dir: str | Path, store: str | Path | None, seeds: Sequence
     runs: dict[str, list[dict[str, float]]] = {}
     result: dict[str, Any] = {}
     for name, seed in tqdm(jobs, desc="ablation", disable=not progress):
-        runs.setdefault(name, []).append(run_one(name, data, store, seed, train_config,
+        runs.setdefault(name, []).append(run_one(name, data, stores, seed, train_config,
                                                  model_config))
         result = {m: aggregate(r) for m, r in runs.items()}
-        result["_meta"] = _meta(data, data_dir, store, seeds, train_config, model_config)
+        result["_meta"] = _meta(data, data_dir, stores, seeds, train_config, model_config)
         if on_result is not None:
             on_result(result)
     return result
 
 
-def _meta(data: Dataset, data_dir: str | Path, store: str | Path | None, seeds: Sequence[int],
-          train_config: TrainConfig, model_config: TGNConfig) -> dict[str, Any]:
+def _meta(data: Dataset, data_dir: str | Path, stores: Mapping[str, str | Path | None],
+          seeds: Sequence[int], train_config: TrainConfig, model_config: TGNConfig
+          ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "data": str(data_dir), "counts": data.meta["counts"], "split": data.meta["split"],
         "subset": data.meta.get("subset"), "seeds": list(seeds),
         "train_config": asdict(train_config), "model_config": asdict(model_config),
         "threads": torch.get_num_threads(),
     }
-    if store is not None:
-        model, _ = build_model(data, model_config)
-        from tgn.dynllm_experiment import profile_table
-
-        meta["profiles"] = {f"hops{h}": profile_summary(profile_table(store, model, h),
-                                                        len(model.users)) for h in (1, 2)}
+    model, _ = build_model(data, model_config)
+    meta["profiles"] = {f"{kind}_hops{h}": profile_summary(profile_table(path, model, h),
+                                                          len(model.users))
+                        for kind, path in stores.items() if path is not None for h in (1, 2)}
+    meta["stores"] = {kind: str(path) for kind, path in stores.items()}
     return meta
 
 

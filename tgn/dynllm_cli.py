@@ -66,17 +66,20 @@ def _bench_ablation(args: argparse.Namespace) -> int:
         print(f"wrote {args.data}: {meta['counts']}; next: dynllm profiles build --data "
               f"{args.data} --until-split val --refresh-every N --hops 2 (and --hops 1)")
         return 0
-    if args.profiles and not Path(args.profiles).is_file():
-        raise UsageError(f"no profile store at {args.profiles}")
-    needs_profiles = [m for m in args.models if m.startswith("dynllm")]
-    if needs_profiles and not args.profiles:
-        raise UsageError(f"models {', '.join(needs_profiles)} need --profiles STORE")
+    stores = {"llm": args.profiles, "stats": args.stats_profiles}
+    for path in stores.values():
+        if path and not Path(path).is_file():
+            raise UsageError(f"no profile store at {path}")
+    missing = [m for m in args.models if m in ablation.VARIANTS
+               and not stores[ablation.VARIANTS[m][0]]]
+    if missing:
+        raise UsageError(f"models {', '.join(missing)} need --profiles / --stats-profiles")
     torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          patience=args.patience)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = ablation.run_ablation(args.data, args.profiles, args.seeds, config,
+    result = ablation.run_ablation(args.data, stores, args.seeds, config,
                                    models=args.models,
                                    on_result=lambda r: ablation.save(r, out))
     print(ablation.markdown_table(result))
@@ -114,7 +117,8 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     ab = bench_targets.add_parser("ablation", help="DynLLM vs ablations and heuristics, "
                                                    "mean ± std over seeds")
     ab.add_argument("--data", required=True, help="dataset directory (see --prepare-from)")
-    ab.add_argument("--profiles", help="profile store with hops=2 and hops=1 profiles")
+    ab.add_argument("--profiles", help="LLM profile store with hops=2 and hops=1 profiles")
+    ab.add_argument("--stats-profiles", help="rule-based profile store (model dynllm_stats)")
     ab.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
                     help=f"comma-separated subset of {','.join(MODELS)}")
     ab.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="e.g. 0,1,2")

@@ -90,12 +90,16 @@ def test_explain_rejects_unknown_user(run_dir):
 
 
 def test_ablation_aggregates_over_seeds(tiny_dataset, store):
-    result = run_ablation(tiny_dataset, store, [0, 1], QUICK, SMALL,
+    result = run_ablation(tiny_dataset, {"llm": store, "stats": None}, [0, 1], QUICK, SMALL,
                           models=("popularity", "dynllm_1hop"), progress=False)
     assert len(result["popularity"]["recall@20"]["values"]) == 1  # deterministic: run once
     values = result["dynllm_1hop"]["recall@20"]["values"]
     assert len(values) == 2 and 0.0 <= min(values) <= max(values) <= 1.0
-    assert result["_meta"]["profiles"]["hops1"]["profiles"] == 24
+    assert result["_meta"]["profiles"]["llm_hops1"]["profiles"] == 24
+    # every tiny user has a profile: the profiled slice is all test purchases
+    pop = result["popularity"]
+    assert pop["profiled/events"]["mean"] == pop["events"]["mean"]
+    assert pop["profiled/recall@20"]["mean"] == pop["recall@20"]["mean"]
     assert "dynllm_1hop" in markdown_table(result)
 
 
