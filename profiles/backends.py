@@ -59,7 +59,7 @@ class TransformersBackend:
         seed: Seed of the sampled retries.
     """
 
-    def __init__(self, model_path: str | Path, batch_size: int = 8, max_new_tokens: int = 40,
+    def __init__(self, model_path: str | Path, batch_size: int = 8, max_new_tokens: int = 56,
                  seed: int = 0) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch

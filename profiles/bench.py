@@ -19,7 +19,7 @@ from profiles.backends import TransformersBackend
 from profiles.batch import cutoff
 from profiles.embed import FacetEmbedder
 from profiles.graph import PurchaseGraph
-from profiles.prompt import build_messages
+from profiles.prompt import build_messages, render_context
 from profiles.store import ProfileStore
 from profiles.writer import ProfileWriter
 from streaming.dataset import Dataset
@@ -56,6 +56,10 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
             batch_rates.append(_rate(len(contexts[i:i + batch_size]), time.perf_counter() - t0))
         total_s = time.perf_counter() - start
         stats = writer.stats
+        example = max(writer.store.export().user_ids.tolist(),
+                      key=lambda u: (graph.context(u, until - 1e-6).household is not None,
+                                     graph.context(u, until - 1e-6).n_events))
+        shown = writer.store.latest(example)
         t0 = time.perf_counter()
         writer.write(contexts, hops)  # identical prompts: all from the cache
         cached_s = time.perf_counter() - t0
@@ -81,6 +85,9 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
         "cached_rerun_seconds": round(cached_s, 3),
         "reference_batch1_profiles_per_minute": round(ref_rate, 2),
         "speedup_vs_batch1": round(rate / ref_rate, 2) if ref_rate == ref_rate else None,
+        "example": {"user_id": example, "prompt": render_context(graph.context(
+            example, until - 1e-6, hops)), "profile": shown.facets.render(),
+            "fallback": shown.facets.fallback, "grounded": f"{shown.grounded}/{shown.named}"},
     }
 
 
@@ -89,7 +96,10 @@ def main(data: str, model_path: Path, users: int, batch_size: int, threads: int,
     """Run, print and optionally save the figures."""
     result = run(data, model_path, users, batch_size, threads, reference_users, hops)
     for key, value in result.items():
-        print(f"{key:>40}: {value}")
+        if key != "example":
+            print(f"{key:>40}: {value}")
+    example = result["example"]
+    print(f"\nexample, user {example['user_id']}:\n{example['prompt']}\n--\n{example['profile']}")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,10 +1,11 @@
 """The graph-aware profile prompt: a fixed system message, a few compact lines of context.
 
-Prompt processing dominates CPU cost, so the prompt is short: a one-line system message (also
-replacing the chat template's default one), a handful of bounded top-k lists, and the instruction
-last (about 170 tokens with the Qwen template). The answer is pre-filled with the first heading
+Prompt processing dominates CPU cost, so the prompt is short: a fixed system message with the
+answer format (identical for every user; it also replaces the chat template's long default one),
+a handful of bounded top-k lists, and a one-line instruction last (about 230 tokens with the Qwen
+template, 2 hops). The answer is pre-filled with the first heading
 (``Crowd segment:``) so even a small model starts in the right format and writes few tokens.
-There are no example values in the instruction: a 0.5B model copies them.
+Placeholders hold no example values: a 0.5B model copies them verbatim.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from profiles.graph import UserContext
 #: The four facets, in answer order; also the headings of the answer lines.
 FACETS = ("Crowd segment", "Personal interests", "Preferred categories", "Favored brands")
 
-SYSTEM = "You profile grocery shoppers from their purchases. Be brief and specific."
+SYSTEM = ("Describe a shopper in exactly this format:\n"
+          "Crowd segment: <household type and shopping style>\n"
+          "Personal interests: <two interests>\n"
+          "Preferred categories: <two categories from the data>\n"
+          "Favored brands: <two brands from the data>")
 
 #: The closing instruction (after the data, where a small model follows it best).
-INSTRUCTION = ("Answer in four lines: Crowd segment (who shops like this, 3-6 words), "
-               "Personal interests (2 phrases), Preferred categories (2 from above), "
-               "Favored brands (2 from above).")
+INSTRUCTION = "Write the four lines for this shopper."
 
 #: The answer starts with this text (pre-filled for local models).
 PREFILL = f"{FACETS[0]}:"

@@ -74,3 +74,14 @@ def test_batch_build_resumes_without_repeating(dataset, tiny_llm, embedder, tmp_
     table = store.export()
     assert len(table.ts) == 7 and table.fallback.all()  # random weights: never parseable
     assert writer.stats.retried == writer.stats.generated == writer.stats.fallbacks
+
+
+def test_bench_reports_consistent_figures(tiny_data, tiny_llm):
+    from profiles import bench
+
+    result = bench.run(tiny_data, tiny_llm, users=3, batch_size=2, threads=1, reference_users=1)
+    assert result["users"] == 3 and result["profiles_per_minute"] > 0
+    assert result["fallback_rate"] == 1.0  # random weights never write the four lines
+    assert result["first_answer_parse_failure_rate"] == 1.0
+    assert 0 < result["generated_tokens_per_profile"] <= 2 * 56  # greedy + one retry
+    assert result["example"]["fallback"] is True
