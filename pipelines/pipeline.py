@@ -30,7 +30,7 @@ from pipelines.outputs import WriteEmbeddings
 from pipelines.parse import DEAD_LETTERS, ParseAndValidate, WriteDeadLetters
 from pipelines.profiles_io import FuseEmbeddings, RequestProfiles
 from pipelines.sources import CheckpointPolicy, ReadPurchases, StopFlag
-from pipelines.state import check_shard_count, resume_positions
+from pipelines.state import check_shard_count, resume_positions, wait_for_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +127,4 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
         runner = FnApiRunner()
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         build(pipeline, config, stop or StopFlag())
+    wait_for_checkpoints()

@@ -11,6 +11,8 @@ shard skips offsets it had already applied (:meth:`ShardState.accept`).
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -194,10 +196,33 @@ class ShardState:
                           batch.produced_at, np.zeros(0))
 
     def save(self) -> None:
-        """Write model state and positions to the checkpoint, atomically."""
+        """Write model state and positions to the checkpoint, atomically, in the background.
+
+        The model is copied first, so the file holds exactly the state at this point and the
+        positions that go with it while the stream goes on; the previous write is finished
+        first, so checkpoints land in order. :func:`wait_for_checkpoints` waits for all.
+        """
         if self.path is None:
             return
-        saved_at = time.time()
-        self.model.save(self.path, extra={"positions": self.positions, "saved_at": saved_at,
-                                          "shard": self.shard, "num_shards": self.num_shards})
-        metrics.CHECKPOINT_TIMESTAMP.set(saved_at)
+        wait_for_checkpoints()
+        snapshot = copy.deepcopy(self.model)
+        extra = {"positions": dict(self.positions), "saved_at": time.time(),
+                 "shard": self.shard, "num_shards": self.num_shards}
+
+        def write() -> None:
+            snapshot.save(self.path, extra=extra)
+            metrics.CHECKPOINT_TIMESTAMP.set(extra["saved_at"])
+
+        thread = threading.Thread(target=write, name=f"checkpoint-{self.shard}")
+        _WRITES.append(thread)
+        thread.start()
+
+
+#: Checkpoint writes started by :meth:`ShardState.save` and not yet waited for.
+_WRITES: list[threading.Thread] = []
+
+
+def wait_for_checkpoints() -> None:
+    """Block until every checkpoint write started in this process is on disk."""
+    while _WRITES:
+        _WRITES.pop().join()
