@@ -124,8 +124,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
     worker.add_argument("--data", required=True, help="dataset directory (purchase history)")
     worker.add_argument("--store", default="profiles.sqlite", help="profile store file")
-    worker.add_argument("--min-new-events", type=_positive_int, default=5,
-                        help="regenerate after N new purchase lines")
+    worker.add_argument("--min-new-events", type=_positive_int, default=1,
+                        help="regenerate after N new purchase lines (1: every request that is "
+                             "newer than the last profile; the pipeline already thins requests)")
     worker.add_argument("--max-age-days", type=float, default=7.0,
                         help="... or when the profile is older than this (event time)")
     worker.add_argument("--max-queue", type=_positive_int, default=64,

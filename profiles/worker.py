@@ -1,10 +1,15 @@
 """The asynchronous profile worker: ``profile-requests`` → profiles → ``profile-updates``.
 
-A request is a JSON message ``{"user_id": "u7", "ts": 1483272000.0, "new_events": 1}`` (the user
-bought ``new_events`` lines, the newest at event time ``ts``). The :class:`TriggerPolicy` decides
-whether it is due (N new purchases since the last profile, or the last profile older than T, or no
-profile yet); due requests wait in a queue that holds one entry per user (a newer request replaces
-the older one) and at most ``max_queue`` users: while the queue drains, nothing more is read
+A request is a JSON message ``{"user_id": "u7", "ts": 1483272000.0, "new_events": 1}``: the user
+bought ``new_events`` lines (default 1), the newest at event time ``ts``; other fields, such as
+the pipeline's ``events`` and ``requested_at``, are ignored. The :class:`TriggerPolicy` decides
+whether it is due: N new purchases since the last profile, the last profile older than T, or no
+profile yet; a request older than the user's last profile never is. The pipeline's
+``RequestProfiles`` already thins its requests (after 5 purchases, then every 25), hence the
+default N = 1; a sender with one request per purchase should raise it.
+
+Due requests wait in a queue that holds one entry per user (a newer request replaces the older
+one) and at most ``max_queue`` users: while the queue drains, nothing more is read
 (backpressure). Each batch of users is written (cached prompts cost nothing), stored, and
 published as ``profile-updates``.
 
@@ -67,7 +72,7 @@ class TriggerPolicy:
         max_age_s: ... or when the last profile is this much older (event time) than the request.
     """
 
-    min_new_events: int = 5
+    min_new_events: int = 1
     max_age_s: float = 7 * 86400.0
     _pending: dict[str, int] = field(default_factory=dict)
     _last_ts: dict[str, float] = field(default_factory=dict)
@@ -78,6 +83,8 @@ class TriggerPolicy:
         if user not in self._last_ts:
             latest = store.latest(user)
             self._last_ts[user] = latest.ts if latest else float("-inf")
+        if request.ts < self._last_ts[user]:  # the last profile already saw newer events
+            return False
         self._pending[user] = self._pending.get(user, 0) + request.new_events
         return (self._pending[user] >= self.min_new_events
                 or request.ts - self._last_ts[user] >= self.max_age_s)

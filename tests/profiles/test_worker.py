@@ -53,6 +53,8 @@ def test_trigger_policy_counts_new_purchases_and_age(tmp_path):
     assert policy.observe(Request("u", 3 * DAY, new_events=2), store)  # 3 new lines
     policy.done("u", 3 * DAY)
     assert policy.observe(Request("u", 13 * DAY), store)  # profile 10 days old
+    policy.done("u", 13 * DAY)
+    assert not policy.observe(Request("u", 12 * DAY, new_events=9), store)  # stale request
 
 
 @pytest.mark.kafka
