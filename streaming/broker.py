@@ -3,9 +3,10 @@
 `Tansu <https://github.com/tansu-io/tansu>`_ speaks the Kafka protocol; here it runs with
 **memory-only storage** on loopback, so every topic, message and committed offset is lost when it
 stops. It is for development, tests and benchmarks; production targets a real Kafka cluster.
+Usage::
 
->>> with Broker() as broker:  # doctest: +SKIP
-...     producer = json_producer(broker.bootstrap_servers)
+    with Broker() as broker:
+        producer = json_producer(broker.bootstrap_servers)
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from streaming.deadletter import (
     JsonlDeadLetterSink,
     KafkaDeadLetterSink,
@@ -65,6 +67,7 @@ def test_jsonl_sink_keeps_everything_and_counts(tmp_path):
         letter.reason for letter in letters[2:]]
 
 
+@pytest.mark.kafka
 def test_kafka_sink_writes_the_dlq_topic(kafka_broker):
     letters = dead_letters()
     with KafkaDeadLetterSink(kafka_broker) as sink:

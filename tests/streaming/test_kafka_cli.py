@@ -53,6 +53,7 @@ def test_bad_arguments_exit_2(capsys, argv):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.kafka
 def test_produce_sends_the_first_events_in_time_order(capsys, kafka_broker, cj_small):
     code, out, _ = run_cli(capsys, "produce", "--data", str(cj_small), "--topic", "p",
                            "--bootstrap-servers", kafka_broker, "--limit", "200",
@@ -64,6 +65,7 @@ def test_produce_sends_the_first_events_in_time_order(capsys, kafka_broker, cj_s
     assert len(records) == 200 and [r.offset for r in records] == list(range(200))
 
 
+@pytest.mark.kafka
 def test_broker_command_runs_until_sigterm():
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "broker", "--port",

@@ -13,6 +13,8 @@ from streaming.producer import produce_events
 from streaming.schema import PurchaseEvent, table_to_events
 from streaming.validation import DeadLetter, RecentIds, ValidationRules, validate_event
 
+pytestmark = pytest.mark.kafka
+
 N_EVENTS = 3000
 
 
