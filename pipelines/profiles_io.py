@@ -34,7 +34,7 @@ class ProfileTrigger:
     """Ask for a profile when a user reaches ``first`` events, then every ``every`` more.
 
     >>> trigger = ProfileTrigger(first=5, every=10)
-    >>> trigger.fires(np.array([0, 4, 5, 14, 14]), np.array([3, 5, 9, 15, 24])).tolist()
+    >>> trigger.fires(np.array([0, 4, 5, 14, 15]), np.array([3, 5, 9, 15, 24])).tolist()
     [False, True, False, True, False]
     """
 
