@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streaming.errors import UsageError
 
-MODELS = ("tgn",)
+MODELS = ("tgn", "dynllm")
 
 
 def _positive_int(text: str) -> int:
@@ -39,7 +39,15 @@ def _train(args: argparse.Namespace) -> int:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, patience=args.patience,
                                max_val_events=args.max_val_events)
-    summary = fit(args.data, args.out, TGNConfig(), train_config, progress=not args.quiet)
+    if args.model == "dynllm":  # TGN + DynLLM fusion head, trained jointly
+        from tgn.dynllm_experiment import fit_dynllm
+
+        if not args.profiles:
+            raise UsageError("--model dynllm needs --profiles STORE (dynllm profiles build)")
+        summary = fit_dynllm(args.data, args.out, args.profiles, args.hops, not args.no_gate,
+                             TGNConfig(), train_config, progress=not args.quiet)
+    else:
+        summary = fit(args.data, args.out, TGNConfig(), train_config, progress=not args.quiet)
     print(f"best epoch {summary['best_epoch']} (val recall@10 "
           f"{summary['best_val_recall@10']:.4f}), {summary['train_seconds']:.0f} s; "
           f"wrote {Path(args.out) / 'model.pt'}")
@@ -79,7 +87,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate``."""
     train = commands.add_parser("train", help="train a temporal graph model on a dataset")
     train.add_argument("--data", required=True, help="dataset directory")
-    train.add_argument("--model", default="tgn", help="tgn")
+    train.add_argument("--model", default="tgn", help="tgn or dynllm")
+    train.add_argument("--profiles", help="dynllm: profile store file (dynllm profiles build)")
+    train.add_argument("--hops", type=int, choices=(1, 2), default=2,
+                       help="dynllm: read graph-aware (2) or own-history (1) profiles")
+    train.add_argument("--no-gate", action="store_true",
+                       help="dynllm: drop the distillation gate (ablation)")
     train.add_argument("--out", required=True, help="run directory to write")
     train.add_argument("--epochs", type=_positive_int, default=10)
     train.add_argument("--batch-size", type=_positive_int, default=200)

@@ -79,9 +79,16 @@ def _bench_ablation(args: argparse.Namespace) -> int:
                          patience=args.patience)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = ablation.run_ablation(args.data, stores, args.seeds, config,
-                                   models=args.models,
-                                   on_result=lambda r: ablation.save(r, out))
+    earlier = json.loads(out.read_text()) if args.merge and out.exists() else {}
+    earlier.pop("_meta", None)
+
+    def merged(partial: dict) -> dict:
+        return {**earlier, **partial}
+
+    result = merged(ablation.run_ablation(args.data, stores, args.seeds, config,
+                                          models=args.models,
+                                          on_result=lambda r: ablation.save(merged(r), out)))
+    ablation.save(result, out)
     print(ablation.markdown_table(result))
     ablation.plot_recall(result, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -128,6 +135,8 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     ab.add_argument("--lr", type=float, default=1e-3)
     ab.add_argument("--threads", type=_positive_int, default=2)
     ab.add_argument("--out", default="benchmarks/ablation.json", help="JSON to write")
+    ab.add_argument("--merge", action="store_true",
+                    help="keep the other models already in --out (run models in parts)")
     ab.add_argument("--prepare-from", metavar="DATASET",
                     help="only write --data as the --top-users most active users of DATASET")
     ab.add_argument("--top-users", type=_positive_int, default=150)

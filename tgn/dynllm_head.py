@@ -107,3 +107,17 @@ def load_dynllm(path: str | Path):
         raise ValueError(f"{path} is not a DynLLM checkpoint (model={extra.get('model')!r})")
     head = DynLLMHead(FusionConfig(**extra["fusion"]), ProfileTable.from_state(extra["profiles"]))
     return TGNRecommender.load(path, user_head=head)
+
+
+def load_checkpoint(path: str | Path):
+    """Load any run's ``model.pt``: a DynLLM checkpoint with its head, else a plain TGN one.
+
+    Returns:
+        ``(model, name)`` with name ``"DynLLM"`` or ``"TGN"``.
+    """
+    from tgn.model import TGNRecommender
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("extra", {}).get("model") == "dynllm":
+        return load_dynllm(path), "DynLLM"
+    return TGNRecommender.load(path), "TGN"

@@ -112,13 +112,15 @@ def evaluate_run(data_dir: str | Path, run_dir: str | Path, with_baselines: bool
     if not model_path.exists():
         raise UsageError(f"{run_dir} holds no model.pt (train one with `dynllm train`)")
     data = Dataset.load(data_dir)
-    model = TGNRecommender.load(model_path)
+    from tgn.dynllm_head import load_checkpoint  # DynLLM runs carry their fusion head
+
+    model, model_name = load_checkpoint(model_path)
     model.eval()
     train_events, val_events, test = (model.encode(data.split(name))
                                       for name in ("train", "val", "test"))
     history = EventBatch.cat([train_events, val_events])
     recommenders: dict[str, Recommender] = baselines() if with_baselines else {}
-    recommenders["TGN"] = model
+    recommenders[model_name] = model
     results: dict[str, dict[str, float]] = {}
     for name, recommender in recommenders.items():
         if recommender is model:

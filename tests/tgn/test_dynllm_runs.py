@@ -106,3 +106,20 @@ def test_ablation_aggregates_over_seeds(tiny_dataset, store):
 def test_aggregate_mean_and_sample_std():
     out = aggregate([{"m": 1.0}, {"m": 3.0}])
     assert out["m"]["mean"] == 2.0 and out["m"]["std"] == pytest.approx(2 ** 0.5)
+
+
+def test_cli_train_evaluate_explain_dynllm(tiny_dataset, store, tmp_path, capsys):
+    from pipelines.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_dataset), "--model", "dynllm", "--profiles",
+                 str(store), "--hops", "1", "--no-gate", "--out", str(run), "--epochs", "1",
+                 "--batch-size", "120", "-q"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["hops"] == 1 and config["fusion_config"]["gate"] is False
+    assert main(["evaluate", "--data", str(tiny_dataset), "--run", str(run), "-q"]) == 0
+    assert "| DynLLM |" in capsys.readouterr().out
+    assert main(["explain", "--run", str(run), "--user", "u1", "--k", "3"]) == 0
+    assert "M1 brand" in capsys.readouterr().out  # the hops=1 profile's text
+    assert main(["train", "--data", str(tiny_dataset), "--model", "dynllm",
+                 "--out", str(run)]) == 2  # no --profiles: one clear error line
