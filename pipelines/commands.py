@@ -12,19 +12,10 @@ import logging
 import signal
 from pathlib import Path
 
+from streaming.cli import _positive_int
 from streaming.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _check_run(run: str) -> None:
@@ -95,6 +86,9 @@ def _replay(args: argparse.Namespace) -> int:
         test_from=test_from, max_batch=args.batch_size)
     if args.evaluate and args.shards != 1:
         raise UsageError("--evaluate needs --shards 1 (every candidate scored from one state)")
+    if args.evaluate and args.state_dir and any(Path(args.state_dir).glob("shard-*.pt")):
+        raise UsageError(f"--evaluate replays from the start: {args.state_dir} already holds "
+                         "checkpoints (use an empty --state-dir)")
     run_pipeline(config, beam_args=_beam_args(args))
     if evaluate_to:
         results = json.loads(Path(evaluate_to).read_text())

@@ -103,3 +103,52 @@ def test_live_pipeline_metrics_dlq_outputs_and_restart(kafka_broker, prometheus,
     applied = int(model.neighbors.count[model.user_node].sum())
     assert applied == first.num_rows + second.num_rows
     assert sum(model.checkpoint_extra["positions"].values()) == 4000 + len(BAD)
+
+
+def test_dynllm_run_stops_cleanly_on_sigterm(kafka_broker, run_dir, cj_small, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from streaming.broker import free_port
+
+    events = pq.read_table(cj_small / "events.parquet").slice(0, 500)
+    create_topics(kafka_broker, ["purchases"], partitions=2)
+    producer = json_producer(kafka_broker)
+    produce_events(producer, "purchases", events, progress=False)
+    producer.close()
+    command = [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
+               "run", "--bootstrap-servers", kafka_broker, "--run", str(run_dir),
+               "--state-dir", str(tmp_path), "--metrics-port", str(free_port())]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    store = tmp_path / "embeddings-shard-0-of-1.npz"
+    deadline = time.monotonic() + 90
+    while not _all_read(kafka_broker, tmp_path, events.num_rows):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output[-2000:]
+    assert "stopped cleanly" in output
+    from tgn.model import TGNRecommender
+
+    model = TGNRecommender.load(checkpoint_path(tmp_path, 0, 1))
+    assert int(model.neighbors.count[model.user_node].sum()) == events.num_rows
+    assert store.exists()
+
+
+def _all_read(bootstrap: str, state_dir, count: int) -> bool:
+    """Whether the pipeline's embeddings topic shows every event applied (versions add up)."""
+    latest: dict[str, int] = {}
+    try:
+        reader = TopicReader(bootstrap, "user-embeddings")
+    except RuntimeError:  # the pipeline has not created its output topic yet
+        return False
+    with reader:
+        for batch in reader.batches(idle_timeout_s=0.5):
+            for record in batch:
+                message = json.loads(record.value)
+                latest[message["user_id"]] = max(latest.get(message["user_id"], 0),
+                                                 message["version"])
+    return sum(latest.values()) == count
