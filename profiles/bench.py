@@ -47,6 +47,8 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
     load_s = time.perf_counter() - start
     prompt_tokens = [len(backend.tokenizer(backend._text(build_messages(c)))["input_ids"])
                      for c in contexts]
+    one_hop_tokens = [len(backend.tokenizer(backend._text(build_messages(
+        graph.context(c.user_id, c.ts, 1))))["input_ids"]) for c in contexts]
     with tempfile.TemporaryDirectory() as tmp:
         writer = ProfileWriter(backend, embedder, ProfileStore(Path(tmp) / "bench.sqlite"))
         batch_rates, start = [], time.perf_counter()
@@ -79,6 +81,7 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
             round(statistics.median(batch_rates), 2),
         "generated_tokens_per_profile": round(stats.new_tokens / max(1, stats.generated), 1),
         "prompt_tokens_per_profile": round(statistics.mean(prompt_tokens), 1),
+        "prompt_tokens_per_profile_1hop": round(statistics.mean(one_hop_tokens), 1),
         "grounding_share": round(stats.grounding_share, 3),
         "first_answer_parse_failure_rate": round(stats.retried / max(1, stats.generated), 3),
         "fallback_rate": round(stats.fallbacks / max(1, stats.generated), 3),
