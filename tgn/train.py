@@ -105,12 +105,19 @@ def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: 
 
 
 def validate(model: TGNRecommender, val: EventBatch, config: TrainConfig,
-             progress: bool = True) -> dict[str, float]:
-    """Test-then-update metrics on the validation events, continuing from the current state."""
+             progress: bool = True, seen: EventBatch | None = None) -> dict[str, float]:
+    """Test-then-update metrics on the validation events, continuing from the current state.
+
+    ``seen`` (the training events) makes their items candidates from the first batch on, as in
+    the test evaluation; without it the first ``eval_batch_size`` purchases can only miss.
+    """
     model.eval()
     if config.max_val_events is not None:
         val = val[: config.max_val_events]
-    return Evaluator().run(model, val, batch_size=config.eval_batch_size, progress=progress)
+    evaluator = Evaluator()
+    if seen is not None:
+        evaluator.observe(seen)
+    return evaluator.run(model, val, batch_size=config.eval_batch_size, progress=progress)
 
 
 def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatch,
@@ -130,7 +137,7 @@ def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatc
     result, best_weights, stale = TrainResult(), None, 0
     for epoch in range(config.epochs):
         loss = train_epoch(model, optimizer, train_events, config, generator, progress)
-        metrics = validate(model, val_events, config, progress)
+        metrics = validate(model, val_events, config, progress, seen=train_events)
         result.history.append({"epoch": epoch, "loss": loss, **{
             f"val_{k}": v for k, v in metrics.items() if k in ("recall@10", "recall@20", "mrr")}})
         if progress:
