@@ -79,7 +79,7 @@ def _show(args: argparse.Namespace) -> int:
     if not Path(args.store).exists():
         raise UsageError(f"no profile store at {args.store}")
     store = ProfileStore(args.store)
-    profile = store.latest_before(args.user, args.before) if args.before else \
+    profile = store.latest_before(args.user, args.before) if args.before is not None else \
         store.latest(args.user)
     if profile is None:
         raise UsageError(f"no profile for user {args.user!r} in {args.store}")
