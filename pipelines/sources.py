@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
@@ -211,6 +212,11 @@ def batch_bounds(start: int, stop: int, size: int, cut: int | None = None) -> li
     return [*range(start, cut, size), *range(cut, stop, size), stop]
 
 
+def _compact(rows: pa.Table) -> pa.Table:
+    """A copy of a table slice with its own buffers (a pickled slice carries the whole log)."""
+    return rows.take(np.arange(rows.num_rows))
+
+
 class _ReadLogFn(beam.DoFn):
     """Yield a dataset's ``events.parquet`` rows ``[start, stop)`` as Arrow tables."""
 
@@ -225,7 +231,7 @@ class _ReadLogFn(beam.DoFn):
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             metrics.EVENTS_CONSUMED.inc(hi - lo)
             yield RawBatch(Span(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo)),
-                           log.slice(lo, hi - lo), np.arange(lo, hi, dtype=np.int64),
+                           _compact(log.slice(lo, hi - lo)), np.arange(lo, hi, dtype=np.int64),
                            np.full(hi - lo, time.time()))
 
 
