@@ -8,7 +8,7 @@ from profiles.backends import BackendError, HttpBackend, TransformersBackend
 from profiles.prompt import PREFILL
 
 PROMPTS = [[{"role": "system", "content": "Write a profile."},
-            {"role": "user", "content": "Top categories: Cheese (3)" + " and more" * i}]
+            {"role": "user", "content": "Categories: Cheese (3)" + " and more" * i}]
            for i in range(3)]
 
 

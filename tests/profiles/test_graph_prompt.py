@@ -33,7 +33,7 @@ def test_two_hops_adds_co_buyers_and_one_hop_does_not(graph):
     assert two.neighbours == 1
     assert dict(two.crowd_categories) == {"Cheese": 2, "Soft Drinks": 2}
     assert "soft drinks" in two.known and "co-buyers" not in render_context(two)
-    assert "1 shoppers who bought the same items buy most: Cheese, Soft Drinks" in \
+    assert "1 shoppers buying the same items buy most: Cheese, Soft Drinks" in \
         render_context(two)
     one = graph.context("u1", 14 * DAY, hops=1)
     assert one.neighbours == 0 and "shoppers" not in render_context(one)
