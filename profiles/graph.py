@@ -57,6 +57,9 @@ class UserContext:
         brands: Top ``(brand, purchases)``.
         recent: Product types of the latest basket lines, newest first.
         days_active: Days between the first and last event.
+        units: Units bought (sum of quantities).
+        budget_share: Share of lines in the cheapest third of their category.
+        premium_share: Share of lines in the dearest third of their category.
         neighbours: Co-buyers found (users sharing at least one item), ``0`` in 1-hop mode.
         crowd_categories: Top categories of the co-buyers' purchases.
         crowd_brands: Top brands of the co-buyers' purchases.
@@ -73,6 +76,9 @@ class UserContext:
     brands: list[tuple[str, int]]
     recent: list[str]
     days_active: float
+    units: float = 0.0
+    budget_share: float = 0.0
+    premium_share: float = 0.0
     neighbours: int = 0
     crowd_categories: list[tuple[str, int]] = field(default_factory=list)
     crowd_brands: list[tuple[str, int]] = field(default_factory=list)
@@ -101,7 +107,7 @@ class PurchaseGraph:
         self.top_k = top_k
         self.max_neighbours = max_neighbours
         items = dataset.items.to_pandas().set_index("item_id")
-        events = dataset.events.select(["user_id", "item_id", "ts"]).to_pandas()
+        events = dataset.events.select(["user_id", "item_id", "ts", "quantity"]).to_pandas()
         self._item_codes = {item: i for i, item in enumerate(items.index)}
         levels = [_category_levels(c) for c in items["category"]]
         self._cat_names, cat_codes = np.unique([lv[0] for lv in levels], return_inverse=True)
@@ -114,6 +120,8 @@ class PurchaseGraph:
             raise ValueError(f"event item {missing!r} is not in the items table")
         self.item = item.to_numpy(np.int64)  # (E,) item code per event, time order
         self.ts = events["ts"].to_numpy(np.float64)  # (E,)
+        self.quantity = events["quantity"].to_numpy(np.float64)  # (E,)
+        self.band = _price_bands(items["price"].to_numpy(np.float64), cat_codes)[self.item]
         self.cat, self.type, self.brand = cat_codes[self.item], type_codes[self.item], \
             brand_codes[self.item]
         self._user_codes, self.user = np.unique(events["user_id"].to_numpy(), return_inverse=True)
@@ -163,6 +171,9 @@ class PurchaseGraph:
             brands=_top(self.brand[own], self._brand_names, k),
             recent=recent[:3],
             days_active=(last_ts - float(self.ts[own[0]])) / 86400.0,
+            units=float(self.quantity[own].sum()),
+            budget_share=float(np.mean(self.band[own] == 0)),
+            premium_share=float(np.mean(self.band[own] == 2)),
         )
         ctx.known = {str(n).lower() for n in np.concatenate([
             self._cat_names[np.unique(self.cat[own])], self._type_names[np.unique(self.type[own])],
@@ -185,6 +196,19 @@ class PurchaseGraph:
         ctx.crowd_categories = _top(self.cat[their], self._cat_names, self.top_k)
         ctx.crowd_brands = _top(self.brand[their], self._brand_names, self.top_k)
         ctx.known |= {n.lower() for n, _ in ctx.crowd_categories + ctx.crowd_brands}
+
+
+def _price_bands(price: np.ndarray, category: np.ndarray) -> np.ndarray:
+    """Per item: 0 cheapest third of its category, 2 dearest third, 1 otherwise (or unknown).
+
+    >>> _price_bands(np.array([1.0, 2.0, 3.0, 9.0]), np.array([0, 0, 0, 1])).tolist()
+    [0, 1, 2, 1]
+    """
+    frame = pd.DataFrame({"price": price, "category": category})
+    pct = frame.groupby("category")["price"].rank(pct=True).to_numpy()
+    size = frame.groupby("category")["price"].transform("count").to_numpy()
+    bands = np.where(pct <= 1 / 3, 0, np.where(pct > 2 / 3, 2, 1))
+    return np.where((size >= 3) & ~np.isnan(pct), bands, 1)
 
 
 def _household_texts(dataset: Dataset) -> dict[str, str]:

@@ -41,7 +41,7 @@ def render_context(ctx: UserContext) -> str:
     >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar", 2)],
     ...                   [("M69 private label", 3)], ["Cheddar"], 1.0)
     >>> print(render_context(ctx).replace(INSTRUCTION, "<instruction>"))
-    Purchases: 3 lines in 1 days
+    Purchases: 3 lines, 0 units in 1 days; 0% budget and 0% premium-priced for their category
     Categories: Cheese (2)
     Products: Cheddar (2); recently Cheddar
     Brands: M69 private label (3)
@@ -49,7 +49,9 @@ def render_context(ctx: UserContext) -> str:
     """
     lines = [f"Household: {ctx.household}"] if ctx.household else []
     lines += [
-        f"Purchases: {ctx.n_events} lines in {max(1, round(ctx.days_active))} days",
+        f"Purchases: {ctx.n_events} lines, {ctx.units:g} units in "
+        f"{max(1, round(ctx.days_active))} days; {ctx.budget_share:.0%} budget and "
+        f"{ctx.premium_share:.0%} premium-priced for their category",
         f"Categories: {_counted(ctx.categories)}",
         f"Products: {_counted(ctx.types)}; recently {', '.join(ctx.recent) or 'none'}",
         f"Brands: {_counted(ctx.brands)}",

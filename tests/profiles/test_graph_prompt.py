@@ -19,7 +19,8 @@ def graph(tiny_data) -> PurchaseGraph:
 
 def test_context_sees_only_events_up_to_t(graph):
     ctx = graph.context("u1", 14 * DAY)  # u1's chips purchase (day 15) is in the future
-    assert ctx.n_events == 5 and ctx.ts == 14 * DAY
+    assert ctx.n_events == 5 and ctx.ts == 14 * DAY and ctx.units == 5.0
+    assert ctx.budget_share == ctx.premium_share == 0.0  # one item per category: mid band
     assert [n for n, _ in ctx.categories] == ["Cheese", "Fluid Milk"]  # 3 and 2
     assert "bag snacks" not in {n for n, _ in ctx.categories}
     assert ctx.household == "age 45-54, income 50-74K, 2 Adults Kids"
