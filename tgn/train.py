@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -136,9 +137,13 @@ def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatc
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     result, best_weights, stale = TrainResult(), None, 0
     for epoch in range(config.epochs):
+        started = time.perf_counter()
         loss = train_epoch(model, optimizer, train_events, config, generator, progress)
+        trained = time.perf_counter()
         metrics = validate(model, val_events, config, progress, seen=train_events)
-        result.history.append({"epoch": epoch, "loss": loss, **{
+        result.history.append({
+            "epoch": epoch, "loss": loss, "train_seconds": trained - started,
+            "val_seconds": time.perf_counter() - trained, **{
             f"val_{k}": v for k, v in metrics.items() if k in ("recall@10", "recall@20", "mrr")}})
         if progress:
             tqdm.write(f"epoch {epoch}: loss {loss:.4f}  val recall@10 {metrics['recall@10']:.4f}")
