@@ -57,10 +57,12 @@ class TransformersBackend:
         batch_size: Prompts per ``generate`` call (left-padded; similar lengths grouped).
         max_new_tokens: Hard cap on answer tokens.
         seed: Seed of the sampled retries.
+        prefix_cache: Compute the key/values of the prompt prefix shared by a batch (system
+            message and chat template head) once and reuse them; answers are identical.
     """
 
     def __init__(self, model_path: str | Path, batch_size: int = 8, max_new_tokens: int = 56,
-                 seed: int = 0) -> None:
+                 seed: int = 0, prefix_cache: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +72,8 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.seed = seed
+        self.prefix_cache = prefix_cache
+        self._prefix: tuple[str, object, object] | None = None  # (text, ids (1, P), cache)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -100,11 +104,46 @@ class TransformersBackend:
                 out[i] = gen
         return out  # type: ignore[return-value]
 
+    def _encode(self, texts: list[str]) -> dict:
+        """``generate`` inputs; with a reusable shared prefix, its cached key/values too.
+
+        Layout with the prefix cache: ``[prefix | left-padded suffix]`` (B, P + S), the mask
+        zero on the padding in between; positions follow the mask, so answers are unchanged.
+        """
+        import copy
+
+        import torch
+
+        plain = self.tokenizer(texts, return_tensors="pt", padding=True)
+        prefix = os.path.commonprefix(texts)
+        prefix = prefix[: prefix.rfind("\n") + 1]
+        if not (self.prefix_cache and prefix):
+            return dict(plain)
+        if self._prefix is None or self._prefix[0] != prefix:
+            ids = self.tokenizer(prefix, return_tensors="pt")["input_ids"]
+            with torch.inference_mode():
+                self._prefix = (prefix, ids, self.model(ids, use_cache=True).past_key_values)
+        _, ids, cache = self._prefix
+        suffix = self.tokenizer([t[len(prefix):] for t in texts], return_tensors="pt",
+                                padding=True, add_special_tokens=False)
+        whole = self.tokenizer(texts)["input_ids"]
+        tails = [row[m.bool()].tolist() for row, m in zip(suffix["input_ids"],
+                                                          suffix["attention_mask"], strict=True)]
+        if any(w != ids[0].tolist() + t for w, t in zip(whole, tails, strict=True)):
+            return dict(plain)  # the prefix does not tokenize on its own: no reuse
+        batch = len(texts)
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(batch)
+        return {"input_ids": torch.cat([ids.expand(batch, -1), suffix["input_ids"]], 1),
+                "attention_mask": torch.cat([torch.ones(batch, ids.shape[1], dtype=torch.long),
+                                             suffix["attention_mask"]], 1),
+                "past_key_values": cache}
+
     def _generate_batch(self, texts: list[str], sample: bool) -> list[Generation]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        enc = self._encode(texts)
         start, newline_ids = enc["input_ids"].shape[1], self._newline_ids
 
         class FourLines(StoppingCriteria):

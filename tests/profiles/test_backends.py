@@ -22,6 +22,16 @@ def test_local_backend_batches_prefills_and_caps_tokens(tiny_llm):
     assert one[0].text == gens[0].text  # left padding does not change the answer
 
 
+def test_shared_prefix_cache_changes_no_answer(tiny_llm):
+    cached = TransformersBackend(tiny_llm, batch_size=3, max_new_tokens=12)
+    plain = TransformersBackend(tiny_llm, batch_size=3, max_new_tokens=12, prefix_cache=False)
+    texts = [cached._text(m) for m in PROMPTS]
+    enc = cached._encode(texts)
+    assert "past_key_values" in enc  # the shared head "system: ...\nuser: " was reused
+    assert enc["attention_mask"].sum().item() == plain._encode(texts)["attention_mask"].sum()
+    assert cached.generate(PROMPTS) == plain.generate(PROMPTS)
+
+
 def test_http_backend_answers_and_retries_server_errors(chat_peer):
     backend = HttpBackend(chat_peer.url, model="peer", backoff=0.01)
     chat_peer.script = [503, 500]  # two failures, then an answer
