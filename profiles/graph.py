@@ -17,6 +17,9 @@ import pandas as pd
 
 from streaming.dataset import Dataset
 
+#: Per-line cap when counting units: Complete Journey's fuel lines carry thousands of "units".
+MAX_LINE_UNITS = 24.0
+
 _CJ_BRAND = re.compile(r"^(National brand|Private label) \(manufacturer (\w+)\)$")
 
 
@@ -57,7 +60,7 @@ class UserContext:
         brands: Top ``(brand, purchases)``.
         recent: Product types of the latest basket lines, newest first.
         days_active: Days between the first and last event.
-        units: Units bought (sum of quantities).
+        units: Units bought (sum of quantities, each line capped at ``MAX_LINE_UNITS``).
         budget_share: Share of lines in the cheapest third of their category.
         premium_share: Share of lines in the dearest third of their category.
         neighbours: Co-buyers found (users sharing at least one item), ``0`` in 1-hop mode.
@@ -171,7 +174,7 @@ class PurchaseGraph:
             brands=_top(self.brand[own], self._brand_names, k),
             recent=recent[:3],
             days_active=(last_ts - float(self.ts[own[0]])) / 86400.0,
-            units=float(self.quantity[own].sum()),
+            units=float(np.minimum(self.quantity[own], MAX_LINE_UNITS).sum()),
             budget_share=float(np.mean(self.band[own] == 0)),
             premium_share=float(np.mean(self.band[own] == 2)),
         )
