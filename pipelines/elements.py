@@ -12,7 +12,7 @@ Shapes: ``B`` events in a batch, ``U`` distinct users in it, ``E`` embedding wid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -117,7 +117,6 @@ class UserStates:
     embedding: np.ndarray | None = None
     facet_weights: np.ndarray | None = None
     has_profile: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.user_ids)

@@ -282,7 +282,10 @@ class ReadPurchases(beam.PTransform):
                     self.stop, self.max_batch, self.poll_s, self.policy)))
 
     def _partitions(self) -> list[int]:
-        from streaming.kafka_io import TopicReader
+        """The topic's partitions (created with 4 if missing); later-added ones are not read."""
+        from streaming.kafka_io import TopicReader, create_topics
+
+        create_topics(self.bootstrap_servers, [self.topic], partitions=4)
 
         with TopicReader(self.bootstrap_servers, self.topic) as reader:
             return sorted(reader.positions)
