@@ -112,11 +112,15 @@ class PipelineProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
-    def finish(self) -> None:
-        """Wait until every remaining record is read, then SIGTERM: drain, checkpoint, exit 0."""
-        self.wait_consumed(self.remaining)
+    def stop(self) -> None:
+        """SIGTERM: the pipeline drains, checkpoints and must exit 0."""
         self.process.send_signal(signal.SIGTERM)
         assert self.process.wait(120) == 0, "pipeline did not stop cleanly after SIGTERM"
+
+    def finish(self) -> None:
+        """Wait until every remaining record is read, then :meth:`stop`."""
+        self.wait_consumed(self.remaining)
+        self.stop()
 
 
 @pytest.fixture(scope="session")
