@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
 from streaming.cli import _positive_int
@@ -108,7 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     metrics.process_info("server", model_id=str(Path(args.run).resolve()))
     server = make_server(Recommender(args.run, args.state_dir, args.data), args.host, args.port)
-    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    # shutdown() waits for serve_forever() to return: call it off the main thread
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     log.info("serving http://%s:%d/recommend?user=ID&k=10 (and /healthz, /metrics)",
              args.host, server.server_port)
     try:
