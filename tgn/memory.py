@@ -143,7 +143,8 @@ class Memory(nn.Module):
                 0, inverse, t.repeat(2), "amax", include_self=False)
         updated = self.gru(message, self.get(nodes))  # [U, D]
         self.memory[nodes] = updated.detach()
-        self.last_update[nodes] = when
+        # a late event (older than the node's clock) must not turn the clock back
+        self.last_update[nodes] = torch.maximum(self.last_update[nodes], when)
         if torch.is_grad_enabled() and updated.requires_grad:
             row_of = torch.full((self.num_nodes,), -1, dtype=torch.long, device=nodes.device)
             if self._fresh is not None:  # an earlier update of this step keeps its rows
