@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from pipelines.elements import EventsBatch, UserStates
@@ -156,7 +157,9 @@ class ShardState:
         """
         if len(batch) == 0:
             return self._empty(batch)
-        order = np.argsort(batch.events.column("ts").to_numpy(), kind="stable")
+        # event time, ties by event id (as datasets are sorted): arrival order cannot matter
+        order = pc.sort_indices(batch.events, [("ts", "ascending"),
+                                               ("event_id", "ascending")]).to_numpy()
         events = batch.events.take(order)
         model = self.model
         encoded = model.encode(events)
