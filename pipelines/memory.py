@@ -50,11 +50,10 @@ class _ApplyToMemoryFn(beam.DoFn):
         self.fresh_state, self.evaluate_to, self.test_from = fresh_state, evaluate_to, test_from
 
     def setup(self) -> None:
-        import torch
-
         from tgn.evaluate import Evaluator
 
-        torch.set_grad_enabled(False)
+        # no torch.set_grad_enabled(False) here: on the in-process runner it would switch
+        # gradients off for the caller's thread too; ShardState.apply runs under no_grad
         self._shards: dict[int, ShardState] = {}
         self._evaluator = Evaluator() if self.evaluate_to else None
 
