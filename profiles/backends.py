@@ -173,14 +173,18 @@ class TransformersBackend:
 
 
 def drop_partial_item(text: str) -> str:
-    """Cut the last, token-capped list item of an unfinished answer.
+    """Cut the last, token-capped list item of an unfinished answer (all of it if alone).
 
     >>> drop_partial_item("a\\nFavored brands: M69 private label, M31")
     'a\\nFavored brands: M69 private label'
+    >>> drop_partial_item("a\\nFavored brands: M10")
+    'a\\nFavored brands:'
     """
     head, _, last = text.rpartition("\n")
     if "," in last:
         last = last.rsplit(",", 1)[0]
+    elif ":" in last:  # a lone cut-off value is no value: the answer fails to parse
+        last = last.split(":", 1)[0] + ":"
     return f"{head}\n{last}" if head else last
 
 

@@ -51,7 +51,8 @@ def parse_facets(text: str) -> Facets | None:
         if match is None:
             continue
         heading = next(h for h in FACETS if h.lower() == match.group(1).lower())
-        value = match.group(2).strip().strip("*").strip().rstrip(".")[:MAX_FACET_CHARS]
+        value = _COUNT.sub("", match.group(2)).replace(" ,", ",")  # drop copied counts "(12)"
+        value = value.strip().strip("*").strip().rstrip(".")[:MAX_FACET_CHARS]
         found.setdefault(heading, value)
     if any(not found.get(h) or found[h].startswith("<") for h in FACETS):
         return None
