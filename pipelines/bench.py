@@ -7,7 +7,8 @@
   (encode → update → temporal user embeddings per batch, no Beam, parsing or writing).
 * **Live**: the pipeline reads a fresh local broker while a separate producer process sends
   events at ``--rate`` for ``--seconds``; latency per event is emit time minus the Kafka record
-  timestamp (set at produce). Lag is produced minus consumed, sampled every second.
+  timestamp (set at produce). Lag is produced minus consumed, sampled every second. Reference,
+  same run: a bare ``TopicReader`` consuming the same stream (produce→consume latency).
 
 Use ``flock /tmp/dynllm-bench.lock dynllm bench pipeline ...`` so benchmarks never overlap.
 """
@@ -123,6 +124,35 @@ def _produce_main(argv: list[str]) -> None:
     print("done", flush=True)
 
 
+def _start_producer(bootstrap: str, topic: str, log_path: str, limit: int, rate: float):
+    """The producer child process, after it said ``ready``."""
+    child = subprocess.Popen([sys.executable, "-m", "pipelines.bench", "produce", bootstrap,
+                              topic, log_path, str(limit), str(rate)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()  # "ready"
+    return child
+
+
+def bare_consume_latency(bootstrap: str, log_path: str, rate: float,
+                         seconds: float) -> dict[str, float]:
+    """Reference: produce→consume latency of a bare ``TopicReader`` at the same rate."""
+    from streaming.kafka_io import TopicReader, create_topics
+
+    topic, limit = "bench-reference", int(rate * seconds)
+    create_topics(bootstrap, [topic], partitions=4)
+    child = _start_producer(bootstrap, topic, log_path, limit, rate)
+    latencies: list[float] = []
+    with TopicReader(bootstrap, topic, max_batch=2000, check_crcs=False) as reader:
+        for batch in reader.batches(limit=limit, idle_timeout_s=30.0, poll_timeout_s=0.05):
+            now = time.time()
+            latencies.extend(now - r.timestamp_ms / 1000.0 for r in batch)
+    child.wait()
+    lat_ms = np.asarray(latencies) * 1000.0
+    return {"reference_consume_p50_ms": float(np.percentile(lat_ms, 50)),
+            "reference_consume_p99_ms": float(np.percentile(lat_ms, 99))}
+
+
 def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
                batch: int) -> dict[str, object]:
     """Live figures: latency percentiles and lag over a run at ``rate`` events/s."""
@@ -150,11 +180,7 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
             time.sleep(0.1)
         latencies.clear()
         base = _consumed()
-        child = subprocess.Popen([sys.executable, "-m", "pipelines.bench", "produce",
-                                  broker.bootstrap_servers, LIVE_TOPIC, log_path, str(limit),
-                                  str(rate)], stdout=subprocess.PIPE, text=True)
-        assert child.stdout is not None
-        child.stdout.readline()  # "ready"
+        child = _start_producer(broker.bootstrap_servers, LIVE_TOPIC, log_path, limit, rate)
         samples, started = [], time.monotonic()
         for line in child.stdout:
             if line.strip().isdigit():
@@ -167,6 +193,8 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
         drain_s = time.monotonic() - started - samples[-1][0]
         stop.set()
         pipeline.join(60)
+        reference = bare_consume_latency(broker.bootstrap_servers, log_path, rate,
+                                         min(seconds, 30.0))
     lat_ms = np.asarray(latencies) * 1000.0
     lags = np.array([s[1] - s[2] for s in samples])
     half = len(lags) // 2
@@ -174,7 +202,9 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
             "live_events_emitted": int(lat_ms.size),
             "live_p50_ms": float(np.percentile(lat_ms, 50)),
             "live_p90_ms": float(np.percentile(lat_ms, 90)),
-            "live_p99_ms": float(np.percentile(lat_ms, 99)),
+            "live_p99_ms": float(np.percentile(lat_ms, 99)), **reference,
+            "live_p99_vs_reference": float(np.percentile(lat_ms, 99))
+            / reference["reference_consume_p99_ms"],
             "live_max_ms": float(lat_ms.max()),
             "live_achieved_produce_rate": samples[-1][1] / max(samples[-1][0], 1e-9),
             "lag_max": int(lags.max()), "lag_median": float(np.median(lags)),
@@ -203,7 +233,8 @@ def _bench(args: argparse.Namespace) -> int:
             report.update(bench_live(run_dir, log_path, args.rate, args.seconds,
                                      args.live_batch))
             print(f"live @ {args.rate:,.0f}/s for {args.seconds:.0f}s: p50 "
-                  f"{report['live_p50_ms']:.0f} ms, p99 {report['live_p99_ms']:.0f} ms, "
+                  f"{report['live_p50_ms']:.0f} ms, p99 {report['live_p99_ms']:.0f} ms "
+                  f"(bare consumer p99 {report['reference_consume_p99_ms']:.0f} ms), "
                   f"lag max {report['lag_max']} (median first/second half "
                   f"{report['lag_median_first_half']:.0f}/{report['lag_median_second_half']:.0f})")
     if args.json:

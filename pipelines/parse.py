@@ -7,10 +7,13 @@ so ``valid + dead-lettered == read`` for every batch (counted in Prometheus too)
 
 from __future__ import annotations
 
+import io
+
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 from apache_beam import pvalue
 
 from pipelines.elements import EventsBatch, RawBatch
@@ -67,19 +70,31 @@ def _surely_valid(table: pa.Table, rules: ValidationRules) -> np.ndarray:
     return ok
 
 
-def _validate_table(table: pa.Table, rules: ValidationRules, recent: RecentIds):
-    """Validate log rows: ``(events table in input order, [B] valid mask, dead letters)``."""
+def _rows(table: pa.Table, raw: list | None, index: np.ndarray) -> list:
+    """The original records at ``index``: ``raw`` ones if given, else the table's rows."""
+    return [raw[i] for i in index] if raw is not None else table.take(index).to_pylist()
+
+
+def _validate_table(table: pa.Table, rules: ValidationRules, recent: RecentIds,
+                    raw: list | None = None):
+    """Validate parsed rows: ``(events table in input order, [B] valid mask, dead letters)``.
+
+    Args:
+        raw: the records the rows were parsed from (dead letters keep these), if any.
+    """
     fast = _surely_valid(table, rules)
+    if raw is not None:  # the size limit applies to the record as received
+        fast &= np.fromiter((len(r) <= rules.max_bytes for r in raw), bool, len(raw))
     fast_ids = table.column("event_id").filter(pa.array(fast)).to_pylist()
     fresh = np.fromiter((recent.add(e) for e in fast_ids), bool, len(fast_ids))
+    dup = np.flatnonzero(fast)[~fresh]
     letters = [DeadLetter(Reason.DUPLICATE_EVENT_ID, f"event_id {e!r}", row)
-               for e, row in zip(np.array(fast_ids, object)[~fresh],
-                                 table.filter(pa.array(fast)).filter(pa.array(~fresh))
-                                 .to_pylist(), strict=True)]
+               for e, row in zip(np.array(fast_ids, object)[~fresh], _rows(table, raw, dup),
+                                 strict=True)]
     good = fast.copy()
-    good[np.flatnonzero(fast)[~fresh]] = False
+    good[dup] = False
     slow = np.flatnonzero(~fast)
-    results = [validate_event(row, rules, recent) for row in table.take(slow).to_pylist()]
+    results = [validate_event(row, rules, recent) for row in _rows(table, raw, slow)]
     rescued = np.fromiter((type(r) is not DeadLetter for r in results), bool, len(results))
     letters += [r for r in results if type(r) is DeadLetter]
     events = table.filter(pa.array(good))
@@ -93,8 +108,33 @@ def _validate_table(table: pa.Table, rules: ValidationRules, recent: RecentIds):
     return events, good, letters
 
 
+#: Every event field, nullable: what JSON records are parsed into in one Arrow call.
+_JSON_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in EVENT_SCHEMA])
+
+
+def _json_table(values: list) -> pa.Table | None:
+    """All JSON records (``bytes``) of a batch parsed in one Arrow call, or ``None`` if any of
+    them stands in the way (not bytes, a newline inside, bad JSON, a field of another type)."""
+    if not values or not all(type(v) is bytes and b"\n" not in v for v in values):
+        return None
+    options = pa_json.ParseOptions(explicit_schema=_JSON_SCHEMA,
+                                   unexpected_field_behavior="ignore")
+    try:
+        table = pa_json.read_json(io.BytesIO(b"\n".join(values)), parse_options=options)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+    return table if table.num_rows == len(values) else None
+
+
 def _validate_list(values: list, rules: ValidationRules, recent: RecentIds):
-    """Validate raw records: ``(events table in input order, [B] valid mask, dead letters)``."""
+    """Validate raw records: ``(events table in input order, [B] valid mask, dead letters)``.
+
+    A batch of well-formed JSON is parsed by Arrow at once and checked like log rows; otherwise
+    every record goes through ``validate_event``.
+    """
+    table = _json_table(values)
+    if table is not None:
+        return _validate_table(table, rules, recent, raw=values)
     results = [validate_event(value, rules, recent) for value in values]
     good = np.fromiter((type(r) is not DeadLetter for r in results), bool, len(results))
     events = events_to_table([r for r, ok in zip(results, good, strict=True) if ok])

@@ -101,6 +101,7 @@ class ShardState:
                  path: Path | None) -> None:
         self.model, self.shard, self.num_shards = model, shard, num_shards
         self.positions, self.path = positions, path
+        self._saved = dict(positions)  # positions of the last checkpoint
         self._pending: dict[tuple[int, int], EventsBatch] = {}
 
     @classmethod
@@ -205,10 +206,11 @@ class ShardState:
         positions that go with it while the stream goes on; the previous write is finished
         first, so checkpoints land in order. :func:`wait_for_checkpoints` waits for all.
         """
-        if self.path is None:
-            return
+        if self.path is None or (self.positions == self._saved and self.path.exists()):
+            return  # nothing applied since the last checkpoint
         wait_for_checkpoints()
-        snapshot = copy.deepcopy(self.model)
+        snapshot = _snapshot(self.model)
+        self._saved = dict(self.positions)
         extra = {"positions": dict(self.positions), "saved_at": time.time(),
                  "shard": self.shard, "num_shards": self.num_shards}
 
@@ -219,6 +221,21 @@ class ShardState:
         thread = threading.Thread(target=write, name=f"checkpoint-{self.shard}")
         _WRITES.append(thread)
         thread.start()
+
+
+def _snapshot(model):
+    """A copy of ``model`` to write while the original goes on (id maps rebuilt, not deep-copied:
+    deep-copying their dicts element by element took seconds)."""
+    from tgn.ids import IdMap
+
+    users, items = model.users, model.items
+    model.users = model.items = None
+    try:
+        snapshot = copy.deepcopy(model)
+    finally:
+        model.users, model.items = users, items
+    snapshot.users, snapshot.items = IdMap(users.to_list()), IdMap(items.to_list())
+    return snapshot
 
 
 #: Checkpoint writes started by :meth:`ShardState.save` and not yet waited for.

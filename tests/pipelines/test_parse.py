@@ -12,9 +12,15 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.elements import RawBatch, Span
-from pipelines.parse import DEAD_LETTERS, ParseAndValidate, _validate_list, _validate_table
+from pipelines.parse import (
+    DEAD_LETTERS,
+    ParseAndValidate,
+    _json_table,
+    _validate_list,
+    _validate_table,
+)
 from streaming.schema import EVENT_SCHEMA
-from streaming.validation import RecentIds, ValidationRules
+from streaming.validation import DeadLetter, RecentIds, ValidationRules, validate_event
 
 GOOD = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "ts": 100.0, "quantity": 1.0,
         "price": 2.5, "basket_id": "b1", "store_id": None}
@@ -67,3 +73,26 @@ def test_parse_and_validate_tags_dead_letters_and_counts_add_up():
                     equal_to([(["a", "c"], [10, 14], 3)]), label="Events")
         assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: str(d.reason)),
                     equal_to(["bad_json", "missing_field", "bad_encoding"]), label="Letters")
+
+
+def test_json_batch_fast_path_matches_validate_event_and_keeps_raw_bytes():
+    import json
+
+    rows = [{k: v for k, v in row.items() if v is not None} for row in _table().to_pylist()
+            if all(not isinstance(v, float) or math.isfinite(v) for v in row.values())]
+    raw = [json.dumps(r).encode() for r in rows]
+    raw.append(json.dumps({**rows[0], "event_id": "big", "pad": "x" * 70_000}).encode())
+    raw.append(b'{"event_id": "e99", "user_id": "u", "item_id": "i", "ts": 5, "quantity": 1,'
+               b' "price": null}')
+    assert _json_table(raw) is not None  # this batch takes the Arrow path
+    rules = ValidationRules()
+    fast = _validate_list(raw, rules, RecentIds())
+    recent = RecentIds()
+    slow = [validate_event(v, rules, recent) for v in raw]
+    assert fast[1].tolist() == [type(r) is not DeadLetter for r in slow]
+    assert sorted(str(d.reason) for d in fast[2]) == sorted(
+        str(r.reason) for r in slow if type(r) is DeadLetter)
+    assert all(type(d.raw) is bytes for d in fast[2])  # dead letters keep what was received
+    # one record that is not JSON sends the whole batch down the per-record path, same result
+    mixed = _validate_list([b"not json", *raw], rules, RecentIds())
+    assert mixed[1].tolist() == [False, *fast[1].tolist()]
