@@ -41,7 +41,7 @@ class DynLLMHead(nn.Module):
                                                        self.config.text_dim)
         self.last: FusionOutput | None = None  #: output of the latest call
         self.last_rows: Tensor | None = None  #: [B] profile rows of the latest call (-1: none)
-        self._keys: Tensor | None = None  # [P, F, 2D] cached facet keys (eval mode only)
+        self._keys: Tensor | None = None  # [P + 1, F, H, 2D + 1] folded tables (eval only)
 
     def train(self, mode: bool = True) -> DynLLMHead:
         """Switch mode; leaving eval mode drops the cached facet keys (weights will change)."""
@@ -59,31 +59,34 @@ class DynLLMHead(nn.Module):
         self._keys = None
 
     @torch.no_grad()
-    def _cached_keys(self) -> Tensor:
-        """Facet keys [P, F, 2D] of every profile version, computed once per eval session."""
+    def _cached_tables(self) -> Tensor:
+        """Folded tables [P + 1, F, H, 2D + 1] of every profile version, the last row for "no
+        profile"; computed once per eval session (:meth:`DistilledFusion.fold`)."""
         if self._keys is None:
-            parts = [self.fusion.facet_keys(self.profiles.vectors[i:i + 4096])
+            fusion = self.fusion
+            parts = [fusion.facet_keys(self.profiles.vectors[i:i + 4096])
                      for i in range(0, len(self.profiles), 4096)]
-            width = 2 * self.config.dim
-            self._keys = torch.cat(parts) if parts else torch.zeros(0, self.config.num_facets,
-                                                                    width)
+            parts.append(fusion.no_profile_keys().unsqueeze(0))
+            self._keys = fusion.fold(torch.cat(parts))
         return self._keys
 
     def forward(self, z: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
         """Fused user embeddings [B, D] (facet relevance kept in :attr:`last`).
 
-        In eval mode the profile-only part (projection, gate, key/value maps) is computed once
-        per profile version and gathered per event; in training it runs per event.
+        In eval mode the profile-only part (projection, gate, key/value maps, folded query and
+        output maps) is computed once per profile version and gathered per event; in training
+        it runs per event.
         """
-        if self.training or len(self.profiles) == 0:
+        if self.training:
             found = self.profiles.lookup(user_index, t)
             keys = self.fusion.facet_keys(found.facets.to(z.dtype))
-            row, has = found.row, found.has_profile
-        else:  # no facet gather: only the rows are needed
+            row = found.row
+            out = self.fusion.attend(z, keys, found.has_profile)
+        else:  # inference: gather precomputed per-profile tables, no facet vectors
             row = self.profiles.latest_rows(user_index, t)
-            has = row >= 0
-            keys = self._cached_keys()[row.clamp(min=0)]
-        out = self.fusion.attend(z, keys, has)
+            tables = self._cached_tables()
+            out = self.fusion.attend_folded(z, tables[row.where(row >= 0, len(tables) - 1)],
+                                            row >= 0)
         self.last, self.last_rows = out, row
         return out.embedding
 

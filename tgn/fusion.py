@@ -198,6 +198,46 @@ class DistilledFusion(nn.Module):
             out = out + z
         return FusionOutput(out, weights.mean(2), has_profile)  # relevance [B, F]
 
+    @torch.no_grad()
+    def fold(self, keys: Tensor) -> Tensor:
+        """Fold the query, output and first merge maps into per-profile tables (inference only).
+
+        Scores are linear in ``z``: ``q_h · k_hf = z · (W_q,h^T k_hf) + b_q,h · k_hf``, and the
+        attended values reach the merge only through ``W_1b W_o``; both are precomputed per
+        profile so the per-event work is two small contractions and the merge.
+
+        Args:
+            keys: [N, F, 2D] from :meth:`facet_keys` (or :meth:`no_profile_keys`).
+
+        Returns:
+            [N, F, H, 2D + 1]: score vectors, projected values and score offsets.
+        """
+        h, d = self.config.heads, self.config.dim
+        key, value = keys.view(-1, keys.shape[1], 2, h, d // h).unbind(2)  # [N, F, H, D/H]
+        scale = math.sqrt(d // h)
+        w_q = self.query.weight.view(h, d // h, d)
+        score = torch.einsum("nfhe,hed->nfhd", key, w_q) / scale
+        offset = torch.einsum("nfhe,he->nfh", key, self.query.bias.view(h, d // h)) / scale
+        w_vo = (self.merge[0].weight[:, d:] @ self.out.weight).view(d, h, d // h)
+        value = torch.einsum("nfhe,dhe->nfhd", value, w_vo)
+        return torch.cat([score, value, offset.unsqueeze(-1)], dim=-1)
+
+    @torch.no_grad()
+    def attend_folded(self, z: Tensor, folded: Tensor, has_profile: Tensor) -> FusionOutput:
+        """:meth:`attend` from :meth:`fold` tables ``folded`` [B, F, H, 2D + 1] (inference)."""
+        d = self.config.dim
+        score, value, offset = folded.split([d, d, 1], dim=-1)
+        # broadcast products: faster on CPU than einsum's many tiny batched matmuls
+        weights = torch.softmax((z[:, None, None] * score).sum(-1) + offset[..., 0], dim=1)
+        first = self.merge[0]
+        bias = first.bias + first.weight[:, d:] @ self.out.bias
+        hidden = torch.relu(torch.addmm(bias, z, first.weight[:, :d].T)
+                            + (weights.unsqueeze(-1) * value).sum((1, 2)))
+        out = self.merge[2](hidden)
+        if self.config.residual:
+            out = out + z
+        return FusionOutput(out, weights.mean(2), has_profile)
+
     def forward(self, z: Tensor, facets: Tensor, has_profile: Tensor) -> FusionOutput:
         """Fuse.
 

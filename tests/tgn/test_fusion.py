@@ -164,3 +164,20 @@ def test_empty_table_and_export_filtering():
     assert len(table) == 2 and table.user_index.tolist() == [0, 1]
     restored = ProfileTable.from_state(table.to_state())
     assert restored.ts.tolist() == table.ts.tolist()
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_folded_inference_path_matches_attend(gate):
+    fusion = _fusion(gate=gate)
+    for layer in (fusion.merge[-1], fusion.out, fusion.query):
+        layer.bias.data.normal_()
+    fusion.merge[-1].weight.data.normal_()
+    z, facets = torch.randn(5, 8), torch.randn(5, 4, 12)
+    has = torch.tensor([True, False, True, True, False])
+    keys = fusion.facet_keys(facets)
+    expected = fusion.attend(z, keys, has)
+    folded = fusion.fold(torch.cat([keys, fusion.no_profile_keys().unsqueeze(0)]))
+    rows = torch.where(has, torch.arange(5), torch.tensor(5))
+    got = fusion.attend_folded(z, folded[rows], has)
+    torch.testing.assert_close(got.embedding, expected.embedding, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-4, atol=1e-6)
