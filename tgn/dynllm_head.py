@@ -74,19 +74,28 @@ class DynLLMHead(nn.Module):
         """Fused user embeddings [B, D] (facet relevance kept in :attr:`last`).
 
         In eval mode the profile-only part (projection, gate, key/value maps, folded query and
-        output maps) is computed once per profile version and gathered per event; in training
-        it runs per event.
+        output maps) is computed once per profile version, and the rest once per run of equal
+        ``(user, t)`` in the batch (a basket is many events of one user at one time: the same
+        temporal embedding, the same profile); in training everything runs per event.
         """
         if self.training:
             found = self.profiles.lookup(user_index, t)
             keys = self.fusion.facet_keys(found.facets.to(z.dtype))
             row = found.row
             out = self.fusion.attend(z, keys, found.has_profile)
-        else:  # inference: gather precomputed per-profile tables, no facet vectors
-            row = self.profiles.latest_rows(user_index, t)
+        else:  # inference: once per distinct (user, t), from precomputed per-profile tables
+            # events come in time order, so a basket's lines are adjacent: no sort needed
+            starts = torch.ones_like(user_index, dtype=torch.bool)
+            starts[1:] = (user_index[1:] != user_index[:-1]) | (t[1:] != t[:-1])
+            first = starts.nonzero().squeeze(1)  # [U] first event of each run of one (user, t)
+            inverse = starts.cumsum(0) - 1  # [B] its run
+            row = self.profiles.latest_rows(user_index[first], t[first])
             tables = self._cached_tables()
-            out = self.fusion.attend_folded(z, tables[row.where(row >= 0, len(tables) - 1)],
+            out = self.fusion.attend_folded(z[first], tables[row.where(row >= 0, len(tables) - 1)],
                                             row >= 0)
+            out = FusionOutput(out.embedding[inverse], out.relevance[inverse],
+                               out.has_profile[inverse])
+            row = row[inverse]
         self.last, self.last_rows = out, row
         return out.embedding
 

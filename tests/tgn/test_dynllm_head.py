@@ -60,3 +60,17 @@ def test_eval_cache_matches_uncached_and_is_dropped_in_training():
         uncached = model.user_embeddings(users, t)
     torch.testing.assert_close(cached, uncached)
     assert head._keys is None
+
+
+def test_eval_path_with_repeated_user_time_pairs_matches_training_path():
+    model, head = _model()
+    users = torch.tensor([1, 0, 0, 1, 0])  # a basket: the same user at the same time, repeated
+    t = torch.tensor([104.5, 104.5, 104.5, 104.5, 100.0], dtype=torch.float64)
+    with torch.no_grad():
+        fast = model.user_embeddings(users, t)
+        fast_rows, fast_relevance = head.last_rows.clone(), head.last.relevance.clone()
+        head.train()
+        slow = model.user_embeddings(users, t)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert fast_rows.tolist() == head.last_rows.tolist() == [-1, 0, 0, -1, -1]
+    torch.testing.assert_close(fast_relevance, head.last.relevance, rtol=1e-4, atol=1e-6)
