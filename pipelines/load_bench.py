@@ -91,8 +91,8 @@ def _rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-def _calibrate(bootstrap: str, log_path: str, events: int) -> float:
-    """Events/s the running pipeline reads from a backlog of ``events`` (produced first)."""
+def _fill_backlog(bootstrap: str, log_path: str, events: int) -> None:
+    """Produce the first ``events`` of the log before the pipeline starts (the capacity test)."""
     from streaming.kafka_io import json_producer
 
     producer = json_producer(bootstrap)
@@ -101,14 +101,19 @@ def _calibrate(bootstrap: str, log_path: str, events: int) -> float:
         producer.send(TOPIC, value=next(messages))
     producer.flush()
     producer.close()
-    base = _consumed()
-    while _consumed() == base:
+
+
+def _capacity(events: int) -> float:
+    """Events/s the just-started pipeline reads from the backlog (from its first record on)."""
+    while _consumed() == 0:
         time.sleep(0.05)
     started, base = time.monotonic(), _consumed()
-    target = base + 0.9 * events
-    while _consumed() < target:  # the last partial batches are not representative
+    while _consumed() < 0.9 * events:  # the last partial batches are not representative
         time.sleep(0.05)
-    return (_consumed() - base) / (time.monotonic() - started)
+    capacity = (_consumed() - base) / (time.monotonic() - started)
+    while _consumed() < events:  # the load starts on an empty backlog
+        time.sleep(0.05)
+    return capacity
 
 
 def _sample_while(child: subprocess.Popen, base: float, started: float, until) -> list[list]:
@@ -147,9 +152,10 @@ def run_load(data: str, rate: float | None, duration: float, burst_factor: float
         config = PipelineConfig(run_dir=run_dir, state_dir=str(Path(tmp) / "state"),
                                 bootstrap_servers=broker.bootstrap_servers,
                                 request_profiles=False)
+        _fill_backlog(broker.bootstrap_servers, log_path, calibrate_events)
         pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
         pipeline.start()
-        capacity = _calibrate(broker.bootstrap_servers, log_path, calibrate_events)
+        capacity = _capacity(calibrate_events)
         rate = rate or round(load_share * capacity, -1)
         print(f"capacity {capacity:,.0f} events/s; steady rate {rate:,.0f}/s", flush=True)
         schedule = f"{rate}:{duration},{burst_factor * rate}:{burst_seconds},{rate}:{max_drain}"
