@@ -27,7 +27,7 @@ prometheus:
 	  service prometheus stop >/dev/null 2>&1 || true; }
 
 demo: install
-	$(BIN)/dynllm demo
+	BIN=$(BIN) bash deploy/demo.sh
 
 test: install prometheus
 	$(BIN)/ruff check .
