@@ -21,7 +21,7 @@ sleep 8
 $BIN/dynllm serve --run $RUN --state-dir $STATE --port 18080 & pids+=($!)
 echo "metrics at http://127.0.0.1:18080/metrics (server)"
 for _ in $(seq 60); do curl -sf http://127.0.0.1:18080/healthz >/dev/null && break; sleep 1; done
-for user in $($BIN/python -c "import pyarrow.parquet as pq; print(*dict.fromkeys(pq.read_table('$DATA/events.parquet', columns=['user_id']).column(0).to_pylist()[:200]).keys().__iter__().__next__().split()[:1])"); do
+for user in $($BIN/python -c "import pyarrow.parquet as pq; ids = pq.read_table('$DATA/events.parquet', columns=['user_id']).column(0).to_pylist()[:5000]; print(*list(dict.fromkeys(ids))[:2])"); do
   echo "== recommendations for household $user"
   curl -s "http://127.0.0.1:18080/recommend?user=$user&k=5"; echo
 done
