@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from streaming.cli import _positive_int
+from streaming.cli import positive_int
 from streaming.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--state-dir", help="checkpoints and embedding store (resumed on restart)")
     run.add_argument("--topic", default="purchases", help="purchases topic (default purchases)")
     run.add_argument("--metrics-port", type=int, default=9100, help="/metrics port (9100)")
-    run.add_argument("--checkpoint-events", type=_positive_int, default=50_000,
+    run.add_argument("--checkpoint-events", type=positive_int, default=50_000,
                      help="checkpoint at least every N events (default 50000)")
     run.add_argument("--checkpoint-seconds", type=float, default=30.0,
                      help="... or every T seconds (default 30)")
-    run.add_argument("--max-batch", type=_positive_int, default=2000,
+    run.add_argument("--max-batch", type=positive_int, default=2000,
                      help="most events per micro-batch (default 2000)")
     run.add_argument("--no-profile-requests", action="store_true",
                      help="do not publish profile requests")
@@ -148,12 +148,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="test-then-update metrics on the test split (as `dynllm evaluate`)")
     replay.add_argument("--json", help="with --evaluate: write the metrics to this file")
     replay.add_argument("--dead-letters", help="JSONL file for rejected rows")
-    replay.add_argument("--batch-size", type=_positive_int, default=2000,
+    replay.add_argument("--batch-size", type=positive_int, default=2000,
                         help="events per micro-batch (default 2000, as `dynllm evaluate`)")
     for sub in (run, replay):
-        sub.add_argument("--shards", type=_positive_int, default=1,
+        sub.add_argument("--shards", type=positive_int, default=1,
                          help="split the memory update by user into N shards")
-        sub.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+        sub.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
         sub.add_argument("beam_args", nargs=argparse.REMAINDER,
                          help="after --: Beam runner options (e.g. -- --runner FlinkRunner)")
     run.set_defaults(func=_run)
@@ -164,7 +164,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--data", help="dataset for item text (default: the run's dataset)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (8080)")
-    serve.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    serve.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
     serve.set_defaults(func=_serve)
 
 

@@ -6,14 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from streaming.cli import positive_int
 from streaming.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
-    return value
 
 
 def _add_llm_options(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +19,8 @@ def _add_llm_options(parser: argparse.ArgumentParser) -> None:
                        help="OpenAI-compatible endpoint instead, e.g. http://gpu:8000/v1")
     group.add_argument("--llm-name", default="default", help="model name sent to --llm-url")
     group.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
-    group.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch")
-    group.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    group.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
+    group.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     group.add_argument("--hops", type=int, choices=(1, 2), default=2,
                        help="2: graph-aware prompt with co-buyers; 1: own history only")
 
@@ -124,12 +118,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
     worker.add_argument("--data", required=True, help="dataset directory (purchase history)")
     worker.add_argument("--store", default="profiles.sqlite", help="profile store file")
-    worker.add_argument("--min-new-events", type=_positive_int, default=1,
+    worker.add_argument("--min-new-events", type=positive_int, default=1,
                         help="regenerate after N new purchase lines (1: every request that is "
                              "newer than the last profile; the pipeline already thins requests)")
     worker.add_argument("--max-age-days", type=float, default=7.0,
                         help="... or when the profile is older than this (event time)")
-    worker.add_argument("--max-queue", type=_positive_int, default=64,
+    worker.add_argument("--max-queue", type=positive_int, default=64,
                         help="most queued users; reading pauses while they are served")
     worker.add_argument("--metrics-port", type=int, default=WORKER_PORT,
                         help="serve /metrics on this port")
@@ -146,8 +140,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="use events up to the end of this split")
     build.add_argument("--refresh-every", type=int, default=0, metavar="N",
                        help="also a profile after every N-th purchase line (0: final only)")
-    build.add_argument("--max-users", type=_positive_int, help="first N users only")
-    build.add_argument("--limit", type=_positive_int, help="write at most N profiles this run")
+    build.add_argument("--max-users", type=positive_int, help="first N users only")
+    build.add_argument("--limit", type=positive_int, help="write at most N profiles this run")
     _add_llm_options(build)
     build.set_defaults(func=_build)
     show = verbs.add_parser("show", help="print a user's stored profile")
@@ -161,12 +155,12 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     """Add ``bench profiles``."""
     bench = bench_targets.add_parser("profiles", help="LLM profile throughput and quality")
     bench.add_argument("--data", default="data/cj-small", help="dataset directory")
-    bench.add_argument("--users", type=_positive_int, default=16, help="users to profile")
-    bench.add_argument("--reference-users", type=_positive_int, default=2,
+    bench.add_argument("--users", type=positive_int, default=16, help="users to profile")
+    bench.add_argument("--reference-users", type=positive_int, default=2,
                        help="users for the batch-size-1 reference")
     bench.add_argument("--llm-model", metavar="PATH", help="local model folder")
-    bench.add_argument("--batch-size", type=_positive_int, default=8)
-    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--batch-size", type=positive_int, default=8)
+    bench.add_argument("--threads", type=positive_int, default=2)
     bench.add_argument("--hops", type=int, choices=(1, 2), default=2)
     bench.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     bench.set_defaults(func=_bench)

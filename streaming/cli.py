@@ -18,7 +18,8 @@ def _weeks(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected A-B (e.g. 1-26), got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -60,9 +61,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     prep.add_argument("--dataset", default="completejourney", help="completejourney")
     prep.add_argument("--out", required=True, help="dataset directory to write")
     prep.add_argument("--weeks", type=_weeks, help="week range A-B of 2017 (1-53)")
-    prep.add_argument("--min-user-events", type=_positive_int, default=1)
-    prep.add_argument("--min-item-events", type=_positive_int, default=1)
-    prep.add_argument("--max-events", type=_positive_int, help="keep the first N events in time")
+    prep.add_argument("--min-user-events", type=positive_int, default=1)
+    prep.add_argument("--min-item-events", type=positive_int, default=1)
+    prep.add_argument("--max-events", type=positive_int, help="keep the first N events in time")
     prep.set_defaults(func=_prepare)
     imp = verbs.add_parser("import", help="build a dataset from your own CSV/TSV/Parquet log")
     imp.add_argument("--events", required=True, help="purchase log file")

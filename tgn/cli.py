@@ -6,19 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from streaming.cli import positive_int
 from streaming.errors import UsageError
 
 MODELS = ("tgn", "dynllm")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
-    return value
 
 
 def _set_threads(threads: int | None) -> None:
@@ -94,14 +85,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--no-gate", action="store_true",
                        help="dynllm: drop the distillation gate (ablation)")
     train.add_argument("--out", required=True, help="run directory to write")
-    train.add_argument("--epochs", type=_positive_int, default=10)
-    train.add_argument("--batch-size", type=_positive_int, default=200)
+    train.add_argument("--epochs", type=positive_int, default=10)
+    train.add_argument("--batch-size", type=positive_int, default=200)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--patience", type=_positive_int, default=2)
+    train.add_argument("--patience", type=positive_int, default=2)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-val-events", type=_positive_int,
+    train.add_argument("--max-val-events", type=positive_int,
                        help="validate on the first N validation events only (smoke runs)")
-    train.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    train.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
     ev = commands.add_parser("evaluate", help="rank the test split: full catalog, "
@@ -111,9 +102,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", help="write all metrics to this JSON file")
     ev.add_argument("--baselines", action="store_true",
                     help="also evaluate popularity, recent popularity and buy-again")
-    ev.add_argument("--batch-size", type=_positive_int, default=2000,
+    ev.add_argument("--batch-size", type=positive_int, default=2000,
                     help="events scored from one state (default 2000)")
-    ev.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    ev.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)
 
@@ -122,8 +113,8 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     """Add ``bench memory``."""
     mem = bench_targets.add_parser("memory", help="memory updates/s vs PyG TGNMemory and a GRU")
     mem.add_argument("--json", help="write the figures to this JSON file")
-    mem.add_argument("--nodes", type=_positive_int, default=10_000)
-    mem.add_argument("--events", type=_positive_int, default=20_000)
-    mem.add_argument("--repeats", type=_positive_int, default=5)
-    mem.add_argument("--threads", type=_positive_int, default=2)
+    mem.add_argument("--nodes", type=positive_int, default=10_000)
+    mem.add_argument("--events", type=positive_int, default=20_000)
+    mem.add_argument("--repeats", type=positive_int, default=5)
+    mem.add_argument("--threads", type=positive_int, default=2)
     mem.set_defaults(func=_bench_memory)
