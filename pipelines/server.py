@@ -7,6 +7,10 @@ Routes (JSON unless noted):
 * ``GET /healthz`` — ``{"status": "ok", "users": …, "shards": …, "checkpoint_age_s": …}``.
 * ``GET /metrics`` — Prometheus text exposition.
 
+Other methods (``POST``, ``PUT``, ``DELETE``, ``PATCH``, ``OPTIONS``, ``HEAD``) get 405 with
+``Allow: GET``; a method http.server does not know gets its 501 (RFC 9110 §15.6.2). Any error a
+request should never cause is logged with its traceback and answered with a JSON 500.
+
 A user's embedding comes from the embedding store of the user's shard and is scored against the
 item embeddings of that same shard's model (the state the embedding was computed with), so a
 multi-shard pipeline serves consistent scores. State files are re-read when they change.
@@ -174,12 +178,15 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _send(self, status: HTTPStatus, body: bytes, content_type: str, route: str,
-              started: float) -> None:
+              started: float, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
         metrics.HTTP_REQUESTS.labels(route, str(int(status))).inc()
         metrics.HTTP_REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
@@ -202,6 +209,18 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(HTTPStatus.NOT_FOUND, f"no route {url.path}")
         except BadRequest as exc:
             self._json(exc.status, {"error": str(exc)}, route, started)
+        except Exception:  # a bug, never the client's fault: log it, answer 500, keep serving
+            log.exception("unexpected error answering GET %r", self.path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}, route,
+                       started)
+
+    def _not_allowed(self) -> None:
+        """405 with ``Allow: GET`` and a JSON error (headers only for ``HEAD``)."""
+        body = json.dumps({"error": f"method {self.command} not allowed; use GET"}).encode()
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, "application/json", "other",
+                   time.perf_counter(), {"Allow": "GET"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed  # noqa: N815
 
     def _health(self) -> dict[str, object]:
         rec = self.recommender
