@@ -12,7 +12,9 @@
 
 Live and replay differ only in the source and in where side outputs go; the transforms are the
 same objects. Runner: the in-process FnApiRunner unless ``--runner`` is given in the Beam
-arguments (see ``docs/pipeline.md``).
+arguments (see ``docs/pipeline.md``). A live pipeline whose input topic is recreated under it
+(a memory-only broker restarted) checkpoints and runs again on the new log
+(:mod:`pipelines.outages`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.memory import UpdateGraphMemory
+from pipelines.outages import finish_log_reset
 from pipelines.outputs import WriteEmbeddings
 from pipelines.parse import DEAD_LETTERS, ParseAndValidate, WriteDeadLetters
 from pipelines.profiles_io import FuseEmbeddings, RequestProfiles
@@ -90,7 +93,7 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag) -> No
     raw = pipeline | "ReadPurchases" >> ReadPurchases(
         bootstrap_servers=config.bootstrap_servers, topic=config.topic, positions=positions,
         log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
-        max_batch=config.max_batch, policy=policy)
+        max_batch=config.max_batch, policy=policy, state_dir=config.state_dir)
     parsed = raw | "ParseAndValidate" >> ParseAndValidate()
     dlq_path = None if config.live else config.dead_letter_path
     if config.live or dlq_path:
@@ -112,13 +115,28 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
                  beam_args: Sequence[str] = ()) -> None:
     """Build and run the pipeline until the log ends (replay) or ``stop`` is set (live).
 
+    A live run restarts itself on a recreated input topic, after moving the checkpointed
+    positions to the start of the new log (:func:`~pipelines.outages.finish_log_reset`).
+
     Args:
         config: what to run.
         stop: ends a live run cleanly (drain, checkpoint); a new flag if ``None``.
         beam_args: runner arguments, e.g. ``["--runner", "FlinkRunner", ...]``.
     """
+    stop = stop or StopFlag()
     if config.state_dir:
         check_shard_count(config.state_dir, config.shards)
+        finish_log_reset(config.state_dir, config.shards)  # one a crash interrupted
+    while True:
+        _run_once(config, stop, beam_args)
+        if not stop.restart_pending():
+            return
+        finish_log_reset(config.state_dir, config.shards)
+        stop.rearm()
+        log.warning("restarting the pipeline on the new log of %s", config.topic)
+
+
+def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str]) -> None:
     options = PipelineOptions(list(beam_args))
     runner = options.view_as(StandardOptions).runner
     if runner is None:  # Prism would try to download its binary; run in this process instead
@@ -126,5 +144,5 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
 
         runner = FnApiRunner()
     with beam.Pipeline(runner=runner, options=options) as pipeline:
-        build(pipeline, config, stop or StopFlag())
+        build(pipeline, config, stop)
     wait_for_checkpoints()

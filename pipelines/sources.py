@@ -7,12 +7,15 @@ polls once, claims the last offset read, emits one :class:`~pipelines.elements.R
 the watermark to the newest produce time and defers the rest of the range, so the runner keeps
 calling back while downstream stages run between calls. A :class:`StopFlag` ends reading cleanly:
 the reader emits a last, empty batch marked ``checkpoint`` and claims the end of its range.
+Broker outages and a topic recreated under the reader (a memory-only broker restarted) follow the
+policy of :mod:`pipelines.outages`: wait and reconnect, or checkpoint and restart on the new log.
 
 Replay reads ``events.parquet`` in row batches; the row number is the offset.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -29,27 +32,48 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from pipelines.elements import RawBatch, Span
+from pipelines.outages import BrokerWatch, mark_log_reset
 from streaming import metrics
 
-#: Stop flags by name: DoFns are pickled, so they find their flag by name in this process.
+log = logging.getLogger(__name__)
+
+#: Stop and restart events by flag name: DoFns are pickled, so they find them by name.
 _STOP_FLAGS: dict[str, threading.Event] = {}
+_RESTARTS: dict[str, threading.Event] = {}
 
 
 class StopFlag:
-    """A picklable handle on a process-wide ``threading.Event`` that stops the readers."""
+    """A picklable handle on process-wide events that stop the readers, for good or to restart."""
 
     def __init__(self) -> None:
         self.name = uuid.uuid4().hex
         _STOP_FLAGS[self.name] = threading.Event()
+        _RESTARTS[self.name] = threading.Event()
 
     def set(self) -> None:
         """Ask every reader holding this flag to finish."""
         _STOP_FLAGS[self.name].set()
 
+    def restart(self) -> bool:
+        """Ask the readers to finish so the pipeline can run again; False if already asked."""
+        event = _RESTARTS[self.name]
+        if event.is_set():
+            return False
+        event.set()
+        return True
+
+    def restart_pending(self) -> bool:
+        """A restart was asked for and no stop for good."""
+        return _RESTARTS[self.name].is_set() and not _STOP_FLAGS[self.name].is_set()
+
+    def rearm(self) -> None:
+        """Forget a restart request (the pipeline is about to run again)."""
+        _RESTARTS[self.name].clear()
+
     def is_set(self) -> bool:
-        """Whether :meth:`set` was called."""
-        event = _STOP_FLAGS.get(self.name)
-        return event is not None and event.is_set()
+        """Whether :meth:`set` or :meth:`restart` was called."""
+        return any(events.get(self.name, threading.Event()).is_set()
+                   for events in (_STOP_FLAGS, _RESTARTS))
 
 
 @dataclass
@@ -98,6 +122,7 @@ class SharedTopicReader:
         self.bootstrap_servers, self.topic, self.max_batch = bootstrap_servers, topic, max_batch
         self._reader = None
         self._buffers: dict[int, list] = {}
+        self._topic_id: str | None = None  # the topic's id when first seen
 
     def _next(self, partition: int) -> int | None:
         buffer = self._buffers.get(partition)
@@ -114,8 +139,12 @@ class SharedTopicReader:
             self._reader.close()
         # kafka-python verifies CRC32C in pure Python: 60% of read time here. TCP already
         # checksums every segment, so the pipeline skips the second check.
+        # During an outage, retry the connection at least every second (kafka-python's backoff
+        # grows to 30 s by default), and after it refresh metadata at least every 5 s, so that
+        # a recreated topic (new id) is noticed within seconds.
         self._reader = TopicReader(self.bootstrap_servers, self.topic, sorted(positions),
-                                   positions, max_batch=self.max_batch, check_crcs=False)
+                                   positions, max_batch=self.max_batch, check_crcs=False,
+                                   reconnect_backoff_max_ms=1000, metadata_max_age_ms=5000)
         self._buffers = {p: [] for p in positions}
 
     def take(self, partition: int, start: int, poll_s: float) -> list:
@@ -128,6 +157,14 @@ class SharedTopicReader:
         out = self._buffers[partition][:self.max_batch]
         del self._buffers[partition][:self.max_batch]
         return out
+
+    def recreated(self) -> bool:
+        """Whether the topic's id changed since this reader first saw it (a new log)."""
+        current = self._reader.topic_id() if self._reader is not None else None
+        if current is None:
+            return False
+        self._topic_id = self._topic_id or current
+        return current != self._topic_id
 
     def lag(self, partition: int) -> int | None:
         """Records not yet handed out: the fetch high watermark minus the next offset."""
@@ -159,11 +196,24 @@ class _ReadKafkaPartitionFn(beam.DoFn):
     """Splittable DoFn: one poll of one partition per call, then defer the remaining offsets."""
 
     def __init__(self, stop: StopFlag, max_batch: int, poll_s: float,
-                 policy: CheckpointPolicy) -> None:
+                 policy: CheckpointPolicy, state_dir: str | None) -> None:
         self.stop, self.max_batch, self.poll_s, self.policy = stop, max_batch, poll_s, policy
+        self.state_dir = state_dir
 
     def setup(self) -> None:
         self._shared: SharedTopicReader | None = None
+        self._watch: BrokerWatch | None = None
+
+    def _new_log(self, topic: str) -> bool:
+        """True if the topic was recreated; the first call that sees it asks for a restart."""
+        if not self._shared.recreated():
+            return False
+        if self.stop.restart():
+            mark_log_reset(self.state_dir, topic)
+            metrics.SOURCE_LOG_RESETS.labels(topic).inc()
+            log.warning("topic %s was recreated (new topic id): its old log is gone; "
+                        "checkpointing and restarting from the start of the new log", topic)
+        return True
 
     @beam.DoFn.unbounded_per_element()
     def process(self, element: KafkaPartition, tracker=_OFFSETS, watermark=_WATERMARK):
@@ -176,7 +226,12 @@ class _ReadKafkaPartitionFn(beam.DoFn):
         if self._shared is None:
             self._shared = SharedTopicReader(element.bootstrap_servers, element.topic,
                                              self.max_batch)
+            self._watch = BrokerWatch(element.bootstrap_servers)
         records = self._shared.take(element.partition, start, self.poll_s)
+        if self._new_log(element.topic):  # these records are the new log's: not applied now
+            tracker.defer_remainder(Duration.of(0))
+            return
+        (self._watch.records_arrived if records else self._watch.read_was_empty)()
         lag = self._shared.lag(element.partition)
         if lag is not None:
             metrics.CONSUMER_LAG.labels(element.topic, str(element.partition)).set(lag)
@@ -253,6 +308,7 @@ class ReadPurchases(beam.PTransform):
         max_batch: most records per batch.
         poll_s: longest wait for Kafka per call.
         policy: when batches are marked ``checkpoint``.
+        state_dir: where a recreated input topic is marked (see :mod:`pipelines.outages`).
     """
 
     def __init__(self, *, bootstrap_servers: str | None = None, topic: str = "purchases",
@@ -260,7 +316,7 @@ class ReadPurchases(beam.PTransform):
                  stop_row: int | None = None, cut_row: int | None = None,
                  stop: StopFlag | None = None,
                  max_batch: int = 2000, poll_s: float = 0.05,
-                 policy: CheckpointPolicy | None = None) -> None:
+                 policy: CheckpointPolicy | None = None, state_dir: str | None = None) -> None:
         super().__init__()
         if (bootstrap_servers is None) == (log_path is None):
             raise ValueError("give exactly one of bootstrap_servers and log_path")
@@ -268,6 +324,7 @@ class ReadPurchases(beam.PTransform):
         self.positions, self.stop_row, self.cut_row = positions or {}, stop_row, cut_row
         self.stop, self.max_batch, self.poll_s = stop or StopFlag(), max_batch, poll_s
         self.policy = policy or CheckpointPolicy()
+        self.state_dir = state_dir
 
     def expand(self, pbegin):
         if self.log_path is not None:
@@ -279,7 +336,7 @@ class ReadPurchases(beam.PTransform):
                                    self.positions.get(p, 0)) for p in self._partitions()]
         return (pbegin | "Partitions" >> beam.Create(elements)
                 | "ReadKafka" >> beam.ParDo(_ReadKafkaPartitionFn(
-                    self.stop, self.max_batch, self.poll_s, self.policy)))
+                    self.stop, self.max_batch, self.poll_s, self.policy, self.state_dir)))
 
     def _partitions(self) -> list[int]:
         """The topic's partitions (created with 4 if missing); later-added ones are not read."""

@@ -197,6 +197,15 @@ class TopicReader:
         end = self._consumer.highwater(TopicPartition(self.topic, partition))
         return None if end is None else max(0, end - self.positions[partition])
 
+    def topic_id(self) -> str | None:
+        """The topic's id (KIP-516) in the latest metadata, ``None`` while unknown.
+
+        A new id under the same name means the topic was recreated: its log, and the offsets
+        in it, start again (kafka-python keeps the id in its private cluster metadata).
+        """
+        found = self._consumer._client.cluster.topic_id(self.topic)
+        return None if found is None else str(found)
+
     def close(self) -> None:
         """Close the consumer connection."""
         self._consumer.close()

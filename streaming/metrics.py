@@ -80,6 +80,18 @@ EVENTS_DEAD_LETTERED = Counter(
 CONSUMER_LAG = Gauge(
     "dynllm_consumer_lag_messages", "Messages between the consumer position and the partition's "
     "end offset. Pipeline: ReadPurchases, per assigned partition.", ["topic", "partition"])
+KAFKA_UP = Gauge(
+    "dynllm_kafka_up", "1 while the source broker accepts connections, 0 from the first failed "
+    "check (reads came back empty and a TCP connect failed) until it does again. "
+    "Pipeline: ReadPurchases.")
+KAFKA_OUTAGES = Counter(
+    "dynllm_kafka_outages", "Times the source broker became unreachable; reading pauses and "
+    "kafka-python reconnects with backoff. Pipeline: ReadPurchases.")
+SOURCE_LOG_RESETS = Counter(
+    "dynllm_source_log_resets", "Times the input topic was found recreated (its topic id "
+    "changed: a memory-only broker restarted, or the topic was deleted); the pipeline "
+    "checkpoints, restarts from the start of the new log and the old log's unread records are "
+    "lost. Pipeline: ReadPurchases.", ["topic"])
 LAST_EVENT_TIMESTAMP = Gauge(
     "dynllm_last_event_timestamp_seconds", "Event time (Unix seconds) of the newest event "
     "applied to the graph memory. Pipeline: UpdateGraphMemory.")

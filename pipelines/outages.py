@@ -1,0 +1,124 @@
+"""What the live pipeline does when its Kafka broker goes away, and when it comes back empty.
+
+Policy (docs/reliability.md, "Outages"):
+
+1. **Broker unreachable.** kafka-python reconnects by itself with backoff (``reconnect_backoff_ms``
+   up to ``reconnect_backoff_max_ms``); reads come back empty and nothing crashes. The reader
+   notices with a TCP check at most once a second (:class:`BrokerWatch`): one warning, the
+   outage counted in ``dynllm_kafka_outages_total`` and ``dynllm_kafka_up`` at 0 until the
+   broker answers again, then one line with the outage's length.
+2. **Broker back with the same log** (a real Kafka cluster: replicated, on disk): the topic keeps
+   its id and offsets, the reader resumes where it was, nothing is lost or repeated.
+3. **Broker back with a new log** (the memory-only local broker, or a deleted and recreated
+   topic): the topic's id (KIP-516) changed, and the checkpointed offsets point into a log that
+   no longer exists; the new log starts again at offset 0. Waiting would skip the new log's first
+   records, reading on would make the shards drop them as "already applied". The reader instead
+   writes a reset marker into the state directory (:func:`mark_log_reset`), logs a warning,
+   counts ``dynllm_source_log_resets_total`` and asks the pipeline to restart: it drains and
+   checkpoints, :func:`finish_log_reset` sets every shard's positions back to the start of the
+   log (the graph memory is kept) and removes the marker, and the pipeline runs again on the new
+   log with fresh Kafka clients. A crash anywhere in between finds the marker on the next start
+   and finishes the reset. What the old log held beyond the last read offset is lost: that is
+   what an empty broker means.
+
+Not detected: a pipeline *started* after the reset on an older checkpoint never saw the old
+topic id, so it reads the new log from the checkpointed offset on (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.state import checkpoint_path
+from streaming import metrics
+from streaming.broker import reachable
+
+log = logging.getLogger(__name__)
+
+#: File in the state directory saying "the input log was replaced; rebase the positions".
+RESET_MARKER = "log-reset.json"
+
+
+class BrokerWatch:
+    """Tracks whether the source broker accepts connections; logs and counts outages.
+
+    Args:
+        bootstrap_servers: Kafka ``host:port[,host:port]``.
+        every_s: Shortest time between two TCP checks.
+    """
+
+    def __init__(self, bootstrap_servers: str, every_s: float = 1.0) -> None:
+        self.bootstrap_servers, self.every_s = bootstrap_servers, every_s
+        self.up = True
+        self._checked = 0.0
+        self._down_since = 0.0
+        metrics.KAFKA_UP.set(1)
+
+    def records_arrived(self) -> None:
+        """A read returned records: the broker is up."""
+        self._set(True)
+
+    def read_was_empty(self) -> None:
+        """A read returned nothing: check the broker (at most every ``every_s``)."""
+        now = time.monotonic()
+        if now - self._checked >= self.every_s:
+            self._checked = now
+            self._set(reachable(self.bootstrap_servers))
+
+    def _set(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        metrics.KAFKA_UP.set(int(up))
+        if up:
+            log.warning("Kafka broker %s is back after %.1f s; reading resumes",
+                        self.bootstrap_servers, time.monotonic() - self._down_since)
+        else:
+            self._down_since = time.monotonic()
+            metrics.KAFKA_OUTAGES.inc()
+            log.warning("Kafka broker %s unreachable: reading paused, reconnecting with backoff",
+                        self.bootstrap_servers)
+
+
+def mark_log_reset(state_dir: str | Path | None, topic: str) -> None:
+    """Record (atomically) that ``topic``'s log was replaced; :func:`finish_log_reset` acts."""
+    if state_dir is None:
+        return
+    path = Path(state_dir) / RESET_MARKER
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"topic": topic, "detected_at": time.time()}) + "\n")
+    os.replace(tmp, path)
+
+
+def finish_log_reset(state_dir: str | Path | None, num_shards: int) -> bool:
+    """If a reset is marked: every shard's positions back to the log start, then drop the mark.
+
+    Each checkpoint is rewritten atomically with its model state untouched; rewriting one that
+    is already at the start changes nothing, so a crash halfway is finished on the next call.
+
+    Returns:
+        Whether a reset was marked (and is now done).
+    """
+    marker = None if state_dir is None else Path(state_dir) / RESET_MARKER
+    if marker is None or not marker.exists():
+        return False
+    for shard in range(num_shards):
+        path = checkpoint_path(state_dir, shard, num_shards)
+        if not path.exists():
+            continue
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        old = payload["extra"].get("positions", {})
+        payload["extra"]["positions"] = {}
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        log.warning("shard %d of %d: positions %s reset to the start of the new log", shard,
+                    num_shards, old)
+    marker.unlink()
+    return True

@@ -1,0 +1,111 @@
+"""The broker stops for 30 s under a running ``dynllm run`` and comes back empty.
+
+The local broker keeps everything in memory, so the restarted one has no topics, no messages and
+no offsets: the pipeline's checkpointed offset (phase A's last) points past the end of the new
+log. Policy under test (pipelines/outages.py): while the broker is down the pipeline waits and
+reconnects without crashing, and says so in its metrics; when the input topic comes back with a
+new id, it checkpoints, moves its positions to the start of the new log and applies the new
+events. Every event of both phases must be applied exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.outputs import load_store
+from pipelines.state import checkpoint_path
+from streaming.broker import Broker, free_port
+from streaming.kafka_io import create_topics, json_producer
+from streaming.producer import event_messages
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+PHASE_A, PHASE_B = 120, 80
+OUTAGE_S = 30.0
+
+
+def _produce(bootstrap: str, values: list[bytes]) -> None:
+    create_topics(bootstrap, ["purchases"], partitions=1)
+    producer = json_producer(bootstrap)
+    for value in values:
+        producer.send("purchases", value=value)
+    producer.flush()
+    producer.close()
+
+
+def test_broker_down_30s_then_back_empty(run_dir, cj_small, tmp_path, tools):
+    from tgn.model import TGNRecommender
+
+    events = pq.read_table(cj_small / "events.parquet").slice(0, PHASE_A + PHASE_B)
+    values = [value for _key, value, _ts in event_messages(events)]
+    users = events.column("user_id").to_pylist()
+    per_user = {u: users.count(u) for u in set(users)}
+    broker = Broker(port=free_port()).start()
+    try:
+        _produce(broker.bootstrap_servers, values[:PHASE_A])
+        pipeline = tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path,
+                                         PHASE_A + PHASE_B)
+        pipeline.wait_consumed(PHASE_A)
+        port = pipeline.port
+        assert tools.metric(port, "dynllm_kafka_up") == 1
+
+        broker.stop()
+        down_at = time.monotonic()
+        tools.wait_until(lambda: tools.metric(port, "dynllm_kafka_outages_total") == 1, 10,
+                         "the outage showing in the metrics", pipeline.process)
+        assert tools.metric(port, "dynllm_kafka_up") == 0
+        while time.monotonic() - down_at < OUTAGE_S:  # the pipeline must live through it
+            assert pipeline.process.poll() is None, "the pipeline died while the broker was down"
+            time.sleep(0.5)
+
+        broker.start()  # same port, empty: no topics, no offsets
+        _produce(broker.bootstrap_servers, values[PHASE_A:])
+        pipeline.wait_consumed(PHASE_A + PHASE_B, timeout_s=120)
+        tools.wait_until(lambda: tools.metric(port, "dynllm_kafka_up") == 1, 10,
+                         "the broker counted as back", pipeline.process)
+        assert tools.metric(port, "dynllm_source_log_resets_total") == 1
+        assert tools.metric(port, "dynllm_kafka_outages_total") == 1
+        pipeline.stop()
+    finally:
+        broker.stop()
+
+    log = (tmp_path / "pipeline.log").read_text()
+    assert "unreachable" in log and "was recreated" in log, log[-3000:]
+    assert not (tmp_path / "log-reset.json").exists()
+    model = TGNRecommender.load(checkpoint_path(tmp_path, 0, 1))
+    positions = model.checkpoint_extra["positions"]
+    assert sum(positions.values()) == PHASE_B  # offsets of the new log
+    counts = model.neighbors.count[model.user_node].tolist()  # exactly once, both phases
+    assert {u: n for u, n in zip(model.users.to_list(), counts, strict=True) if n} == per_user
+    user_ids, _ts, versions, vectors, _weights = load_store(
+        tmp_path / "embeddings-shard-0-of-1.npz")
+    assert dict(zip(user_ids.tolist(), versions.tolist(), strict=True)) == per_user
+    assert np.isfinite(vectors).all()
+
+
+def test_a_marked_reset_moves_positions_to_the_log_start_and_keeps_the_memory(run_dir, tmp_path):
+    """The reset a crash interrupted is finished on the next start, state untouched."""
+    import torch
+
+    from pipelines.outages import RESET_MARKER, finish_log_reset, mark_log_reset
+    from pipelines.state import load_run_model
+    from tgn.model import TGNRecommender
+
+    model = load_run_model(run_dir)
+    for shard in range(2):
+        model.save(checkpoint_path(tmp_path, shard, 2), extra={"positions": {0: 7, 1: 3}})
+    assert not finish_log_reset(tmp_path, 2)  # nothing marked: nothing changes
+    assert TGNRecommender.load(checkpoint_path(tmp_path, 1, 2)).checkpoint_extra[
+        "positions"] == {0: 7, 1: 3}
+    mark_log_reset(tmp_path, "purchases")
+    assert (tmp_path / RESET_MARKER).exists()
+    assert finish_log_reset(tmp_path, 2)
+    assert not (tmp_path / RESET_MARKER).exists()
+    for shard in range(2):
+        loaded = TGNRecommender.load(checkpoint_path(tmp_path, shard, 2))
+        assert loaded.checkpoint_extra["positions"] == {}
+        torch.testing.assert_close(loaded.memory.memory, model.memory.memory)
