@@ -42,7 +42,7 @@ def cutoff(dataset: Dataset, until_split: str) -> float:
 
 
 def plan(graph: PurchaseGraph, until: float, refresh_every: int = 0,
-         max_users: int | None = None) -> list[Task]:
+         max_users: int | None = None, users: list[str] | None = None) -> list[Task]:
     """The profiles to write, in event-time order.
 
     Args:
@@ -50,12 +50,15 @@ def plan(graph: PurchaseGraph, until: float, refresh_every: int = 0,
         until: Only events with ``ts < until`` are used.
         refresh_every: Also write a profile after every N-th purchase line (0: final only).
         max_users: Keep the first N users (sorted by id) to cap the cost.
+        users: Only these users (before ``max_users`` applies); unknown ids are skipped.
 
     Returns:
         One task per distinct (user, profile time).
     """
     tasks = []
-    for user in graph.users[:max_users]:
+    wanted = None if users is None else set(users)
+    chosen = graph.users if wanted is None else [u for u in graph.users if u in wanted]
+    for user in chosen[:max_users]:
         ts = graph.user_event_times(user)
         ts = ts[ts < until]
         if len(ts) == 0:
@@ -68,7 +71,8 @@ def plan(graph: PurchaseGraph, until: float, refresh_every: int = 0,
 
 def build(dataset: Dataset, writer: ProfileWriter, store: ProfileStore, until_split: str = "train",
           refresh_every: int = 0, hops: int = 2, max_users: int | None = None,
-          limit: int | None = None, batch_size: int = 8, progress: bool = True) -> int:
+          limit: int | None = None, batch_size: int = 8, progress: bool = True,
+          users: list[str] | None = None) -> int:
     """Write the planned profiles that the store does not hold yet.
 
     Args:
@@ -82,6 +86,7 @@ def build(dataset: Dataset, writer: ProfileWriter, store: ProfileStore, until_sp
         limit: Write at most this many profiles in this run.
         batch_size: Contexts per writer call.
         progress: Show a tqdm bar with ETA.
+        users: See :func:`plan`.
 
     Returns:
         Profiles written in this run.
@@ -89,7 +94,7 @@ def build(dataset: Dataset, writer: ProfileWriter, store: ProfileStore, until_sp
     from tqdm import tqdm
 
     graph = PurchaseGraph(dataset)
-    tasks = plan(graph, cutoff(dataset, until_split), refresh_every, max_users)
+    tasks = plan(graph, cutoff(dataset, until_split), refresh_every, max_users, users)
     model_id = writer.backend.model_id
     todo = [t for t in tasks if not store.has(t.user_id, t.ts, model_id, hops)][:limit]
     log.info("%d profiles planned, %d to write in this run", len(tasks), len(todo))

@@ -59,7 +59,8 @@ def _build(args: argparse.Namespace) -> int:
     store_path = args.store or str(Path(args.data) / "profiles.sqlite")
     writer = _writer(args, store_path)
     written = build(dataset, writer, writer.store, args.until_split, args.refresh_every,
-                    args.hops, args.max_users, args.limit, args.batch_size)
+                    args.hops, args.max_users, args.limit, args.batch_size,
+                    users=args.users.split(",") if args.users else None)
     s = writer.stats
     print(f"wrote {written} profiles to {store_path} ({len(writer.store)} stored): "
           f"{s.generated} generated, {s.cached} cached, {s.fallbacks} fallbacks, "
@@ -141,6 +142,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--refresh-every", type=int, default=0, metavar="N",
                        help="also a profile after every N-th purchase line (0: final only)")
     build.add_argument("--max-users", type=positive_int, help="first N users only")
+    build.add_argument("--users", metavar="ID[,ID...]", help="only these users")
     build.add_argument("--limit", type=positive_int, help="write at most N profiles this run")
     _add_llm_options(build)
     build.set_defaults(func=_build)

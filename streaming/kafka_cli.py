@@ -81,7 +81,8 @@ def _produce(args: argparse.Namespace) -> int:
     from streaming.producer import produce_events
 
     _quiet_kafka(args)
-    events = Dataset.load(args.data).events
+    dataset = Dataset.load(args.data)
+    events = dataset.split(args.split) if args.split else dataset.events
     if args.limit is not None:
         events = events.slice(0, args.limit)
     producer = _connect(args.bootstrap_servers)
@@ -125,6 +126,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--data", required=True, help="dataset directory")
     produce.add_argument("--topic", default="purchases")
     produce.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="HOST:PORT")
+    produce.add_argument("--split", choices=("train", "val", "test"),
+                         help="send only this chronological split (default: every event)")
     produce.add_argument("--limit", type=_positive(int), help="send only the first N events")
     produce.add_argument("--partitions", type=_positive(int), default=4,
                          help="partitions if the topic must be created")

@@ -60,6 +60,8 @@ def test_plan_refreshes_every_n_events_before_the_cut(dataset):
     assert by_user == {"u1": [1.0, 10.0], "u2": [3.0, 11.0], "u3": [5.0, 8.0], "u4": [9.0]}
     assert [t.ts for t in tasks] == sorted(t.ts for t in tasks)
     assert len(plan(graph, until=12 * DAY, max_users=1)) == 1
+    chosen = plan(graph, until=12 * DAY, users=["u3", "u4", "nobody"])
+    assert [(t.user_id, t.ts / DAY) for t in chosen] == [("u3", 8.0), ("u4", 9.0)]
 
 
 def test_batch_build_resumes_without_repeating(dataset, tiny_llm, embedder, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,6 +64,21 @@ def test_produce_sends_the_first_events_in_time_order(capsys, kafka_broker, cj_s
     with TopicReader(kafka_broker, "p") as reader:
         records = [r for b in reader.batches(limit=200, idle_timeout_s=10) for r in b]
     assert len(records) == 200 and [r.offset for r in records] == list(range(200))
+
+
+@pytest.mark.kafka
+def test_produce_split_sends_only_that_split(capsys, kafka_broker, cj_small):
+    from streaming.dataset import Dataset
+
+    test = Dataset.load(cj_small).split("test")
+    code, out, _ = run_cli(capsys, "produce", "--data", str(cj_small), "--topic", "p-test",
+                           "--bootstrap-servers", kafka_broker, "--split", "test",
+                           "--limit", "50", "--partitions", "1")
+    assert code == 0 and "sent 50 events" in out
+    with TopicReader(kafka_broker, "p-test") as reader:
+        records = [r for b in reader.batches(limit=50, idle_timeout_s=10) for r in b]
+    sent = [json.loads(r.value)["event_id"] for r in records]
+    assert sent == test.column("event_id").to_pylist()[:50]
 
 
 @pytest.mark.kafka
