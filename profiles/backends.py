@@ -1,7 +1,8 @@
 """Language-model backends behind one small interface.
 
 - :class:`TransformersBackend`: a local causal LM run with transformers (the default), batched,
-  greedy, answer pre-filled, stopped per row as soon as the four lines are written.
+  greedy, answer pre-filled and kept in the four-line format by constrained decoding
+  (:mod:`profiles.constrain`), stopped per row as soon as the four lines are written.
 - :class:`HttpBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, Ollama,
   llama.cpp server, a hosted API), with timeouts and retries with exponential backoff.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from profiles.prompt import PREFILL
+from streaming import metrics
 
 log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
@@ -55,22 +57,25 @@ class TransformersBackend:
     Args:
         model_path: A Hugging Face model folder (see :func:`profiles.modelpack.resolve_model`).
         batch_size: Prompts per ``generate`` call (left-padded; similar lengths grouped).
-        max_new_tokens: Hard cap on answer tokens.
+        max_new_tokens: Hard cap on answer tokens (default: the longest answer the format
+            allows, so it never cuts one).
         seed: Seed of the sampled retries.
         prefix_cache: Compute the key/values of the prompt prefix shared by a batch (system
             message and chat template head) once and reuse them; answers are identical.
     """
 
-    def __init__(self, model_path: str | Path, batch_size: int = 8, max_new_tokens: int = 56,
-                 seed: int = 0, prefix_cache: bool = True) -> None:
+    def __init__(self, model_path: str | Path, batch_size: int = 8,
+                 max_new_tokens: int | None = None, seed: int = 0,
+                 prefix_cache: bool = True) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from profiles.constrain import VocabClasses
+
         self.model_path = Path(model_path)
         self.model_id = self.model_path.name
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.prefix_cache = prefix_cache
         self._prefix: tuple[str, object, object] | None = None  # (text, ids (1, P), cache)
@@ -79,10 +84,11 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         self.model.eval()
-        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        newline = [i for i, tok in enumerate(vocab)
-                   if tok and "\n" in self.tokenizer.convert_tokens_to_string([tok])]
-        self._newline_ids = torch.tensor(newline or [-1])
+        eos = self.model.generation_config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        self.vocab = VocabClasses.build(self.tokenizer, self.model.config.vocab_size,
+                                        self.tokenizer.eos_token_id if eos is None else eos)
+        self.max_new_tokens = max_new_tokens or self.vocab.max_tokens()
 
     def _text(self, messages: Messages) -> str:
         if self.tokenizer.chat_template:
@@ -141,17 +147,13 @@ class TransformersBackend:
 
     def _generate_batch(self, texts: list[str], sample: bool) -> list[Generation]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList
+
+        from profiles.constrain import FacetLines
 
         enc = self._encode(texts)
-        start, newline_ids = enc["input_ids"].shape[1], self._newline_ids
-
-        class FourLines(StoppingCriteria):
-            """Stops a row once its answer holds the remaining three line breaks."""
-
-            def __call__(self, input_ids, scores, **kwargs):  # (B, L) -> (B,) bool
-                return torch.isin(input_ids[:, start:], newline_ids).sum(1) >= 4
-
+        start = enc["input_ids"].shape[1]
+        lines = FacetLines(self.vocab, start, len(texts))
         kwargs = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else \
             {"do_sample": False}
         if sample:
@@ -159,33 +161,31 @@ class TransformersBackend:
         with torch.inference_mode():
             ids = self.model.generate(
                 **enc, max_new_tokens=self.max_new_tokens, repetition_penalty=1.1,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([FourLines()]), **kwargs)
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.vocab.eos_id,
+                logits_processor=LogitsProcessorList([lines]), **kwargs)
         gens = []
-        for row in ids[:, start:]:
+        for row, state in zip(ids[:, start:], lines.rows, strict=True):
             keep = row != self.tokenizer.pad_token_id
-            text = self.tokenizer.decode(row[keep], skip_special_tokens=True)
-            # stopped early (padded after EOS or the four lines) or four lines: not token-capped
-            finished = not bool(keep.all()) or text.count("\n") >= 4
-            gens.append(Generation(PREFILL + (text if finished else drop_partial_item(text)),
-                                   int(keep.sum())))
+            text = PREFILL + self.tokenizer.decode(row[keep], skip_special_tokens=True)
+            gens.append(Generation(drop_partial_items(text, state.capped), int(keep.sum())))
         return gens
 
 
-def drop_partial_item(text: str) -> str:
-    """Cut the last, token-capped list item of an unfinished answer (all of it if alone).
+def drop_partial_items(text: str, capped: set[int]) -> str:
+    """Cut the last item of every list line that hit its token cap (``capped``: line indices).
 
-    >>> drop_partial_item("a\\nFavored brands: M69 private label, M31")
-    'a\\nFavored brands: M69 private label'
-    >>> drop_partial_item("a\\nFavored brands: M10")
-    'a\\nFavored brands:'
+    A capped line with a single item (or free text, line 0) is kept as written.
+
+    >>> drop_partial_items("a\\nb\\nCheese, Soft Dri\\nFavored brands: M69 private label", {2})
+    'a\\nb\\nCheese\\nFavored brands: M69 private label'
+    >>> drop_partial_items("a, b", {0})
+    'a, b'
     """
-    head, _, last = text.rpartition("\n")
-    if "," in last:
-        last = last.rsplit(",", 1)[0]
-    elif ":" in last:  # a lone cut-off value is no value: the answer fails to parse
-        last = last.split(":", 1)[0] + ":"
-    return f"{head}\n{last}" if head else last
+    lines = text.split("\n")
+    for i in capped:
+        if i > 0 and i < len(lines) and "," in lines[i]:
+            lines[i] = lines[i].rsplit(",", 1)[0]
+    return "\n".join(lines)
 
 
 class HttpBackend:
@@ -236,8 +236,22 @@ class HttpBackend:
                 error = exc
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 raise BackendError(f"{self.url} sent no chat completion: {exc!r}") from exc
+            metrics.LLM_ERRORS.labels(_error_kind(error)).inc()
             if attempt < self.retries:
                 log.warning("LLM endpoint failed (%s); retry in %.1fs", error, delay)
+                metrics.LLM_RETRIES.inc()
                 time.sleep(delay)
                 delay *= 2
         raise BackendError(f"{self.url} failed after {self.retries + 1} attempts: {error}")
+
+
+def _error_kind(error: Exception) -> str:
+    """The ``kind`` label of a failed endpoint attempt.
+
+    >>> _error_kind(TimeoutError("timed out")), _error_kind(ConnectionResetError())
+    ('timeout', 'connection')
+    """
+    if isinstance(error, urllib.error.HTTPError):
+        return "http_429" if error.code == 429 else "http_5xx"
+    reason = getattr(error, "reason", error)  # URLError wraps the socket's error
+    return "timeout" if isinstance(reason, TimeoutError) else "connection"

@@ -17,6 +17,13 @@ Delivery: read positions are saved in the profile store only once every request 
 done, and after the updates were flushed to the broker. A worker killed mid-batch therefore
 re-reads the unfinished requests on restart (at-least-once; repeats hit the cache and the store's
 unique key), and no request is lost.
+
+LLM outages: the backend retries each call itself (``HttpBackend``: timeout, backoff); when it
+still fails (:class:`~profiles.backends.BackendError`), the batch stays in the queue, the failure
+is counted (``dynllm_profile_batch_retries_total``) and the batch is tried again after a pause
+that doubles up to ``max_backoff_s``. Nothing is acknowledged meanwhile, so a worker stopped
+during an outage re-reads the requests on restart. The pipeline does not wait: fusion keeps the
+last profile it received for each user.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from profiles.backends import BackendError
 from profiles.graph import PurchaseGraph
 from profiles.store import ProfileStore
 from profiles.writer import ProfileWriter
@@ -106,14 +114,18 @@ class ProfileWorker:
         hops: 2 for graph-aware prompts, 1 for own history only.
         batch_size: Users per generation batch.
         max_queue: Most queued users (backpressure bound).
+        backoff_s: First pause after a batch failed on the backend; doubles per failure.
+        max_backoff_s: Longest pause between tries of a failing batch.
     """
 
     def __init__(self, bootstrap_servers: str, graph: PurchaseGraph, writer: ProfileWriter,
                  policy: TriggerPolicy, hops: int = 2, batch_size: int = 8,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
         self.graph, self.writer, self.store = graph, writer, writer.store
         self.policy, self.hops = policy, hops
         self.batch_size, self.max_queue = batch_size, max_queue
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._failures = 0  # consecutive batches the backend failed
         create_topics(bootstrap_servers, [REQUESTS_TOPIC, UPDATES_TOPIC])
         self.reader = TopicReader(bootstrap_servers, REQUESTS_TOPIC,
                                   offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue)
@@ -144,13 +156,31 @@ class ProfileWorker:
             except KeyError:
                 metrics.PROFILES_FAILED.labels(reason="unknown_user").inc()
                 log.warning("user %s has no history up to %s; request dropped", user, request.ts)
-        for profile in self.writer.write(contexts, self.hops) if contexts else []:
+                del self.queue[user]
+        try:
+            profiles = self.writer.write(contexts, self.hops) if contexts else []
+        except BackendError as exc:
+            self._back_off(exc)
+            return  # the batch stays queued, its requests unacknowledged
+        self._failures = 0
+        for profile in profiles:
             self.producer.send(UPDATES_TOPIC, key=profile.user_id, value=profile.to_message())
             self.policy.done(profile.user_id, profile.ts)
         self.producer.flush()
         for user in users:
-            del self.queue[user]
+            self.queue.pop(user, None)
         metrics.PROFILE_QUEUE_LENGTH.set(len(self.queue))
+
+    def _back_off(self, error: BackendError) -> None:
+        """Count a failed batch and pause (doubling, capped), waking up early on SIGTERM."""
+        self._failures += 1
+        metrics.PROFILE_BATCH_RETRIES.inc()
+        pause = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
+        log.warning("LLM backend failed (%s); %d queued users kept, next try in %.1fs",
+                    error, len(self.queue), pause)
+        deadline = time.monotonic() + pause
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, pause))
 
     def run(self, idle_exit_s: float | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or ``idle_exit_s`` without requests)."""

@@ -141,6 +141,13 @@ PROFILE_CACHE_HITS = Counter(
     "LLM. Profile worker.")
 LLM_RETRIES = Counter(
     "dynllm_llm_retries", "LLM calls repeated after an error or unusable answer. Profile worker.")
+LLM_ERRORS = Counter(
+    "dynllm_llm_errors", "Failed LLM endpoint attempts, by kind (timeout, http_5xx, http_429, "
+    "connection); each is retried with backoff. Profile worker (HttpBackend).", ["kind"])
+PROFILE_BATCH_RETRIES = Counter(
+    "dynllm_profile_batch_retries", "Batches put back in the queue because the LLM backend "
+    "still failed after its own retries; tried again after a growing pause, and their requests "
+    "stay unacknowledged until done. Profile worker.")
 LLM_REQUEST_SECONDS = Histogram(
     "dynllm_llm_request_seconds", "Wall-clock time of one LLM generation call (a whole batch "
     "for batched backends). Profile worker.", buckets=LLM_SECONDS)
