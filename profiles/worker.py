@@ -47,6 +47,10 @@ REQUESTS_TOPIC = "profile-requests"
 UPDATES_TOPIC = "profile-updates"
 
 
+class StopRequested(Exception):
+    """Raised by the SIGTERM handler to abandon the batch being written."""
+
+
 @dataclass(frozen=True)
 class Request:
     """A parsed profile request."""
@@ -132,6 +136,7 @@ class ProfileWorker:
         self.producer = json_producer(bootstrap_servers)
         self.queue: dict[str, Request] = {}
         self.stopping = False
+        self._writing = False  # a batch is being written: SIGTERM interrupts it
 
     def _enqueue(self, records: list) -> None:
         for record in records:
@@ -157,11 +162,14 @@ class ProfileWorker:
                 metrics.PROFILES_FAILED.labels(reason="unknown_user").inc()
                 log.warning("user %s has no history up to %s; request dropped", user, request.ts)
                 del self.queue[user]
+        self._writing = True
         try:
             profiles = self.writer.write(contexts, self.hops) if contexts else []
         except BackendError as exc:
             self._back_off(exc)
             return  # the batch stays queued, its requests unacknowledged
+        finally:
+            self._writing = False
         self._failures = 0
         for profile in profiles:
             self.producer.send(UPDATES_TOPIC, key=profile.user_id, value=profile.to_message())
@@ -182,9 +190,28 @@ class ProfileWorker:
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.1, pause))
 
+    def _on_sigterm(self, *_: object) -> None:
+        """Stop after the current step; a batch in generation is abandoned (minutes on a CPU)."""
+        self.stopping = True
+        if self._writing:
+            raise StopRequested
+
     def run(self, idle_exit_s: float | None = None) -> None:
-        """Serve until SIGTERM/SIGINT (or ``idle_exit_s`` without requests)."""
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        """Serve until SIGTERM/SIGINT (or ``idle_exit_s`` without requests).
+
+        SIGTERM during a batch abandons it at once: its requests are not acknowledged, so a
+        restarted worker writes them again (a profile already stored is republished from the
+        cache).
+        """
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._serve(idle_exit_s)
+        except StopRequested:
+            log.info("stopped mid-batch; %d queued users will be re-read on restart",
+                     len(self.queue))
+        self.close()
+
+    def _serve(self, idle_exit_s: float | None) -> None:
         last_work = time.monotonic()
         while not self.stopping:
             records = self.reader.poll(0.5)
@@ -197,7 +224,6 @@ class ProfileWorker:
                 last_work = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s:
                 break
-        self.close()
 
     def close(self) -> None:
         """Flush and close the Kafka connections."""

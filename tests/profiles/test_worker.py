@@ -113,3 +113,33 @@ def test_killed_worker_loses_no_request(kafka_broker, cj_small, tiny_llm, tmp_pa
     published = {u["user_id"] for u in _updates(kafka_broker)}
     assert published == set(users)
     assert sum(store.offsets(REQUESTS_TOPIC).values()) == len(users)
+
+
+@pytest.mark.kafka
+def test_sigterm_mid_batch_stops_at_once_and_loses_nothing(kafka_broker, tiny_data, chat_peer,
+                                                           tmp_path):
+    _produce(kafka_broker, [{"user_id": "u1", "ts": 10 * DAY}, {"user_id": "u2", "ts": 11 * DAY}])
+    chat_peer.delay = 60.0  # a generation that would take a minute
+    store_path = tmp_path / "p.sqlite"
+    command = [sys.executable, "-m", "pipelines.cli", "worker", "--bootstrap-servers",
+               kafka_broker, "--data", str(tiny_data), "--store", str(store_path),
+               "--llm-url", chat_peer.url, "--llm-timeout", "120", "--metrics-port", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not chat_peer.requests and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert chat_peer.requests, "the worker never asked the model"
+    stopped_at = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=15) == 0, first.stderr.read()[-2000:]
+    assert time.monotonic() - stopped_at < 10  # not after the minute-long answer
+    store = ProfileStore(store_path)
+    assert len(store) == 0 and sum(store.offsets(REQUESTS_TOPIC).values()) == 0  # nothing acked
+    chat_peer.delay = 0.0
+    second = subprocess.run([*command, "--idle-exit", "2"], env=env, timeout=120,
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert {u["user_id"] for u in _updates(kafka_broker)} == {"u1", "u2"}
+    assert sum(store.offsets(REQUESTS_TOPIC).values()) == 2
