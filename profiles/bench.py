@@ -31,7 +31,8 @@ def _rate(profiles: int, seconds: float) -> float:
 
 
 def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8,
-        threads: int = 2, reference_users: int = 2, hops: int = 2) -> dict[str, object]:
+        threads: int = 2, reference_users: int = 2, hops: int = 2,
+        int8: bool = False) -> dict[str, object]:
     """Run the benchmark; returns the figures as a JSON-able dict."""
     import torch
 
@@ -43,7 +44,7 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
               graph.user_event_times(u)[0] < until][:users]
     contexts = [graph.context(u, until - 1e-6, hops) for u in chosen]
     start = time.perf_counter()
-    backend = TransformersBackend(model_path, batch_size=batch_size)
+    backend = TransformersBackend(model_path, batch_size=batch_size, int8=int8)
     embedder = FacetEmbedder()
     load_s = time.perf_counter() - start
     prompt_tokens = [len(backend.tokenizer(backend._text(build_messages(c)))["input_ids"])
@@ -96,9 +97,9 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
 
 
 def main(data: str, model_path: Path, users: int, batch_size: int, threads: int,
-         reference_users: int, hops: int, json_out: str | None) -> int:
+         reference_users: int, hops: int, json_out: str | None, int8: bool = False) -> int:
     """Run, print and optionally save the figures."""
-    result = run(data, model_path, users, batch_size, threads, reference_users, hops)
+    result = run(data, model_path, users, batch_size, threads, reference_users, hops, int8)
     for key, value in result.items():
         if key != "example":
             print(f"{key:>40}: {value}")

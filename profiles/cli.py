@@ -21,6 +21,9 @@ def _add_llm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     group.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
     group.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    group.add_argument("--int8", action="store_true",
+                       help="dynamic int8 quantization of the local model's linear layers "
+                            "(faster on CPU, answers differ; see docs/profiles.md)")
     group.add_argument("--hops", type=int, choices=(1, 2), default=2,
                        help="2: graph-aware prompt with co-buyers; 1: own history only")
 
@@ -42,7 +45,8 @@ def _writer(args: argparse.Namespace, store_path: str):
             raise UsageError("give --llm-model or --llm-url, not both")
         backend = HttpBackend(args.llm_url, args.llm_name, timeout=args.llm_timeout)
     else:
-        backend = TransformersBackend(resolve_model(args.llm_model), batch_size=args.batch_size)
+        backend = TransformersBackend(resolve_model(args.llm_model), batch_size=args.batch_size,
+                                      int8=args.int8)
     return ProfileWriter(backend, FacetEmbedder(), ProfileStore(store_path))
 
 
@@ -108,7 +112,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return bench.main(args.data, resolve_model(args.llm_model), args.users, args.batch_size,
-                      args.threads, args.reference_users, args.hops, args.json)
+                      args.threads, args.reference_users, args.hops, args.json, args.int8)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -164,5 +168,6 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=positive_int, default=8)
     bench.add_argument("--threads", type=positive_int, default=2)
     bench.add_argument("--hops", type=int, choices=(1, 2), default=2)
+    bench.add_argument("--int8", action="store_true", help="int8-quantized linear layers")
     bench.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     bench.set_defaults(func=_bench)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from profiles.graph import UserContext
-from profiles.prompt import FACETS
+from profiles.prompt import FACETS, PLACEHOLDERS
 
 _LINE = re.compile(r"^\s*[-*#\d.]*\s*\**\s*(" + "|".join(FACETS) + r")\s*\**\s*:\s*(.*)$", re.I)
 _COUNT = re.compile(r"\(\d+\)")
@@ -46,17 +46,24 @@ def parse_facets(text: str) -> Facets | None:
     True
     """
     found: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): "\x0b", "\x1c" are no line ends
         match = _LINE.match(line)
         if match is None:
             continue
         heading = next(h for h in FACETS if h.lower() == match.group(1).lower())
         value = _COUNT.sub("", match.group(2)).replace(" ,", ",")  # drop copied counts "(12)"
-        value = value.strip().strip("*").strip().rstrip(".")[:MAX_FACET_CHARS]
+        value = value.strip().strip("*").strip().rstrip(" .,;")[:MAX_FACET_CHARS]
         found.setdefault(heading, value)
-    if any(not found.get(h) or found[h].startswith("<") for h in FACETS):
+    if any(not found.get(h) or found[h].startswith("<") or _copies_placeholder(found[h])
+           for h in FACETS):
         return None
     return Facets(tuple(found[h] for h in FACETS))  # type: ignore[arg-type]
+
+
+def _copies_placeholder(value: str) -> bool:
+    """True when a value is (the start of) a placeholder of the format, e.g. copied verbatim."""
+    value = value.lower()
+    return len(value) >= 8 and any(value in p for p in PLACEHOLDERS)
 
 
 def named_entities(facets: Facets) -> list[str]:

@@ -1,67 +1,84 @@
 """The graph-aware profile prompt: a fixed system message, a few compact lines of context.
 
-Prompt processing dominates CPU cost, so the prompt is short: a fixed system message with the
-answer format (identical for every user; it also replaces the chat template's long default one),
-a handful of bounded top-k lists, and a one-line instruction last (about 230 tokens with the Qwen
-template, 2 hops). The answer is pre-filled with the first heading
-(``Crowd segment:``) so even a small model starts in the right format and writes few tokens.
-Placeholders hold no example values: a 0.5B model copies them verbatim.
+Prompt processing dominates CPU cost, so the per-user part is short: a fixed system message
+with the task and the answer format (identical for every user, so a local backend computes it
+once and reuses its key/values; it also replaces the chat template's long default one), then a
+few bounded, most-bought-first lists without counts (digits cost one token each) and with product
+names cut before their pack-size noise (about 100 per-user tokens with the Qwen template, 2 hops).
+The answer is pre-filled with the first heading (``Crowd segment:``) so even a small model starts
+in the right format. Placeholders hold no example values: a 0.5B model copies them verbatim.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 from profiles.graph import UserContext
 
 #: The four facets, in answer order; also the headings of the answer lines.
 FACETS = ("Crowd segment", "Personal interests", "Preferred categories", "Favored brands")
 
-SYSTEM = ("Describe a shopper in exactly this format:\n"
-          "Crowd segment: <household type and shopping style>\n"
-          "Personal interests: <two interests>\n"
+SYSTEM = ("You profile grocery shoppers from their purchase data (lists are most bought first)."
+          " Answer in exactly four short lines:\n"
+          "Crowd segment: <describe the household and its spending in under six words>\n"
+          "Personal interests: <two interests or habits>\n"
           "Preferred categories: <two categories from the data>\n"
           "Favored brands: <two brands from the data>")
-
-#: The closing instruction (after the data, where a small model follows it best).
-INSTRUCTION = "Write the four lines for this shopper."
 
 #: The answer starts with this text (pre-filled for local models).
 PREFILL = f"{FACETS[0]}:"
 
+#: The placeholder texts of the format (an answer that copies one is no answer).
+PLACEHOLDERS = tuple(p.lower() for p in re.findall(r"<([^>]+)>", SYSTEM))
 
-def _counted(pairs: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{name} ({n})" for name, n in pairs) or "none"
+_NOISE = re.compile(r"\s*[(\d].*$")  # "Soft Drinks 12/18&15Pk" -> "Soft Drinks"
+
+
+def short_name(name: str) -> str:
+    """A product or category name cut before its first digit or bracket (if text remains).
+
+    >>> short_name("Soft Drinks 12/18&15Pk Can Car"), short_name("Pineapple Juice (Over 50%")
+    ('Soft Drinks', 'Pineapple Juice')
+    >>> short_name("2% Milk")
+    '2% Milk'
+    """
+    cut = _NOISE.sub("", name).strip(" -,&/")
+    return cut if len(cut) >= 3 else name
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(dict.fromkeys(short_name(n) for n in names)) or "none"
 
 
 def render_context(ctx: UserContext) -> str:
-    """The user message: household, own history, (2-hop) what co-buyers buy, the instruction.
+    """The user message: household, own history (1 hop), what co-buyers buy (2 hops).
 
     >>> from profiles.graph import UserContext
-    >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar", 2)],
-    ...                   [("M69 private label", 3)], ["Cheddar"], 1.0)
-    >>> print(render_context(ctx).replace(INSTRUCTION, "<instruction>"))
-    Purchases: 3 lines, 0 units in 1 days; 0% budget and 0% premium-priced for their category
-    Categories: Cheese (2)
-    Products: Cheddar (2); recently Cheddar
-    Brands: M69 private label (3)
-    <instruction>
+    >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar 8 Oz", 2)],
+    ...                   [("M69 private label", 3)], ["Cheddar 8 Oz", "Milk"], 1.0, 3.0)
+    >>> print(render_context(ctx))
+    3 lines, 3 units in 1 days, 0% budget, 0% premium
+    Categories: Cheese
+    Products: Cheddar; recently Milk
+    Brands: M69 private label
     """
     lines = [f"Household: {ctx.household}"] if ctx.household else []
+    cats, types = [n for n, _ in ctx.categories], [n for n, _ in ctx.types]
+    brands = [n for n, _ in ctx.brands]
+    recent = [n for n in ctx.recent if n not in types]
     lines += [
-        f"Purchases: {ctx.n_events} lines, {ctx.units:g} units in "
-        f"{max(1, round(ctx.days_active))} days; {ctx.budget_share:.0%} budget and "
-        f"{ctx.premium_share:.0%} premium-priced for their category",
-        f"Categories: {_counted(ctx.categories)}",
-        f"Products: {_counted(ctx.types)}; recently {', '.join(ctx.recent) or 'none'}",
-        f"Brands: {_counted(ctx.brands)}",
+        f"{ctx.n_events} lines, {ctx.units:g} units in {max(1, round(ctx.days_active))} days, "
+        f"{ctx.budget_share:.0%} budget, {ctx.premium_share:.0%} premium",
+        f"Categories: {_names(cats)}",
+        f"Products: {_names(types)}" + (f"; recently {_names(recent)}" if recent else ""),
+        f"Brands: {_names(brands)}",
     ]
-    if ctx.neighbours:
-        crowd_cats = ", ".join(n for n, _ in ctx.crowd_categories)
-        crowd_brands = ", ".join(n for n, _ in ctx.crowd_brands)
-        lines.append(f"{ctx.neighbours} shoppers buying the same items buy most: "
-                     f"{crowd_cats}; brands {crowd_brands}")
-    lines.append(INSTRUCTION)
+    if ctx.neighbours:  # what the co-buyers buy most, less what this shopper's lists show
+        crowd_cats = [n for n, _ in ctx.crowd_categories if n not in cats]
+        crowd_brands = [n for n, _ in ctx.crowd_brands if n not in brands]
+        lines.append(f"{ctx.neighbours} co-buyers also buy: {_names(crowd_cats)}; "
+                     f"{_names(crowd_brands)}")
     return "\n".join(lines)
 
 

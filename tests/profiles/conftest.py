@@ -57,8 +57,8 @@ def embedder():
 
 def _grounded_answer(prompt: str) -> str:
     """A rule-based 'model': name the first listed category and brand of the prompt."""
-    category = re.search(r"Categories: ([^(\n]+?) \(", prompt)
-    brand = re.search(r"Brands: ([^(\n]+?) \(", prompt)
+    category = re.search(r"Categories: ([^,\n]+)", prompt)
+    brand = re.search(r"Brands: ([^,\n]+)", prompt)
     return (f"Crowd segment: budget family shopper\nPersonal interests: home cooking\n"
             f"Preferred categories: {category.group(1) if category else 'x'}\n"
             f"Favored brands: {brand.group(1) if brand else 'x'}")

@@ -13,7 +13,7 @@ def test_build_then_show(tiny_data, tiny_llm, tmp_path, capsys):
     assert "wrote 2 profiles" in capsys.readouterr().out
     assert main(["profiles", "show", "--store", store, "--user", "u1"]) == 0
     shown = capsys.readouterr().out
-    assert "user u1 v1" in shown and "fallback=True" in shown and "Crowd segment: " in shown
+    assert "user u1 v1" in shown and "fallback=False" in shown and "Crowd segment: " in shown
     assert main(["profiles", "show", "--store", store, "--user", "u1", "--before", "0"]) == 2
 
 
