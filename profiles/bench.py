@@ -2,7 +2,9 @@
 
 Measures, on the first ``users`` users of a dataset (profiles from their training-split history):
 profiles/minute (overall, per core, and the median over batches), tokens generated and prompt
-tokens per profile, grounding share, first-answer parse failures and fallbacks. In the same run it
+tokens per profile, grounding share, brand-facet precision (names in the brand facet that are
+brands of the history or co-buyers), first-answer parse failures and fallbacks, and the machine's
+load average before and after (the machine may be shared). In the same run it
 measures a reference: the same model and prompts one at a time (batch size 1), and the cache: the
 same users again (identical prompts, no generation).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 from profiles.backends import TransformersBackend
 from profiles.batch import cutoff
 from profiles.embed import FacetEmbedder
+from profiles.facets import brand_grounding
 from profiles.graph import PurchaseGraph
 from profiles.prompt import build_messages, render_context
 from profiles.store import ProfileStore
@@ -37,6 +41,7 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
     import torch
 
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()
     dataset = Dataset.load(data)
     graph = PurchaseGraph(dataset)
     until = cutoff(dataset, "train")
@@ -53,10 +58,14 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
         graph.context(c.user_id, c.ts, 1))))["input_ids"]) for c in contexts]
     with tempfile.TemporaryDirectory() as tmp:
         writer = ProfileWriter(backend, embedder, ProfileStore(Path(tmp) / "bench.sqlite"))
-        batch_rates, start = [], time.perf_counter()
+        batch_rates, brands, start = [], [0, 0], time.perf_counter()
         for i in range(0, len(contexts), batch_size):
             t0 = time.perf_counter()
-            writer.write(contexts[i:i + batch_size], hops)
+            for ctx, p in zip(contexts[i:i + batch_size],
+                              writer.write(contexts[i:i + batch_size], hops), strict=True):
+                if not p.facets.fallback:
+                    found, named = brand_grounding(p.facets, ctx)
+                    brands = [brands[0] + found, brands[1] + named]
             batch_rates.append(_rate(len(contexts[i:i + batch_size]), time.perf_counter() - t0))
         total_s = time.perf_counter() - start
         stats = dataclasses.replace(writer.stats)  # before the cached re-run adds to it
@@ -77,6 +86,8 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
     ref_rate = _rate(min(reference_users, len(contexts)), ref_s)
     return {
         "model_id": backend.model_id, "data": str(data), "users": len(contexts), "hops": hops,
+        "load_average_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         "threads": threads, "batch_size": batch_size, "load_seconds": round(load_s, 1),
         "profiles_per_minute": round(rate, 2), "profiles_per_minute_per_core":
             round(rate / threads, 2), "median_batch_profiles_per_minute":
@@ -85,6 +96,7 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
         "prompt_tokens_per_profile": round(statistics.mean(prompt_tokens), 1),
         "prompt_tokens_per_profile_1hop": round(statistics.mean(one_hop_tokens), 1),
         "grounding_share": round(stats.grounding_share, 3),
+        "brand_facet_precision": round(brands[0] / max(1, brands[1]), 3),
         "first_answer_parse_failure_rate": round(stats.retried / max(1, stats.generated), 3),
         "fallback_rate": round(stats.fallbacks / max(1, stats.generated), 3),
         "cached_rerun_seconds": round(cached_s, 3),

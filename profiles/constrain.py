@@ -38,7 +38,7 @@ class VocabClasses:
 
     Attributes:
         newline: ``(V,)`` bool, the token's text holds a line break.
-        comma: ``(V,)`` bool, the token's text holds a comma.
+        comma: ``(V,)`` bool, the token's text holds a comma or semicolon (item separators).
         value_start: ``(V,)`` bool, may start a value (a letter or digit, not special).
         special: ``(V,)`` bool, never mid-value: special tokens, ids beyond the tokenizer and
             line breaks other than the plain one (``".\\n"``, ``"\\n\\n"``), so lines stay clean.
@@ -69,7 +69,7 @@ class VocabClasses:
         special |= newline
         special[break_id] = False
         return cls(
-            newline=newline, comma=torch.tensor(["," in t for t in texts]),
+            newline=newline, comma=torch.tensor(["," in t or ";" in t for t in texts]),
             value_start=torch.tensor([any(c.isalnum() for c in t) for t in texts]) & ~special,
             special=special, break_id=break_id, eos_id=eos_id,
             headings=[[]] + [tokenizer.encode(f"{h}:", add_special_tokens=False)

@@ -66,10 +66,15 @@ def _copies_placeholder(value: str) -> bool:
     return len(value) >= 8 and any(value in p for p in PLACEHOLDERS)
 
 
-def named_entities(facets: Facets) -> list[str]:
-    """Category and brand names a profile states (lower case, counts stripped)."""
+def named_entities(facets: Facets, first: int = 2) -> list[str]:
+    """Category and brand names a profile states (lower case, counts stripped).
+
+    Args:
+        facets: The profile's facets.
+        first: The first facet read: 2 categories and brands, 3 brands only.
+    """
     names = []
-    for text in facets.texts[2:]:
+    for text in facets.texts[first:]:
         for part in re.split(r",|;|\band\b|/(?= )", _COUNT.sub("", text)):
             name = part.strip(" .'\"").lower()
             if name:
@@ -87,6 +92,15 @@ def grounding(facets: Facets, ctx: UserContext) -> tuple[int, int]:
     """``(grounded, named)``: how many named categories/brands occur in the context."""
     names = named_entities(facets)
     return sum(_is_known(n, ctx.known) for n in names), len(names)
+
+
+def brand_grounding(facets: Facets, ctx: UserContext) -> tuple[int, int]:
+    """``(brands, named)``: how many names in the brand facet are brands of the context.
+
+    Stricter than :func:`grounding`, which also accepts a category written as a brand.
+    """
+    names = named_entities(facets, first=3)
+    return sum(_is_known(n, ctx.known_brands) for n in names), len(names)
 
 
 def fallback_facets(ctx: UserContext) -> Facets:

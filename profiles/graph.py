@@ -68,6 +68,7 @@ class UserContext:
         crowd_brands: Top brands of the co-buyers' purchases.
         known: Lower-cased category/type/brand names in the history or neighbourhood
             (the grounding reference).
+        known_brands: The lower-cased brand names among ``known``.
     """
 
     user_id: str
@@ -86,6 +87,7 @@ class UserContext:
     crowd_categories: list[tuple[str, int]] = field(default_factory=list)
     crowd_brands: list[tuple[str, int]] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
+    known_brands: set[str] = field(default_factory=set)
 
 
 def _top(codes: np.ndarray, names: np.ndarray, k: int) -> list[tuple[str, int]]:
@@ -181,6 +183,7 @@ class PurchaseGraph:
         ctx.known = {str(n).lower() for n in np.concatenate([
             self._cat_names[np.unique(self.cat[own])], self._type_names[np.unique(self.type[own])],
             self._brand_names[np.unique(self.brand[own])]])}
+        ctx.known_brands = {str(n).lower() for n in self._brand_names[np.unique(self.brand[own])]}
         if hops >= 2:
             self._add_neighbourhood(ctx, own, t)
         return ctx
@@ -199,6 +202,7 @@ class PurchaseGraph:
         ctx.crowd_categories = _top(self.cat[their], self._cat_names, self.top_k)
         ctx.crowd_brands = _top(self.brand[their], self._brand_names, self.top_k)
         ctx.known |= {n.lower() for n, _ in ctx.crowd_categories + ctx.crowd_brands}
+        ctx.known_brands |= {n.lower() for n, _ in ctx.crowd_brands}
 
 
 def _price_bands(price: np.ndarray, category: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ FACETS = ("Crowd segment", "Personal interests", "Preferred categories", "Favore
 
 SYSTEM = ("You profile grocery shoppers from their purchase data (lists are most bought first)."
           " Answer in exactly four short lines:\n"
-          "Crowd segment: <describe the household and its spending in under six words>\n"
+          "Crowd segment: <household type and shopping style>\n"
           "Personal interests: <two interests or habits>\n"
           "Preferred categories: <two categories from the data>\n"
           "Favored brands: <two brands from the data>")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from profiles.facets import Facets, fallback_facets, grounding, parse_facets
+from profiles.facets import Facets, brand_grounding, fallback_facets, grounding, parse_facets
 from profiles.graph import PurchaseGraph
 from profiles.prompt import build_messages, prompt_hash, render_context
 from streaming.dataset import Dataset
@@ -62,7 +62,7 @@ def test_parse_accepts_variants_and_rejects_incomplete():
         "Cheese, Soft Drinks"  # a dangling comma (an item the model did not write) goes
     assert parse_facets("Crowd segment: a\nPersonal interests: b\nPreferred categories: c\n"
                         "Favored brands: <1-2 brands copied from the data>") is None
-    copied = text.replace("retired couple", "Describe the household and its spending.")
+    copied = text.replace("retired couple", "Household type and shopping style.")
     assert parse_facets(copied) is None  # a placeholder copied from the format: no answer
 
 
@@ -72,6 +72,8 @@ def test_grounding_counts_names_found_in_the_context(graph):
     assert grounding(facets, ctx) == (2, 4)  # Cheese, M69 yes; Caviar, Gucci no
     crowd_only = Facets(("x", "y", "Soft Drinks", "M7 national"))  # named by co-buyers
     assert grounding(crowd_only, ctx) == (2, 2)
+    mixed = Facets(("x", "y", "Cheese", "Cheese, M7 national; Gucci"))  # a category as brand
+    assert grounding(mixed, ctx) == (3, 4) and brand_grounding(mixed, ctx) == (1, 3)
 
 
 def test_fallback_uses_history_statistics(graph):
