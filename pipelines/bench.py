@@ -9,6 +9,8 @@
   events at ``--rate`` for ``--seconds``; latency per event is emit time minus the Kafka record
   timestamp (set at produce). Lag is produced minus consumed, sampled every second. Reference,
   same run: a bare ``TopicReader`` consuming the same stream (produce→consume latency).
+  Where the time goes (:func:`latency_breakdown`): per event, the wait before the poll that
+  returned it, the poll, and each stage, from the marks every batch collects on its way.
 
 Use ``flock /tmp/dynllm-bench.lock dynllm bench pipeline ...`` so benchmarks never overlap.
 """
@@ -153,8 +155,54 @@ def bare_consume_latency(bootstrap: str, log_path: str, rate: float,
             "reference_consume_p99_ms": float(np.percentile(lat_ms, 99))}
 
 
-def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
-               batch: int) -> dict[str, object]:
+#: Latency parts of :func:`latency_breakdown`, in passing order.
+PARTS = ("before_poll", "poll", "parse", "memory", "fuse", "write")
+
+
+def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+    """Per-event latency (ms) and where it went, from ``pipelines.outputs.LATENCY_LOG``.
+
+    Parts of one event's latency (they add up to it):
+
+    * ``before_poll``: produce → start of the poll that returned it (producer batching, broker,
+      and the pipeline busy with earlier batches or between bundles: queue wait);
+    * ``poll``: start of that poll (or produce, if later) → records decoded;
+    * ``parse``, ``memory``, ``fuse``: each stage's compute for its batch;
+    * ``write``: fusion done → embeddings handed to the producer and the store.
+
+    Args:
+        log: ``(produced_at [B], span trace, emit time)`` per emitted batch.
+
+    Returns:
+        ``(latency_ms [N], {"mean_ms": {part: ms}, "p99_tail_mean_ms": {part: ms}})``: the
+        mean of each part over all events, and over the slowest 1% (what makes the p99).
+    """
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in PARTS}
+    totals = []
+    for produced, trace, emitted in log:
+        marks = dict(trace)
+        if "poll" not in marks:  # the warm-up or a batch without the live reader's marks
+            continue
+        started = np.maximum(produced, marks["poll"])
+        parts["before_poll"].append(started - produced)
+        parts["poll"].append(marks["fetch"] - started)
+        previous = marks["fetch"]
+        for stage, end in (("parse", marks["parse"]), ("memory", marks["memory"]),
+                           ("fuse", marks["fuse"]), ("write", emitted)):
+            parts[stage].append(np.full(len(produced), end - previous))
+            previous = end
+        totals.append(emitted - produced)
+    if not totals:
+        return np.zeros(0), {}
+    total = np.concatenate(totals) * 1000.0
+    tail = total >= np.percentile(total, 99)
+    columns = {name: np.concatenate(chunks) * 1000.0 for name, chunks in parts.items()}
+    return total, {"mean_ms": {k: float(v.mean()) for k, v in columns.items()},
+                   "p99_tail_mean_ms": {k: float(v[tail].mean()) for k, v in columns.items()}}
+
+
+def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: int,
+               call_s: float = 0.25) -> dict[str, object]:
     """Live figures: latency percentiles and lag over a run at ``rate`` events/s."""
     from pipelines import outputs
     from pipelines.pipeline import PipelineConfig, run_pipeline
@@ -168,17 +216,17 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
         stop = StopFlag()
         config = PipelineConfig(run_dir=run_dir, state_dir=state,
                                 bootstrap_servers=broker.bootstrap_servers, max_batch=batch,
-                                request_profiles=False)
-        outputs.LATENCY_LOG = latencies = []
+                                request_profiles=False, call_seconds=call_s)
+        outputs.LATENCY_LOG = emitted = []
         pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
         pipeline.start()
         warm = json_producer(broker.bootstrap_servers)  # one event to know the pipeline is up
         warm.send(LIVE_TOPIC, value={"event_id": "warm-up", "user_id": "warm", "item_id": "w",
                                      "ts": 0.0, "quantity": 1.0, "price": 0.0})
         warm.flush()
-        while not latencies:
+        while not emitted:
             time.sleep(0.1)
-        latencies.clear()
+        emitted.clear()
         base = _consumed()
         child = _start_producer(broker.bootstrap_servers, LIVE_TOPIC, log_path, limit, rate)
         samples, started = [], time.monotonic()
@@ -195,17 +243,18 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float,
         pipeline.join(60)
         reference = bare_consume_latency(broker.bootstrap_servers, log_path, rate,
                                          min(seconds, 30.0))
-    lat_ms = np.asarray(latencies) * 1000.0
+    lat_ms, breakdown = latency_breakdown(emitted)
     lags = np.array([s[1] - s[2] for s in samples])
     half = len(lags) // 2
     return {"live_rate": rate, "live_seconds": seconds, "live_events": limit,
+            "live_call_s": call_s,
             "live_events_emitted": int(lat_ms.size),
             "live_p50_ms": float(np.percentile(lat_ms, 50)),
             "live_p90_ms": float(np.percentile(lat_ms, 90)),
             "live_p99_ms": float(np.percentile(lat_ms, 99)), **reference,
             "live_p99_vs_reference": float(np.percentile(lat_ms, 99))
             / reference["reference_consume_p99_ms"],
-            "live_max_ms": float(lat_ms.max()),
+            "live_max_ms": float(lat_ms.max()), "live_breakdown": breakdown,
             "live_achieved_produce_rate": samples[-1][1] / max(samples[-1][0], 1e-9),
             "lag_max": int(lags.max()), "lag_median": float(np.median(lags)),
             "lag_median_first_half": float(np.median(lags[:half])) if half else 0.0,
@@ -231,12 +280,14 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{report['replay_vs_reference']:.2f})", flush=True)
         if not args.skip_live:
             report.update(bench_live(run_dir, log_path, args.rate, args.seconds,
-                                     args.live_batch))
+                                     args.live_batch, args.call_seconds))
             print(f"live @ {args.rate:,.0f}/s for {args.seconds:.0f}s: p50 "
                   f"{report['live_p50_ms']:.0f} ms, p99 {report['live_p99_ms']:.0f} ms "
                   f"(bare consumer p99 {report['reference_consume_p99_ms']:.0f} ms), "
                   f"lag max {report['lag_max']} (median first/second half "
                   f"{report['lag_median_first_half']:.0f}/{report['lag_median_second_half']:.0f})")
+            for name, parts in report["live_breakdown"].items():
+                print(f"  {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -254,6 +305,8 @@ def add_bench_arguments(bench_targets: argparse._SubParsersAction) -> None:
     bench.add_argument("--rate", type=float, default=2000.0, help="live events/s (2000)")
     bench.add_argument("--seconds", type=float, default=60.0, help="live duration (60)")
     bench.add_argument("--live-batch", type=int, default=2000, help="live max batch (2000)")
+    bench.add_argument("--call-seconds", type=float, default=0.25,
+                       help="live reader: polling per runner call (0.25)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     bench.add_argument("--skip-replay", action="store_true")
     bench.add_argument("--skip-live", action="store_true")

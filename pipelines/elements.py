@@ -2,39 +2,54 @@
 
 Beam's per-element overhead caps a Python pipeline at ~5k elements/s on this machine, so an
 element is a *batch* of events and every per-event step is vectorized. Each batch remembers
-where it came from: one source partition and the half-open offset range ``[start, end)`` it
-covers (a Kafka partition's offsets, or row numbers of a replayed log). That range is what makes
-recovery exact: a shard applies a batch only when it starts at the shard's own position, skips
-offsets it already applied, and saves its positions in the same file as its memory.
+where it came from: per source partition, the half-open offset range ``[start, end)`` it covers
+(a Kafka partition's offsets, or row numbers of a replayed log; one live batch holds everything a
+poll returned, from any number of partitions). That is what makes recovery exact: a shard applies
+a batch only when it starts at the shard's own positions, skips offsets it already applied, and
+saves its positions in the same file as its memory.
 
 Shapes: ``B`` events in a batch, ``U`` distinct users in it, ``E`` embedding width, ``F`` facets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 
-@dataclass
+@dataclass(frozen=True)
 class Span:
-    """Where a batch came from.
+    """Where a batch came from, and when it passed each stage.
 
     Attributes:
-        partition: source partition (0 for a replayed log).
-        start: first offset covered (the reader's position before the read).
-        end: offset after the last record read.
+        ranges: per source partition, ``(start, end)``: the reader's position before the read
+            and the offset after the last record read (``start == end``: nothing read there).
         checkpoint: every shard saves its state after applying this batch (the reader sets it
             every N events / T seconds and on shutdown, so all shards save at the same place).
+        trace: ``(stage, wall-clock seconds)`` marks in passing order (see :meth:`mark`), for
+            the latency breakdown of ``dynllm bench pipeline``.
     """
 
-    partition: int
-    start: int
-    end: int
+    ranges: dict[int, tuple[int, int]]
     checkpoint: bool = False
+    trace: tuple[tuple[str, float], ...] = field(default=(), compare=False)
+
+    @classmethod
+    def of(cls, partition: int, start: int, end: int, checkpoint: bool = False) -> Span:
+        """A span over one partition.
+
+        >>> Span.of(3, 10, 15).ranges
+        {3: (10, 15)}
+        """
+        return cls({partition: (start, end)}, checkpoint)
+
+    def mark(self, stage: str, at: float | None = None) -> Span:
+        """This span with ``stage`` marked as passed at ``at`` (default: now)."""
+        return replace(self, trace=(*self.trace, (stage, time.time() if at is None else at)))
 
 
 @dataclass
@@ -48,12 +63,14 @@ class RawBatch:
         offsets: ``[B]`` int64 offset of each record.
         produced_at: ``[B]`` float64 wall-clock seconds each record was produced (Kafka's
             record timestamp; the read time for a replayed log).
+        partitions: ``[B]`` int32 source partition of each record.
     """
 
     span: Span
     values: list[Any] | pa.Table
     offsets: np.ndarray
     produced_at: np.ndarray
+    partitions: np.ndarray
 
     def __len__(self) -> int:
         return len(self.values)
@@ -68,12 +85,14 @@ class EventsBatch:
         events: ``EVENT_SCHEMA`` table, ``B`` rows, in read order.
         offsets: ``[B]`` int64 source offsets.
         produced_at: ``[B]`` float64 produce times (wall clock).
+        partitions: ``[B]`` int32 source partitions.
     """
 
     span: Span
     events: pa.Table
     offsets: np.ndarray
     produced_at: np.ndarray
+    partitions: np.ndarray
 
     def __len__(self) -> int:
         return self.events.num_rows
@@ -81,7 +100,8 @@ class EventsBatch:
     def take(self, mask: np.ndarray) -> EventsBatch:
         """The rows where boolean ``mask [B]`` holds (same span)."""
         return replace(self, events=self.events.filter(pa.array(mask)),
-                       offsets=self.offsets[mask], produced_at=self.produced_at[mask])
+                       offsets=self.offsets[mask], produced_at=self.produced_at[mask],
+                       partitions=self.partitions[mask])
 
 
 @dataclass

@@ -38,7 +38,9 @@ class _ApplyToMemoryFn(beam.DoFn):
     """Stateful: one :class:`ShardState` per shard key, checkpointed on marked batches.
 
     Attributes:
-        APPLIED: events applied by this key so far (Beam state; also makes the DoFn keyed).
+        APPLIED: events this key had applied at its last checkpoint (Beam state; it also makes
+            the DoFn keyed). Written at checkpoints only: every state write costs the runner a
+            deep-size walk of its cache (~10 ms on the in-process runner).
     """
 
     APPLIED = ReadModifyWriteStateSpec("applied", VarIntCoder())
@@ -55,6 +57,7 @@ class _ApplyToMemoryFn(beam.DoFn):
         # no torch.set_grad_enabled(False) here: on the in-process runner it would switch
         # gradients off for the caller's thread too; ShardState.apply runs under no_grad
         self._shards: dict[int, ShardState] = {}
+        self._unsaved: dict[int, int] = {}  # events applied since the last checkpoint
         self._evaluator = Evaluator() if self.evaluate_to else None
 
     def process(self, keyed: tuple[int, EventsBatch], applied=_applied):
@@ -65,9 +68,10 @@ class _ApplyToMemoryFn(beam.DoFn):
                 self.run_dir, self.state_dir, shard, self.num_shards, self.fresh_state)
         for ready in state.accept(batch):
             out = state.apply(ready, self._evaluator, self.test_from)
-            applied.write((applied.read() or 0) + len(ready))
+            self._unsaved[shard] = self._unsaved.get(shard, 0) + len(ready)
             if ready.span.checkpoint:
                 state.save()
+                applied.write((applied.read() or 0) + self._unsaved.pop(shard))
                 self._write_evaluation()
             if len(out) or ready.span.checkpoint:  # an empty one still carries the checkpoint
                 yield out

@@ -24,8 +24,9 @@ from streaming import metrics
 
 #: Output topic of the live pipeline.
 EMBEDDING_TOPIC = "user-embeddings"
-#: When set to a list, every event's produce→emit latency (seconds) is appended (benchmarks).
-LATENCY_LOG: list[float] | None = None
+#: When set to a list, every emitted batch appends ``(produced_at [B], span trace, emit time)``
+#: (benchmarks: per-event latency and where it went).
+LATENCY_LOG: list[tuple[np.ndarray, tuple[tuple[str, float], ...], float]] | None = None
 
 
 def store_path(state_dir: str | Path, shard: int, num_shards: int) -> Path:
@@ -90,7 +91,12 @@ def embedding_message(states: UserStates, i: int) -> dict[str, object]:
 
 
 class _WriteFn(beam.DoFn):
-    """Stateful per shard, so one worker owns each shard's store file."""
+    """Stateful per shard, so one worker owns each shard's store file.
+
+    Attributes:
+        WRITTEN: embeddings this key had written when its store was last saved (Beam state,
+            written only then: see ``pipelines.memory._ApplyToMemoryFn.APPLIED``).
+    """
 
     WRITTEN = ReadModifyWriteStateSpec("written", VarIntCoder())
     _written = beam.DoFn.StateParam(WRITTEN)
@@ -102,6 +108,7 @@ class _WriteFn(beam.DoFn):
 
     def setup(self) -> None:
         self._stores: dict[int, EmbeddingStore] = {}
+        self._unsaved: dict[int, int] = {}  # embeddings written since the store was saved
         self._producer = None
         if self.bootstrap_servers:
             from streaming.kafka_io import create_topics, json_producer
@@ -123,11 +130,12 @@ class _WriteFn(beam.DoFn):
         for seconds in emitted - states.first_produced_at:  # per embedding, its oldest event
             metrics.EVENT_TO_EMBEDDING_SECONDS.observe(seconds)
         if LATENCY_LOG is not None:  # per event
-            LATENCY_LOG.extend((emitted - states.produced_at).tolist())
+            LATENCY_LOG.append((states.produced_at, states.span.trace, emitted))
         metrics.EMBEDDINGS_EMITTED.inc(len(states))
-        written.write((written.read() or 0) + len(states))
+        self._unsaved[shard] = self._unsaved.get(shard, 0) + len(states)
         if states.span.checkpoint:
             store.save()
+            written.write((written.read() or 0) + self._unsaved.pop(shard))
         return []
 
     def teardown(self) -> None:

@@ -157,7 +157,8 @@ class _ValidateFn(beam.DoFn):
             metrics.EVENTS_DEAD_LETTERED.labels(str(letter.reason)).inc()
             yield pvalue.TaggedOutput(DEAD_LETTERS, letter)
         metrics.EVENTS_VALID.inc(int(good.sum()))
-        yield EventsBatch(batch.span, events, batch.offsets[good], batch.produced_at[good])
+        yield EventsBatch(batch.span.mark("parse"), events, batch.offsets[good],
+                          batch.produced_at[good], batch.partitions[good])
 
 
 class ParseAndValidate(beam.PTransform):

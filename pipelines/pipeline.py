@@ -58,6 +58,8 @@ class PipelineConfig:
         max_batch: most events per batch.
         checkpoint_events: checkpoint at least every this many events...
         checkpoint_seconds: ... or this many seconds.
+        call_seconds: how long one call of the live reader polls before it lets the runner
+            finish the bundle (per-bundle cost against the runner's end-of-bundle pause).
         request_profiles: publish profile requests (live).
     """
 
@@ -76,6 +78,7 @@ class PipelineConfig:
     max_batch: int = 2000
     checkpoint_events: int = 50_000
     checkpoint_seconds: float = 30.0
+    call_seconds: float = 0.25
     request_profiles: bool = True
 
     @property
@@ -93,7 +96,8 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag) -> No
     raw = pipeline | "ReadPurchases" >> ReadPurchases(
         bootstrap_servers=config.bootstrap_servers, topic=config.topic, positions=positions,
         log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
-        max_batch=config.max_batch, policy=policy, state_dir=config.state_dir)
+        max_batch=config.max_batch, call_s=config.call_seconds, policy=policy,
+        state_dir=config.state_dir)
     parsed = raw | "ParseAndValidate" >> ParseAndValidate()
     dlq_path = None if config.live else config.dead_letter_path
     if config.live or dlq_path:

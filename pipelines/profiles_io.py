@@ -179,12 +179,17 @@ class _FuseFn(beam.DoFn):
                                     record.offset, exc)
 
     def process(self, states: UserStates):
+        self._fuse(states)
+        states.span = states.span.mark("fuse")
+        yield states
+
+    def _fuse(self, states: UserStates) -> None:
+        """Set ``states.embedding`` (and facet weights and ``has_profile`` with a head)."""
         import torch
 
         if self._fusion is None or len(states) == 0:
             states.embedding = states.temporal
             metrics.FUSIONS_WITHOUT_PROFILE.inc(len(states))
-            yield states
             return
         config = self._fusion.config
         found = self._profiles.lookup(states.user_ids, states.ts, config.num_facets,
@@ -196,7 +201,6 @@ class _FuseFn(beam.DoFn):
         states.embedding = out.embedding.numpy()
         states.facet_weights = out.relevance.numpy()
         states.has_profile = has
-        yield states
 
     def teardown(self) -> None:
         if hasattr(self, "_stop"):

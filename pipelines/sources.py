@@ -1,12 +1,14 @@
 """``ReadPurchases``: purchase records in batches, from Kafka (live) or a dataset's log (replay).
 
-Live reading is a splittable DoFn over Kafka partitions and offsets on kafka-python (Beam's
-``ReadFromKafka`` is a Java cross-language transform that needs a downloaded expansion service).
-Each partition is one element whose restriction is the offset range ``[start, ∞)``; every call
-polls once, claims the last offset read, emits one :class:`~pipelines.elements.RawBatch`, sets
-the watermark to the newest produce time and defers the rest of the range, so the runner keeps
-calling back while downstream stages run between calls. A :class:`StopFlag` ends reading cleanly:
-the reader emits a last, empty batch marked ``checkpoint`` and claims the end of its range.
+Live reading is a splittable DoFn on kafka-python (Beam's ``ReadFromKafka`` is a Java
+cross-language transform that needs a downloaded expansion service). The whole topic is one
+element whose restriction is "every partition from these offsets on"
+(:mod:`pipelines.positions`). A call polls one consumer for all partitions again and again for
+up to ``call_s``; each poll's records become one :class:`~pipelines.elements.RawBatch`, which the
+fused downstream stages process before the next poll, so an event waits at most for the batch
+ahead of it. Then the call claims what it read, sets the watermark to the newest produce time and
+defers the rest, and the runner finishes the bundle and calls back. A :class:`StopFlag` ends
+reading cleanly: the reader emits a last, empty batch marked ``checkpoint`` and claims the end.
 Broker outages and a topic recreated under the reader (a memory-only broker restarted) follow the
 policy of :mod:`pipelines.outages`: wait and reconnect, or checkpoint and restart on the new log.
 
@@ -16,7 +18,6 @@ Replay reads ``events.parquet`` in row batches; the row number is the offset.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -26,13 +27,12 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
-from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from pipelines.elements import RawBatch, Span
 from pipelines.outages import BrokerWatch, mark_log_reset
+from pipelines.positions import Positions, TopicPositionsProvider, as_positions
 from streaming import metrics
 
 log = logging.getLogger(__name__)
@@ -95,46 +95,37 @@ class CheckpointPolicy:
 
 
 @dataclass(frozen=True)
-class KafkaPartition:
-    """The element a live reader starts from: one partition and its first offset."""
+class KafkaTopic:
+    """The element the live reader starts from: a topic and the first offset of each partition."""
 
     bootstrap_servers: str
     topic: str
-    partition: int
-    start: int
+    positions: Positions
 
 
-class SharedTopicReader:
-    """One kafka-python consumer for every partition a DoFn instance reads, buffered per partition.
+class LiveReader:
+    """One kafka-python consumer for every partition of the topic, at the positions asked for.
 
-    Each poll fetches for all assigned partitions at once, so a partition's records are already
-    waiting when the runner next calls back for it (one consumer per partition would only fetch
-    during its own call, adding a whole round of delay). A partition asked for at an offset other
-    than the buffered one (a restart, a split) rebuilds the consumer from the asked positions.
+    A poll fetches from all partitions at once. Asked for positions other than where the
+    consumer stands (a restart, a residual resumed elsewhere), it rebuilds the consumer there.
 
     Args:
         bootstrap_servers: Kafka ``host:port``.
         topic: the topic.
-        max_batch: most records handed out per call.
+        max_batch: most records one poll returns.
     """
 
     def __init__(self, bootstrap_servers: str, topic: str, max_batch: int) -> None:
         self.bootstrap_servers, self.topic, self.max_batch = bootstrap_servers, topic, max_batch
         self._reader = None
-        self._buffers: dict[int, list] = {}
         self._topic_id: str | None = None  # the topic's id when first seen
 
-    def _next(self, partition: int) -> int | None:
-        buffer = self._buffers.get(partition)
-        if buffer:
-            return buffer[0].offset
-        return None if self._reader is None else self._reader.positions.get(partition)
-
-    def _rebuild(self, partition: int, start: int) -> None:
+    def seek(self, positions: dict[int, int]) -> None:
+        """Read from ``positions`` (next offset per partition) on."""
         from streaming.kafka_io import TopicReader
 
-        positions = {p: self._next(p) for p in self._buffers}
-        positions = {p: o for p, o in positions.items() if o is not None} | {partition: start}
+        if self._reader is not None and self._reader.positions == positions:
+            return
         if self._reader is not None:
             self._reader.close()
         # kafka-python verifies CRC32C in pure Python: 60% of read time here. TCP already
@@ -145,18 +136,15 @@ class SharedTopicReader:
         self._reader = TopicReader(self.bootstrap_servers, self.topic, sorted(positions),
                                    positions, max_batch=self.max_batch, check_crcs=False,
                                    reconnect_backoff_max_ms=1000, metadata_max_age_ms=5000)
-        self._buffers = {p: [] for p in positions}
 
-    def take(self, partition: int, start: int, poll_s: float) -> list:
-        """Up to ``max_batch`` records of ``partition`` from offset ``start`` on."""
-        if self._next(partition) != start:
-            self._rebuild(partition, start)
-        if not self._buffers[partition]:
-            for record in self._reader.poll(poll_s):
-                self._buffers[record.partition].append(record)
-        out = self._buffers[partition][:self.max_batch]
-        del self._buffers[partition][:self.max_batch]
-        return out
+    @property
+    def positions(self) -> dict[int, int]:
+        """Next offset per partition (advanced by every poll)."""
+        return dict(self._reader.positions)
+
+    def poll(self, timeout_s: float) -> list:
+        """Up to ``max_batch`` records of any partition, in offset order per partition."""
+        return self._reader.poll(timeout_s)
 
     def recreated(self) -> bool:
         """Whether the topic's id changed since this reader first saw it (a new log)."""
@@ -167,9 +155,8 @@ class SharedTopicReader:
         return current != self._topic_id
 
     def lag(self, partition: int) -> int | None:
-        """Records not yet handed out: the fetch high watermark minus the next offset."""
-        end = self._reader.lag(partition) if self._reader is not None else None
-        return None if end is None else end + len(self._buffers.get(partition, ()))
+        """Records not yet read: the fetch high watermark minus the next offset."""
+        return self._reader.lag(partition) if self._reader is not None else None
 
     def close(self) -> None:
         """Close the consumer."""
@@ -177,36 +164,47 @@ class SharedTopicReader:
             self._reader.close()
 
 
-class _UnboundedOffsets(RestrictionProvider):
-    def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
-        return OffsetRange(element.start, sys.maxsize)
-
-    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
-        return OffsetRestrictionTracker(restriction)
-
-    def restriction_size(self, element: KafkaPartition, restriction: OffsetRange) -> int:
-        return 1  # unknown: the log has no end
-
-
-_OFFSETS = beam.DoFn.RestrictionParam(_UnboundedOffsets())
+_POSITIONS = beam.DoFn.RestrictionParam(TopicPositionsProvider())
 _WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
 
-class _ReadKafkaPartitionFn(beam.DoFn):
-    """Splittable DoFn: one poll of one partition per call, then defer the remaining offsets."""
+def _empty_batch(positions: dict[int, int], checkpoint: bool = True) -> RawBatch:
+    """A batch with no records that still carries the positions and a ``checkpoint`` mark."""
+    return RawBatch(Span({p: (o, o) for p, o in positions.items()}, checkpoint), [],
+                    np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32))
 
-    def __init__(self, stop: StopFlag, max_batch: int, poll_s: float,
+
+def _records_batch(records: list, before: dict[int, int], after: dict[int, int],
+                   checkpoint: bool, polled: float, fetched: float) -> RawBatch:
+    """One poll's records, from every partition, as one batch over ``[before, after)``."""
+    count = len(records)
+    span = Span({p: (before[p], after[p]) for p in before}, checkpoint)
+    return RawBatch(span.mark("poll", polled).mark("fetch", fetched), [r.value for r in records],
+                    np.fromiter((r.offset for r in records), np.int64, count),
+                    np.fromiter((r.timestamp_ms for r in records), np.float64, count) / 1000.0,
+                    np.fromiter((r.partition for r in records), np.int32, count))
+
+
+class _ReadKafkaFn(beam.DoFn):
+    """Splittable DoFn over a whole topic: polls for up to ``call_s``, then defers the rest.
+
+    Each poll's records (any partitions) become one batch, which the fused downstream stages
+    process before the next poll. A call ends after ``call_s`` so the runner can finish the
+    bundle (commit state, report progress) and call back with the residual positions.
+    """
+
+    def __init__(self, stop: StopFlag, max_batch: int, poll_s: float, call_s: float,
                  policy: CheckpointPolicy, state_dir: str | None) -> None:
-        self.stop, self.max_batch, self.poll_s, self.policy = stop, max_batch, poll_s, policy
-        self.state_dir = state_dir
+        self.stop, self.max_batch, self.poll_s, self.call_s = stop, max_batch, poll_s, call_s
+        self.policy, self.state_dir = policy, state_dir
 
     def setup(self) -> None:
-        self._shared: SharedTopicReader | None = None
+        self._reader: LiveReader | None = None
         self._watch: BrokerWatch | None = None
 
     def _new_log(self, topic: str) -> bool:
         """True if the topic was recreated; the first call that sees it asks for a restart."""
-        if not self._shared.recreated():
+        if not self._reader.recreated():
             return False
         if self.stop.restart():
             mark_log_reset(self.state_dir, topic)
@@ -216,45 +214,55 @@ class _ReadKafkaPartitionFn(beam.DoFn):
         return True
 
     @beam.DoFn.unbounded_per_element()
-    def process(self, element: KafkaPartition, tracker=_OFFSETS, watermark=_WATERMARK):
-        start = tracker.current_restriction().start
-        if self.stop.is_set():
-            tracker.try_claim(tracker.current_restriction().stop)  # done: nothing left to read
-            yield RawBatch(Span(element.partition, start, start, checkpoint=True), [],
-                           np.zeros(0, np.int64), np.zeros(0))
-            return
-        if self._shared is None:
-            self._shared = SharedTopicReader(element.bootstrap_servers, element.topic,
-                                             self.max_batch)
+    def process(self, element: KafkaTopic, tracker=_POSITIONS, watermark=_WATERMARK):
+        if self._reader is None:
+            self._reader = LiveReader(element.bootstrap_servers, element.topic, self.max_batch)
             self._watch = BrokerWatch(element.bootstrap_servers)
-        records = self._shared.take(element.partition, start, self.poll_s)
-        if self._new_log(element.topic):  # these records are the new log's: not applied now
-            tracker.defer_remainder(Duration.of(0))
+        position = dict(tracker.current_restriction().start)  # advanced by every claim
+        deadline = time.monotonic() + self.call_s
+        while not self.stop.is_set():
+            self._reader.seek(position)
+            polled = time.time()
+            records = self._reader.poll(self.poll_s)
+            if self._new_log(element.topic):  # these records are the new log's: not applied
+                break
+            batch = self._batch(element.topic, records, position, polled, watermark)
+            if batch is not None:
+                if not tracker.try_claim(self._reader.positions):
+                    return
+                position = self._reader.positions
+                yield batch
+            if time.monotonic() >= deadline:
+                break
+        if self.stop.is_set():  # done: a last, empty batch carries the final checkpoint
+            tracker.try_claim(None)
+            yield _empty_batch(position)
             return
-        (self._watch.records_arrived if records else self._watch.read_was_empty)()
-        lag = self._shared.lag(element.partition)
-        if lag is not None:
-            metrics.CONSUMER_LAG.labels(element.topic, str(element.partition)).set(lag)
-        if records:
-            if not tracker.try_claim(records[-1].offset):
-                return
-            metrics.EVENTS_CONSUMED.inc(len(records))
-            span = Span(element.partition, start, records[-1].offset + 1,
-                        checkpoint=self.policy.due(len(records)))
-            produced = np.fromiter((r.timestamp_ms for r in records), np.float64,
-                                   len(records)) / 1000.0
-            watermark.set_watermark(Timestamp(float(produced.max())))
-            yield RawBatch(span, [r.value for r in records],
-                           np.fromiter((r.offset for r in records), np.int64, len(records)),
-                           produced)
-        elif self.policy.due(0):
-            yield RawBatch(Span(element.partition, start, start, checkpoint=True), [],
-                           np.zeros(0, np.int64), np.zeros(0))
         tracker.defer_remainder(Duration.of(0))
 
+    def _batch(self, topic: str, records: list, position: dict[int, int], polled: float,
+               watermark) -> RawBatch | None:
+        """The batch for one poll's ``records`` read from ``position`` on, if any is due."""
+        fetched = time.time()
+        (self._watch.records_arrived if records else self._watch.read_was_empty)()
+        for partition in position:
+            lag = self._reader.lag(partition)
+            if lag is not None:
+                metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
+        if not records:
+            return _empty_batch(position) if self.policy.due(0) else None
+        metrics.EVENTS_CONSUMED.inc(len(records))
+        batch = _records_batch(records, position, self._reader.positions,
+                               self.policy.due(len(records)), polled, fetched)
+        newest = Timestamp(float(batch.produced_at.max()))
+        current = watermark.current_watermark()
+        if current is None or newest > current:  # a lagging partition's records are older
+            watermark.set_watermark(newest)
+        return batch
+
     def teardown(self) -> None:
-        if getattr(self, "_shared", None) is not None:
-            self._shared.close()
+        if getattr(self, "_reader", None) is not None:
+            self._reader.close()
 
 
 def batch_bounds(start: int, stop: int, size: int, cut: int | None = None) -> list[int]:
@@ -285,9 +293,10 @@ class _ReadLogFn(beam.DoFn):
         bounds = batch_bounds(start, stop, self.batch_size, self.cut)
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             metrics.EVENTS_CONSUMED.inc(hi - lo)
-            yield RawBatch(Span(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo)),
-                           _compact(log.slice(lo, hi - lo)), np.arange(lo, hi, dtype=np.int64),
-                           np.full(hi - lo, time.time()))
+            span = Span.of(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo))
+            yield RawBatch(span.mark("fetch"), _compact(log.slice(lo, hi - lo)),
+                           np.arange(lo, hi, dtype=np.int64), np.full(hi - lo, time.time()),
+                           np.zeros(hi - lo, np.int32))
 
 
 class ReadPurchases(beam.PTransform):
@@ -306,7 +315,9 @@ class ReadPurchases(beam.PTransform):
             batches line up with ``dynllm evaluate``'s).
         stop: ends live reading when set.
         max_batch: most records per batch.
-        poll_s: longest wait for Kafka per call.
+        poll_s: longest wait of one poll for Kafka.
+        call_s: how long one call of the live reader polls before it hands the rest back to
+            the runner (which then finishes the bundle and calls again).
         policy: when batches are marked ``checkpoint``.
         state_dir: where a recreated input topic is marked (see :mod:`pipelines.outages`).
     """
@@ -315,7 +326,7 @@ class ReadPurchases(beam.PTransform):
                  positions: dict[int, int] | None = None, log_path: str | None = None,
                  stop_row: int | None = None, cut_row: int | None = None,
                  stop: StopFlag | None = None,
-                 max_batch: int = 2000, poll_s: float = 0.05,
+                 max_batch: int = 2000, poll_s: float = 0.05, call_s: float = 1.0,
                  policy: CheckpointPolicy | None = None, state_dir: str | None = None) -> None:
         super().__init__()
         if (bootstrap_servers is None) == (log_path is None):
@@ -323,6 +334,7 @@ class ReadPurchases(beam.PTransform):
         self.bootstrap_servers, self.topic, self.log_path = bootstrap_servers, topic, log_path
         self.positions, self.stop_row, self.cut_row = positions or {}, stop_row, cut_row
         self.stop, self.max_batch, self.poll_s = stop or StopFlag(), max_batch, poll_s
+        self.call_s = call_s
         self.policy = policy or CheckpointPolicy()
         self.state_dir = state_dir
 
@@ -332,11 +344,12 @@ class ReadPurchases(beam.PTransform):
             return (pbegin | "LogPath" >> beam.Create([spec])
                     | "ReadLog" >> beam.ParDo(_ReadLogFn(self.max_batch, self.policy,
                                                          self.cut_row)))
-        elements = [KafkaPartition(self.bootstrap_servers, self.topic, p,
-                                   self.positions.get(p, 0)) for p in self._partitions()]
-        return (pbegin | "Partitions" >> beam.Create(elements)
-                | "ReadKafka" >> beam.ParDo(_ReadKafkaPartitionFn(
-                    self.stop, self.max_batch, self.poll_s, self.policy, self.state_dir)))
+        start = as_positions({p: self.positions.get(p, 0) for p in self._partitions()})
+        return (pbegin | "Topic" >> beam.Create([KafkaTopic(self.bootstrap_servers, self.topic,
+                                                            start)])
+                | "ReadKafka" >> beam.ParDo(_ReadKafkaFn(
+                    self.stop, self.max_batch, self.poll_s, self.call_s, self.policy,
+                    self.state_dir)))
 
     def _partitions(self) -> list[int]:
         """The topic's partitions (created with 4 if missing); later-added ones are not read."""

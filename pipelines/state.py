@@ -11,7 +11,6 @@ shard skips offsets it had already applied (:meth:`ShardState.accept`).
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import zlib
@@ -102,7 +101,7 @@ class ShardState:
         self.model, self.shard, self.num_shards = model, shard, num_shards
         self.positions, self.path = positions, path
         self._saved = dict(positions)  # positions of the last checkpoint
-        self._pending: dict[tuple[int, int], EventsBatch] = {}
+        self._pending: list[EventsBatch] = []
 
     @classmethod
     def open(cls, run_dir: str | Path, state_dir: str | Path | None, shard: int,
@@ -130,21 +129,30 @@ class ShardState:
     def accept(self, batch: EventsBatch) -> Iterator[EventsBatch]:
         """The batches now ready to apply, in order, with already applied offsets removed.
 
-        A batch that starts beyond this shard's position waits until the batches before it
-        arrive; a batch wholly before the position was applied before a restart and is dropped.
+        A batch that starts beyond this shard's position in any of its partitions waits until
+        the batches before it arrive; a batch wholly before the positions was applied before a
+        restart and is dropped.
         """
-        self._pending[(batch.span.partition, batch.span.start)] = batch
-        while True:
-            ready = [key for key in self._pending if key[1] <= self.positions.get(key[0], 0)]
-            if not ready:
-                return
-            for key in sorted(ready, key=lambda k: k[1]):
-                batch = self._pending.pop(key)
-                position = self.positions.get(batch.span.partition, 0)
-                if batch.span.end <= position and batch.span.end > batch.span.start:
-                    continue  # applied before the restart
-                self.positions[batch.span.partition] = max(position, batch.span.end)
-                yield batch.take(batch.offsets >= position)
+        self._pending.append(batch)
+        while (ready := self._next_ready()) is not None:  # an empty batch is falsy
+            self._pending.remove(ready)
+            before = dict(self.positions)
+            ranges = ready.span.ranges
+            for partition, (_start, end) in ranges.items():
+                self.positions[partition] = max(before.get(partition, 0), end)
+            if len(ready) and all(end <= before.get(p, 0) for p, (_s, end) in ranges.items()):
+                continue  # applied before the restart
+            floor = np.array([before.get(int(p), 0) for p in ready.partitions], np.int64)
+            yield ready.take(ready.offsets >= floor)
+
+    def _next_ready(self) -> EventsBatch | None:
+        """The pending batch that starts earliest among those starting at or before the
+        positions in every partition, or ``None``."""
+        ready = [b for b in self._pending
+                 if all(start <= self.positions.get(p, 0)
+                        for p, (start, _end) in b.span.ranges.items())]
+        return min(ready, key=lambda b: sum(s for s, _e in b.span.ranges.values()),
+                   default=None)
 
     @torch.no_grad()
     def apply(self, batch: EventsBatch, evaluator=None, test_from: float = -np.inf) -> UserStates:
@@ -188,22 +196,23 @@ class ShardState:
         if len(encoded):
             metrics.LAST_EVENT_TIMESTAMP.set(float(ts.max()))
         return UserStates(
-            shard=self.shard, span=batch.span, user_ids=model.users.decode(users),
+            shard=self.shard, span=batch.span.mark("memory"),
+            user_ids=model.users.decode(users),
             user_index=users, ts=ts, version=model.neighbors.count[nodes].numpy(),
             events_before=before[first], temporal=z.numpy().astype(np.float32),
             produced_at=batch.produced_at, first_produced_at=first_produced)
 
     def _empty(self, batch: EventsBatch) -> UserStates:
         none = np.zeros(0, np.int64)
-        return UserStates(self.shard, batch.span, [], none, np.zeros(0), none, none,
+        return UserStates(self.shard, batch.span.mark("memory"), [], none, np.zeros(0), none, none,
                           np.zeros((0, self.model.config.embed_dim), np.float32),
                           batch.produced_at, np.zeros(0))
 
     def save(self) -> None:
         """Write model state and positions to the checkpoint, atomically, in the background.
 
-        The model is copied first, so the file holds exactly the state at this point and the
-        positions that go with it while the stream goes on; the previous write is finished
+        The model's tensors are copied first, so the file holds exactly the state at this point
+        and the positions that go with it while the stream goes on; the previous write is finished
         first, so checkpoints land in order. :func:`wait_for_checkpoints` waits for all.
         """
         if self.path is None or (self.positions == self._saved and self.path.exists()):
@@ -215,7 +224,9 @@ class ShardState:
                  "shard": self.shard, "num_shards": self.num_shards}
 
         def write() -> None:
-            snapshot.save(self.path, extra=extra)
+            from tgn.model import write_checkpoint
+
+            write_checkpoint({**snapshot, "extra": extra}, self.path)
             metrics.CHECKPOINT_TIMESTAMP.set(extra["saved_at"])
 
         thread = threading.Thread(target=write, name=f"checkpoint-{self.shard}")
@@ -223,19 +234,13 @@ class ShardState:
         thread.start()
 
 
-def _snapshot(model):
-    """A copy of ``model`` to write while the original goes on (id maps rebuilt, not deep-copied:
-    deep-copying their dicts element by element took seconds)."""
-    from tgn.ids import IdMap
-
-    users, items = model.users, model.items
-    model.users = model.items = None
-    try:
-        snapshot = copy.deepcopy(model)
-    finally:
-        model.users, model.items = users, items
-    snapshot.users, snapshot.items = IdMap(users.to_list()), IdMap(items.to_list())
-    return snapshot
+def _snapshot(model) -> dict:
+    """``model``'s checkpoint payload now, to write while the model goes on: tensors cloned
+    (a ~28 MB memcpy for cj26's 52k nodes; deep-copying the model took 25-30 ms, the id maps'
+    dicts element by element even seconds)."""
+    payload = model.checkpoint_payload()
+    payload["state"] = {name: tensor.clone() for name, tensor in payload["state"].items()}
+    return payload
 
 
 #: Checkpoint writes started by :meth:`ShardState.save` and not yet waited for.

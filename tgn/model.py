@@ -145,13 +145,14 @@ class TGNRecommender(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write weights, state and id maps to one file, atomically (temp file + rename)."""
-        path = Path(path)
-        payload = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config),
-                   "users": self.users.to_list(), "items": self.items.to_list(),
-                   "state": self.state_dict(), "extra": extra or {}}
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_checkpoint(self.checkpoint_payload(extra), path)
+
+    def checkpoint_payload(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What :meth:`save` writes. The tensors are the live ones: clone them to keep a
+        snapshot while the model goes on (the id lists are copies)."""
+        return {"format": CHECKPOINT_FORMAT, "config": asdict(self.config),
+                "users": self.users.to_list(), "items": self.items.to_list(),
+                "state": self.state_dict(), "extra": extra or {}}
 
     @classmethod
     def load(cls, path: str | Path, user_head: nn.Module | None = None) -> TGNRecommender:
@@ -164,3 +165,12 @@ class TGNRecommender(nn.Module):
         model.load_state_dict(payload["state"])
         model.checkpoint_extra = payload["extra"]
         return model
+
+
+def write_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write a :meth:`TGNRecommender.checkpoint_payload` to ``path`` atomically (temp file +
+    rename), so a crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

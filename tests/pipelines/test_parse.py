@@ -65,12 +65,15 @@ def test_parse_and_validate_tags_dead_letters_and_counts_add_up():
     raw = [b'{"event_id":"a","user_id":"u","item_id":"i","ts":1,"quantity":1,"price":1}',
            b"not json", b'{"event_id":"b"}', b"\xff\xfe",
            b'{"event_id":"c","user_id":"u","item_id":"i","ts":2,"quantity":2,"price":0}']
-    batch = RawBatch(Span(3, 10, 15), raw, np.arange(10, 15), np.zeros(5))
+    batch = RawBatch(Span.of(3, 10, 15), raw, np.arange(10, 15), np.zeros(5),
+                     np.full(5, 3, np.int32))
     with BeamTestPipeline() as p:
         out = p | beam.Create([batch]) | ParseAndValidate()
         assert_that(out.events | beam.Map(lambda b: (b.events.column("event_id").to_pylist(),
-                                                     b.offsets.tolist(), b.span.partition)),
-                    equal_to([(["a", "c"], [10, 14], 3)]), label="Events")
+                                                     b.offsets.tolist(), b.partitions.tolist(),
+                                                     b.span.ranges, [s for s, _ in b.span.trace])),
+                    equal_to([(["a", "c"], [10, 14], [3, 3], {3: (10, 15)}, ["parse"])]),
+                    label="Events")
         assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: str(d.reason)),
                     equal_to(["bad_json", "missing_field", "bad_encoding"]), label="Letters")
 
