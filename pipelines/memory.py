@@ -47,9 +47,10 @@ class _ApplyToMemoryFn(beam.DoFn):
     _applied = beam.DoFn.StateParam(APPLIED)
 
     def __init__(self, run_dir: str, state_dir: str | None, num_shards: int, fresh_state: bool,
-                 evaluate_to: str | None, test_from: float) -> None:
+                 evaluate_to: str | None, test_from: float, topic_id: str | None) -> None:
         self.run_dir, self.state_dir, self.num_shards = run_dir, state_dir, num_shards
         self.fresh_state, self.evaluate_to, self.test_from = fresh_state, evaluate_to, test_from
+        self.topic_id = topic_id
 
     def setup(self) -> None:
         from tgn.evaluate import Evaluator
@@ -65,7 +66,8 @@ class _ApplyToMemoryFn(beam.DoFn):
         state = self._shards.get(shard)
         if state is None:
             state = self._shards[shard] = ShardState.open(
-                self.run_dir, self.state_dir, shard, self.num_shards, self.fresh_state)
+                self.run_dir, self.state_dir, shard, self.num_shards, self.fresh_state,
+                self.topic_id)
         for ready in state.accept(batch):
             out = state.apply(ready, self._evaluator, self.test_from)
             self._unsaved[shard] = self._unsaved.get(shard, 0) + len(ready)
@@ -93,18 +95,19 @@ class UpdateGraphMemory(beam.PTransform):
         evaluate_to: write test-then-update metrics (``tgn.evaluate.Evaluator``) to this JSON
             file at every checkpoint; needs ``num_shards == 1``.
         test_from: event time where scored (test) events start; earlier ones are only observed.
+        topic_id: the live input topic's id, kept in the checkpoints with the positions.
     """
 
     def __init__(self, run_dir: str, state_dir: str | None = None, num_shards: int = 1,
                  fresh_state: bool = False, evaluate_to: str | None = None,
-                 test_from: float = -np.inf) -> None:
+                 test_from: float = -np.inf, topic_id: str | None = None) -> None:
         super().__init__()
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if evaluate_to and num_shards != 1:
             raise ValueError("evaluation needs a single shard (every candidate from one state)")
         self.apply_fn = _ApplyToMemoryFn(str(run_dir), state_dir and str(state_dir), num_shards,
-                                         fresh_state, evaluate_to, test_from)
+                                         fresh_state, evaluate_to, test_from, topic_id)
         self.num_shards = num_shards
 
     def expand(self, batches):

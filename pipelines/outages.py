@@ -21,8 +21,11 @@ Policy (docs/reliability.md, "Outages"):
    and finishes the reset. What the old log held beyond the last read offset is lost: that is
    what an empty broker means.
 
-Not detected: a pipeline *started* after the reset on an older checkpoint never saw the old
-topic id, so it reads the new log from the checkpointed offset on (see docs/reliability.md).
+4. **Started on a new log.** Every checkpoint also holds the id of the input topic its positions
+   belong to (``extra["topic_id"]``). At every (re)start, :func:`prepare_input_log` compares it
+   with the topic's current id; a different one means the log was replaced while the pipeline
+   was down, and the reset of 3. is done before reading (a checkpoint without an id, written by
+   an older version, cannot tell and is trusted).
 """
 
 from __future__ import annotations
@@ -96,11 +99,15 @@ def mark_log_reset(state_dir: str | Path | None, topic: str) -> None:
     os.replace(tmp, path)
 
 
-def finish_log_reset(state_dir: str | Path | None, num_shards: int) -> bool:
+def finish_log_reset(state_dir: str | Path | None, num_shards: int,
+                     topic_id: str | None = None) -> bool:
     """If a reset is marked: every shard's positions back to the log start, then drop the mark.
 
     Each checkpoint is rewritten atomically with its model state untouched; rewriting one that
     is already at the start changes nothing, so a crash halfway is finished on the next call.
+
+    Args:
+        topic_id: the new log's topic id, stored with the reset positions (if known).
 
     Returns:
         Whether a reset was marked (and is now done).
@@ -115,6 +122,8 @@ def finish_log_reset(state_dir: str | Path | None, num_shards: int) -> bool:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         old = payload["extra"].get("positions", {})
         payload["extra"]["positions"] = {}
+        if topic_id is not None:
+            payload["extra"]["topic_id"] = topic_id
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
@@ -122,3 +131,50 @@ def finish_log_reset(state_dir: str | Path | None, num_shards: int) -> bool:
                     num_shards, old)
     marker.unlink()
     return True
+
+
+def checkpoint_topic_ids(state_dir: str | Path, num_shards: int) -> set[str]:
+    """The input topic ids the shards' checkpoints were taken on (none known: empty)."""
+    ids = set()
+    for shard in range(num_shards):
+        path = checkpoint_path(state_dir, shard, num_shards)
+        if path.exists():
+            extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+            ids.add(extra.get("topic_id"))
+    return ids - {None}
+
+
+def current_topic_id(bootstrap_servers: str, topic: str, timeout_s: float = 5.0) -> str | None:
+    """The id of ``topic`` on the broker (created with 4 partitions if missing, as the reader
+    would); ``None`` if the broker names none within ``timeout_s`` (no KIP-516 support)."""
+    from streaming.kafka_io import TopicReader, create_topics
+
+    create_topics(bootstrap_servers, [topic], partitions=4)
+    deadline = time.monotonic() + timeout_s
+    with TopicReader(bootstrap_servers, topic) as reader:
+        while (found := reader.topic_id()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if found is None or set(found) <= set("0-"):  # the null id: the broker keeps none
+        log.warning("the broker gives no id for topic %s: a recreated topic cannot be told "
+                    "from the old one at start", topic)
+        return None
+    return found
+
+
+def prepare_input_log(state_dir: str | Path | None, num_shards: int,
+                      bootstrap_servers: str | None, topic: str) -> str | None:
+    """Before a (re)start: finish a marked reset, or do one if the checkpoints were taken on
+    another log of ``topic`` than the broker's now; the current topic id (``None`` for a replay).
+    """
+    topic_id = current_topic_id(bootstrap_servers, topic) if bootstrap_servers else None
+    if finish_log_reset(state_dir, num_shards, topic_id) or state_dir is None or topic_id is None:
+        return topic_id
+    saved = checkpoint_topic_ids(state_dir, num_shards)
+    if saved and saved != {topic_id}:
+        log.warning("topic %s was recreated while the pipeline was down (checkpoints on topic "
+                    "id %s, the broker has %s): reading it from its start", topic,
+                    ", ".join(sorted(saved)), topic_id)
+        metrics.SOURCE_LOG_RESETS.labels(topic).inc()
+        mark_log_reset(state_dir, topic)
+        finish_log_reset(state_dir, num_shards, topic_id)
+    return topic_id

@@ -142,11 +142,16 @@ def _validate_list(values: list, rules: ValidationRules, recent: RecentIds):
 
 
 class _ValidateFn(beam.DoFn):
-    def __init__(self, rules: ValidationRules | None) -> None:
-        self.rules = rules
+    def __init__(self, rules: ValidationRules | None, state_dir: str | None,
+                 num_shards: int) -> None:
+        self.rules, self.state_dir, self.num_shards = rules, state_dir, num_shards
 
     def setup(self) -> None:
+        from pipelines.applied_ids import load_applied_ids
+
         self._recent = RecentIds()
+        for event_id in load_applied_ids(self.state_dir, self.num_shards):
+            self._recent.add(event_id)  # where the filter stood at the checkpoints
         metrics.init_label_values(metrics.EVENTS_DEAD_LETTERED, "reason", Reason)
 
     def process(self, batch: RawBatch):
@@ -166,18 +171,23 @@ class ParseAndValidate(beam.PTransform):
 
     Args:
         rules: validation options (catalog, clock skew, size limit).
+        state_dir: shard checkpoints whose event ids (:mod:`pipelines.applied_ids`) fill the
+            duplicate filter at start (``None``: it starts empty).
+        num_shards: how many shards checkpoint there.
 
     Returns (from ``expand``):
         A ``DoOutputsTuple``: ``[None]`` is the events, ``[DEAD_LETTERS]`` the dead letters.
     """
 
-    def __init__(self, rules: ValidationRules | None = None) -> None:
+    def __init__(self, rules: ValidationRules | None = None, state_dir: str | None = None,
+                 num_shards: int = 1) -> None:
         super().__init__()
-        self.rules = rules
+        self.rules, self.state_dir, self.num_shards = rules, state_dir, num_shards
 
     def expand(self, batches):
-        return batches | "Validate" >> beam.ParDo(_ValidateFn(self.rules)).with_outputs(
-            DEAD_LETTERS, main="events")
+        validate = _ValidateFn(self.rules, self.state_dir, self.num_shards)
+        return batches | "Validate" >> beam.ParDo(validate).with_outputs(DEAD_LETTERS,
+                                                                         main="events")
 
 
 class _WriteDeadLettersFn(beam.DoFn):

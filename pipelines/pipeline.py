@@ -28,7 +28,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipelines.memory import UpdateGraphMemory
-from pipelines.outages import finish_log_reset
+from pipelines.outages import prepare_input_log
 from pipelines.outputs import WriteEmbeddings
 from pipelines.parse import DEAD_LETTERS, ParseAndValidate, WriteDeadLetters
 from pipelines.profiles_io import FuseEmbeddings, RequestProfiles
@@ -87,8 +87,10 @@ class PipelineConfig:
         return self.bootstrap_servers is not None
 
 
-def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag) -> None:
-    """Add the transforms of ``config`` to ``pipeline``."""
+def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
+          topic_id: str | None = None) -> None:
+    """Add the transforms of ``config`` to ``pipeline`` (``topic_id``: the live input topic's id,
+    kept in the checkpoints)."""
     positions = resume_positions(config.state_dir, config.shards)
     if positions:
         log.info("resuming from checkpointed positions %s", positions)
@@ -98,14 +100,15 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag) -> No
         log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
         max_batch=config.max_batch, call_s=config.call_seconds, policy=policy,
         state_dir=config.state_dir)
-    parsed = raw | "ParseAndValidate" >> ParseAndValidate()
+    parsed = raw | "ParseAndValidate" >> ParseAndValidate(state_dir=config.state_dir,
+                                                          num_shards=config.shards)
     dlq_path = None if config.live else config.dead_letter_path
     if config.live or dlq_path:
         _ = parsed[DEAD_LETTERS] | "WriteDeadLetters" >> WriteDeadLetters(
             config.bootstrap_servers, dlq_path)
     states = parsed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
         config.run_dir, config.state_dir, config.shards, config.fresh_state,
-        config.evaluate_to, config.test_from)
+        config.evaluate_to, config.test_from, topic_id)
     if config.live and config.request_profiles:
         _ = states | "RequestProfiles" >> RequestProfiles(config.bootstrap_servers)
     _ = (states
@@ -120,7 +123,8 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
     """Build and run the pipeline until the log ends (replay) or ``stop`` is set (live).
 
     A live run restarts itself on a recreated input topic, after moving the checkpointed
-    positions to the start of the new log (:func:`~pipelines.outages.finish_log_reset`).
+    positions to the start of the new log; it does the same when it starts on checkpoints taken
+    on another log of the topic (:func:`~pipelines.outages.prepare_input_log`).
 
     Args:
         config: what to run.
@@ -130,17 +134,19 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
     stop = stop or StopFlag()
     if config.state_dir:
         check_shard_count(config.state_dir, config.shards)
-        finish_log_reset(config.state_dir, config.shards)  # one a crash interrupted
     while True:
-        _run_once(config, stop, beam_args)
+        # finishes a reset the reader marked (or a crash interrupted), or finds one from before
+        topic_id = prepare_input_log(config.state_dir, config.shards, config.bootstrap_servers,
+                                     config.topic)
+        _run_once(config, stop, beam_args, topic_id)
         if not stop.restart_pending():
             return
-        finish_log_reset(config.state_dir, config.shards)
         stop.rearm()
         log.warning("restarting the pipeline on the new log of %s", config.topic)
 
 
-def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str]) -> None:
+def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str],
+              topic_id: str | None) -> None:
     options = PipelineOptions(list(beam_args))
     runner = options.view_as(StandardOptions).runner
     if runner is None:  # Prism would try to download its binary; run in this process instead
@@ -148,5 +154,5 @@ def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str]) 
 
         runner = FnApiRunner()
     with beam.Pipeline(runner=runner, options=options) as pipeline:
-        build(pipeline, config, stop)
+        build(pipeline, config, stop, topic_id)
     wait_for_checkpoints()

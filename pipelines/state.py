@@ -21,9 +21,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
+from pipelines.applied_ids import EXTRA_KEY, AppliedIds
 from pipelines.elements import EventsBatch, UserStates
 from streaming import metrics
 from streaming.errors import UsageError
+from streaming.validation import RECENT_IDS_CAPACITY
 
 #: The trained model inside a run directory (written by ``dynllm train``).
 RUN_MODEL = "model.pt"
@@ -94,22 +96,28 @@ class ShardState:
         num_shards: how many shards split the users.
         positions: next unapplied offset per partition.
         path: checkpoint file (``None``: never saved).
+        topic_id: id of the input topic the positions belong to, saved with them (a recreated
+            topic has a new id: :func:`pipelines.outages.prepare_input_log`).
     """
 
     def __init__(self, model, shard: int, num_shards: int, positions: dict[int, int],
-                 path: Path | None) -> None:
+                 path: Path | None, topic_id: str | None = None) -> None:
         self.model, self.shard, self.num_shards = model, shard, num_shards
-        self.positions, self.path = positions, path
+        self.positions, self.path, self.topic_id = positions, path, topic_id
         self._saved = dict(positions)  # positions of the last checkpoint
+        # this shard's part of the duplicate filter, saved with the positions it goes with
+        self.applied_ids = AppliedIds(RECENT_IDS_CAPACITY // num_shards)
         self._pending: list[EventsBatch] = []
 
     @classmethod
     def open(cls, run_dir: str | Path, state_dir: str | Path | None, shard: int,
-             num_shards: int, fresh_state: bool = False) -> ShardState:
+             num_shards: int, fresh_state: bool = False,
+             topic_id: str | None = None) -> ShardState:
         """Resume from the shard's checkpoint if there is one, else start from the run's model.
 
         Args:
             fresh_state: start from the trained weights with empty memory (replay from scratch).
+            topic_id: the input topic's id now (``None``: keep the checkpoint's).
         """
         path = checkpoint_path(state_dir, shard, num_shards) if state_dir else None
         if path is not None and path.exists():
@@ -118,13 +126,17 @@ class ShardState:
             model = TGNRecommender.load(path, user_head=load_run_model(run_dir).user_head)
             positions = {int(p): int(o) for p, o in model.checkpoint_extra["positions"].items()}
             metrics.CHECKPOINT_TIMESTAMP.set(model.checkpoint_extra.get("saved_at", 0.0))
-            return cls(model.eval(), shard, num_shards, positions, path)
+            state = cls(model.eval(), shard, num_shards, positions, path,
+                        topic_id or model.checkpoint_extra.get("topic_id"))
+            state.applied_ids = AppliedIds.from_tensor(model.checkpoint_extra.get(EXTRA_KEY),
+                                                       state.applied_ids.capacity)
+            return state
         model = load_run_model(run_dir).eval()
         if fresh_state:
             model.reset_state()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(model, shard, num_shards, {}, path)
+        return cls(model, shard, num_shards, {}, path, topic_id)
 
     def accept(self, batch: EventsBatch) -> Iterator[EventsBatch]:
         """The batches now ready to apply, in order, with already applied offsets removed.
@@ -170,6 +182,7 @@ class ShardState:
         order = pc.sort_indices(batch.events, [("ts", "ascending"),
                                                ("event_id", "ascending")]).to_numpy()
         events = batch.events.take(order)
+        self.applied_ids.add(events.column("event_id"))
         model = self.model
         encoded = model.encode(events)
         started = time.perf_counter()
@@ -221,7 +234,8 @@ class ShardState:
         snapshot = _snapshot(self.model)
         self._saved = dict(self.positions)
         extra = {"positions": dict(self.positions), "saved_at": time.time(),
-                 "shard": self.shard, "num_shards": self.num_shards}
+                 "shard": self.shard, "num_shards": self.num_shards, "topic_id": self.topic_id,
+                 EXTRA_KEY: self.applied_ids.to_tensor()}
 
         def write() -> None:
             from tgn.model import write_checkpoint

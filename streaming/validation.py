@@ -94,6 +94,10 @@ class ValidationRules:
     clock: Callable[[], float] = time.time
 
 
+#: How many recent event ids :class:`RecentIds` holds by default (~100 bytes of RAM each).
+RECENT_IDS_CAPACITY = 1_000_000
+
+
 class RecentIds:
     """A bounded memory of recently seen event ids (first in, first out).
 
@@ -105,7 +109,7 @@ class RecentIds:
     [True, True, False, True, True]
     """
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
+    def __init__(self, capacity: int = RECENT_IDS_CAPACITY) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity

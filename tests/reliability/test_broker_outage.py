@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.outputs import load_store
-from pipelines.state import checkpoint_path
+from pipelines.state import checkpoint_path, wait_for_checkpoints
 from streaming.broker import Broker, free_port
 from streaming.kafka_io import create_topics, json_producer
 from streaming.producer import event_messages
@@ -109,3 +109,60 @@ def test_a_marked_reset_moves_positions_to_the_log_start_and_keeps_the_memory(ru
         loaded = TGNRecommender.load(checkpoint_path(tmp_path, shard, 2))
         assert loaded.checkpoint_extra["positions"] == {}
         torch.testing.assert_close(loaded.memory.memory, model.memory.memory)
+
+
+def test_a_pipeline_started_after_an_empty_restart_reads_the_new_log_from_its_start(
+        run_dir, cj_small, tmp_path, tools):
+    """Stopped on phase A's log, the broker restarts empty while it is down, phase B (shorter)
+    is produced, the pipeline starts again: its checkpoint (offset 120) names the old topic id,
+    so it reads the new log from offset 0 (reading on from 120 would wait forever)."""
+    from pipelines.outages import checkpoint_topic_ids, current_topic_id
+    from tgn.model import TGNRecommender
+
+    events = pq.read_table(cj_small / "events.parquet").slice(0, PHASE_A + PHASE_B)
+    values = [value for _key, value, _ts in event_messages(events)]
+    users = events.column("user_id").to_pylist()
+    per_user = {u: users.count(u) for u in set(users)}
+    broker = Broker(port=free_port()).start()
+    try:
+        _produce(broker.bootstrap_servers, values[:PHASE_A])
+        old_id = current_topic_id(broker.bootstrap_servers, "purchases")
+        tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path, PHASE_A).finish()
+        assert checkpoint_topic_ids(tmp_path, 1) == {old_id}
+
+        broker.stop()
+        broker.start()  # empty, while no pipeline runs
+        _produce(broker.bootstrap_servers, values[PHASE_A:])
+        new_id = current_topic_id(broker.bootstrap_servers, "purchases")
+        assert new_id != old_id
+        pipeline = tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path, PHASE_B)
+        pipeline.wait_consumed(PHASE_B, timeout_s=60)
+        assert tools.metric(pipeline.port, "dynllm_source_log_resets_total") == 1
+        pipeline.stop()
+    finally:
+        broker.stop()
+
+    assert "recreated while the pipeline was down" in (tmp_path / "pipeline.log").read_text()
+    assert checkpoint_topic_ids(tmp_path, 1) == {new_id}
+    model = TGNRecommender.load(checkpoint_path(tmp_path, 0, 1))
+    assert sum(model.checkpoint_extra["positions"].values()) == PHASE_B
+    counts = model.neighbors.count[model.user_node].tolist()  # exactly once, both phases
+    assert {u: n for u, n in zip(model.users.to_list(), counts, strict=True) if n} == per_user
+
+
+def test_checkpoints_keep_the_topic_id_and_a_reset_stores_the_new_one(run_dir, tmp_path):
+    from pipelines.outages import checkpoint_topic_ids, finish_log_reset, mark_log_reset
+    from pipelines.state import ShardState, load_run_model
+
+    assert checkpoint_topic_ids(tmp_path, 2) == set()
+    load_run_model(run_dir).save(checkpoint_path(tmp_path, 0, 2), extra={"positions": {0: 5}})
+    assert checkpoint_topic_ids(tmp_path, 2) == set()  # an old checkpoint: no id, trusted
+    state = ShardState.open(run_dir, tmp_path, 1, 2, topic_id="A")
+    state.positions = {0: 9}
+    state.save()
+    wait_for_checkpoints()
+    assert checkpoint_topic_ids(tmp_path, 2) == {"A"}
+    assert ShardState.open(run_dir, tmp_path, 1, 2).topic_id == "A"  # kept when not given
+    mark_log_reset(tmp_path, "purchases")
+    assert finish_log_reset(tmp_path, 2, topic_id="B")
+    assert checkpoint_topic_ids(tmp_path, 2) == {"B"}
