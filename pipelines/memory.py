@@ -40,7 +40,7 @@ class _ApplyToMemoryFn(beam.DoFn):
     Attributes:
         APPLIED: events this key had applied at its last checkpoint (Beam state; it also makes
             the DoFn keyed). Written at checkpoints only: every state write costs the runner a
-            deep-size walk of its cache (~10 ms on the in-process runner).
+            deep-size walk of its cache (~5-10 ms on the in-process runner).
     """
 
     APPLIED = ReadModifyWriteStateSpec("applied", VarIntCoder())
