@@ -9,7 +9,8 @@ times, 2 raw features), in the same process, with a fixed torch thread count, in
 * the GRU limit — one ``torch.nn.GRUCell`` forward on ``[2B, 2D + T + msg]`` per batch: two node
   updates per event and nothing else, a bound for any GRU memory.
 
-Each figure is the median over ``repeats`` passes over all events.
+Contenders alternate pass by pass (one round = one pass of each over all events); rates are
+medians over rounds, ratios are medians of the per-round ratios (same load within a round).
 """
 
 from __future__ import annotations
@@ -34,14 +35,24 @@ def random_events(num_events: int, num_nodes: int, msg_dim: int, seed: int) -> E
     return src, dst, t, torch.rand(num_events, msg_dim, generator=gen)
 
 
-def _median_seconds(run: Callable[[], None], reset: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first pass warms up and is dropped
-        reset()
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _interleaved_seconds(runs: dict[str, Callable[[], None]],
+                         resets: dict[str, Callable[[], None]], repeats: int
+                         ) -> dict[str, list[float]]:
+    """Seconds per pass of each contender, ``repeats`` rounds of one pass each, interleaved.
+
+    Rounds alternate the contenders (ours, PyG, GRU, ours, ...), so load from other processes
+    on a shared machine falls on all of them alike and per-round ratios stay comparable. A
+    first, untimed round warms up.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            resets[name]()
+            start = time.perf_counter()
+            run()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def bench_batch_size(events: Events, batch_size: int, num_nodes: int, memory_dim: int,
@@ -75,16 +86,20 @@ def bench_batch_size(events: Events, batch_size: int, num_nodes: int, memory_dim
             gru(x, h)
 
     with torch.no_grad():
-        seconds = {
-            "ours": _median_seconds(run_ours, ours.reset_state, repeats),
-            "pyg": _median_seconds(run_pyg, pyg.reset_state, repeats),
-            "gru_limit": _median_seconds(run_gru, lambda: None, repeats),
-        }
-    rate = {k: src.numel() / v for k, v in seconds.items()}
+        seconds = _interleaved_seconds(
+            {"ours": run_ours, "pyg": run_pyg, "gru_limit": run_gru},
+            {"ours": ours.reset_state, "pyg": pyg.reset_state, "gru_limit": lambda: None},
+            repeats)
+    events = src.numel()
+    rate = {k: events / statistics.median(v) for k, v in seconds.items()}
+    # ratios per round (same load), then the median: robust to load that shifts between rounds
+    vs_pyg = statistics.median(p / o for o, p in zip(seconds["ours"], seconds["pyg"], strict=True))
+    of_gru = statistics.median(g / o for o, g in zip(seconds["ours"], seconds["gru_limit"],
+                                                     strict=True))
     return {"events_per_s": rate["ours"], "pyg_events_per_s": rate["pyg"],
             "gru_limit_events_per_s": rate["gru_limit"],
-            "speedup_vs_pyg": rate["ours"] / rate["pyg"],
-            "fraction_of_gru_limit": rate["ours"] / rate["gru_limit"]}
+            "speedup_vs_pyg": vs_pyg, "fraction_of_gru_limit": of_gru,
+            "rounds": {k: [round(events / x, 1) for x in v] for k, v in seconds.items()}}
 
 
 def bench_memory(num_nodes: int = 10_000, memory_dim: int = 100, time_dim: int = 100,
