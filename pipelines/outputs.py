@@ -27,6 +27,9 @@ EMBEDDING_TOPIC = "user-embeddings"
 #: When set to a list, every emitted batch appends ``(produced_at [B], span trace, emit time)``
 #: (benchmarks: per-event latency and where it went).
 LATENCY_LOG: list[tuple[np.ndarray, tuple[tuple[str, float], ...], float]] | None = None
+#: Most ``user-embeddings`` records sent and not yet acknowledged (~0.8 KB each) before the
+#: writer waits for the producer (:class:`streaming.bounded_send.BoundedSender`).
+MAX_UNACKED = 20_000
 
 
 def store_path(state_dir: str | Path, shard: int, num_shards: int) -> Path:
@@ -111,10 +114,13 @@ class _WriteFn(beam.DoFn):
         self._unsaved: dict[int, int] = {}  # embeddings written since the store was saved
         self._producer = None
         if self.bootstrap_servers:
+            from streaming.bounded_send import BoundedSender
             from streaming.kafka_io import create_topics, json_producer
 
             create_topics(self.bootstrap_servers, [self.topic])
-            self._producer = json_producer(self.bootstrap_servers, linger_ms=5)
+            # kafka-python 3 buffers sends without a bound: wait for it past MAX_UNACKED
+            self._producer = BoundedSender(json_producer(self.bootstrap_servers, linger_ms=5),
+                                           MAX_UNACKED)
 
     def process(self, keyed: tuple[int, UserStates], written=_written):
         shard, states = keyed
@@ -143,7 +149,7 @@ class _WriteFn(beam.DoFn):
             store.save()
         if getattr(self, "_producer", None) is not None:
             self._producer.flush()
-            self._producer.close()
+            self._producer.producer.close()
 
 
 class WriteEmbeddings(beam.PTransform):
