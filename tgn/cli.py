@@ -47,6 +47,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    from tgn import snapshot
+
+    if args.baselines in ("snapshot", "all") and not snapshot.available():
+        raise UsageError(snapshot.EXTRA_HINT)  # before loading anything
     from tgn.experiment import evaluate_run, markdown_table
 
     results = evaluate_run(args.data, args.run, args.baselines, args.batch_size,
@@ -100,8 +104,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, help="dataset directory")
     ev.add_argument("--run", required=True, help="run directory written by `dynllm train`")
     ev.add_argument("--json", help="write all metrics to this JSON file")
-    ev.add_argument("--baselines", action="store_true",
-                    help="also evaluate popularity, recent popularity and buy-again")
+    ev.add_argument("--baselines", nargs="?", const="heuristics",
+                    choices=("heuristics", "snapshot", "all"),
+                    help="also evaluate popularity, recent popularity and buy-again (no value or "
+                         "'heuristics'), the weekly GConvGRU snapshot baseline ('snapshot'; "
+                         "needs the snapshot extra) or both ('all')")
     ev.add_argument("--batch-size", type=positive_int, default=2000,
                     help="events scored from one state (default 2000)")
     ev.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")

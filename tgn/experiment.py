@@ -101,13 +101,30 @@ def baselines() -> dict[str, Recommender]:
     }
 
 
-def evaluate_run(data_dir: str | Path, run_dir: str | Path, with_baselines: bool = False,
+def snapshot_baseline(splits: list[EventBatch], progress: bool = True) -> Recommender:
+    """The GConvGRU weekly-snapshot baseline (``snapshot`` extra), fitted on ``splits[0]``
+    (train); its node table covers every user and item index in ``splits``."""
+    from tgn.snapshot import EXTRA_HINT, available, fit_snapshot
+
+    if not available():
+        raise UsageError(EXTRA_HINT)
+    num_users = max(int(s.users.max()) + 1 for s in splits if len(s))
+    num_items = max(int(s.items.max()) + 1 for s in splits if len(s))
+    recommender, _ = fit_snapshot(splits[0], num_users, num_items, progress=progress)
+    return recommender
+
+
+def evaluate_run(data_dir: str | Path, run_dir: str | Path, with_baselines: bool | str = False,
                  batch_size: int = 2000, progress: bool = True) -> dict[str, dict[str, float]]:
     """Test-then-update metrics of a run's model (and optionally the baselines) on ``test``.
 
     Every recommender first replays train + val (state only), then ranks the test split in
-    batches of ``batch_size`` against the full catalog seen so far.
+    batches of ``batch_size`` against the full catalog seen so far. ``with_baselines``: ``True``
+    or ``"heuristics"`` adds the heuristics, ``"snapshot"`` the weekly GConvGRU baseline (trained
+    here on the train split; needs the ``snapshot`` extra), ``"all"`` both.
     """
+    if with_baselines is True:
+        with_baselines = "heuristics"
     model_path = Path(run_dir) / "model.pt"
     if not model_path.exists():
         raise UsageError(f"{run_dir} holds no model.pt (train one with `dynllm train`)")
@@ -119,7 +136,11 @@ def evaluate_run(data_dir: str | Path, run_dir: str | Path, with_baselines: bool
     train_events, val_events, test = (model.encode(data.split(name))
                                       for name in ("train", "val", "test"))
     history = EventBatch.cat([train_events, val_events])
-    recommenders: dict[str, Recommender] = baselines() if with_baselines else {}
+    recommenders: dict[str, Recommender] = (baselines() if with_baselines in ("heuristics", "all")
+                                            else {})
+    if with_baselines in ("snapshot", "all"):
+        recommenders["snapshot GConvGRU (weekly)"] = snapshot_baseline(
+            [train_events, val_events, test], progress)
     recommenders[model_name] = model
     results: dict[str, dict[str, float]] = {}
     for name, recommender in recommenders.items():

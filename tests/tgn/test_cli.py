@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipelines.cli import main
+from tgn import snapshot
 
 
 @pytest.mark.slow
@@ -29,6 +30,15 @@ def test_train_then_evaluate_with_baselines(tiny_dataset, tmp_path, capsys):
 def test_evaluate_without_a_run_is_a_usage_error(tiny_dataset, tmp_path, capsys):
     assert main(["evaluate", "--data", str(tiny_dataset), "--run", str(tmp_path)]) == 2
     assert "no model.pt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(snapshot.available(), reason="the snapshot extra is installed")
+def test_snapshot_baseline_without_the_extra_is_a_one_line_usage_error(tiny_dataset, tmp_path,
+                                                                       capsys):
+    assert main(["evaluate", "--data", str(tiny_dataset), "--run", str(tmp_path),
+                 "--baselines", "snapshot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dynllm[snapshot]" in err and "\n" not in err
 
 
 def test_bench_memory_writes_the_figures(tmp_path):
