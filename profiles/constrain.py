@@ -5,7 +5,9 @@ The answer is pre-filled up to the first heading (``Crowd segment:``). While a b
 
 - after a line break the next heading's tokens are forced (the model never writes a heading,
   so it cannot misspell, skip or repeat one), and after the fourth line the end token;
-- a value must start with a token holding a letter or digit (no empty value, no ``<…>``);
+- a value must start with a token holding a letter or digit (no empty value, no ``<…>``) and
+  not with the first token of a placeholder of the format (the 0.5B model likes to copy
+  "Household type and shopping style" instead of answering);
 - a list line's last allowed item cannot be followed by a comma (the model ends the line
   instead of starting an item that would be cut);
 - a value line ends (a forced line break) at its token cap; lines cut by the cap are recorded
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor
 
-from profiles.prompt import FACETS
+from profiles.prompt import FACETS, PLACEHOLDERS
 
 #: Value tokens per line before a forced line break (segment, interests, categories, brands).
 #: "M1089 national, M544 national" is 12 Qwen tokens (one per digit).
@@ -45,6 +47,8 @@ class VocabClasses:
         break_id: The plain ``"\\n"`` token.
         eos_id: The end token forced after the fourth line.
         headings: Token ids of ``"Heading:"`` for facets 2-4 (index 1-3; index 0 unused).
+        copy_start: ``(V,)`` bool, the first token of a placeholder (any case, with or without
+            a leading space): never the first token of a value.
     """
 
     newline: torch.Tensor
@@ -54,6 +58,7 @@ class VocabClasses:
     break_id: int
     eos_id: int
     headings: list[list[int]]
+    copy_start: torch.Tensor
 
     @classmethod
     def build(cls, tokenizer, vocab_size: int, eos_id: int) -> VocabClasses:
@@ -68,12 +73,16 @@ class VocabClasses:
         special[len(tokenizer):] = True
         special |= newline
         special[break_id] = False
+        copy_start = torch.zeros(vocab_size, dtype=torch.bool)
+        for text in PLACEHOLDERS:
+            for variant in (text, text.capitalize(), " " + text, " " + text.capitalize()):
+                copy_start[tokenizer.encode(variant, add_special_tokens=False)[0]] = True
         return cls(
             newline=newline, comma=torch.tensor(["," in t or ";" in t for t in texts]),
             value_start=torch.tensor([any(c.isalnum() for c in t) for t in texts]) & ~special,
             special=special, break_id=break_id, eos_id=eos_id,
             headings=[[]] + [tokenizer.encode(f"{h}:", add_special_tokens=False)
-                             for h in FACETS[1:]])
+                             for h in FACETS[1:]], copy_start=copy_start)
 
     def max_tokens(self, caps: tuple[int, ...] = LINE_CAPS) -> int:
         """The longest possible answer: values, headings, line breaks and the end token."""
@@ -121,7 +130,7 @@ class FacetLines(LogitsProcessor):
                 scores[r] = blocked
                 scores[r, forced] = 0.0
             elif row.count == 0:
-                scores[r, ~self.vocab.value_start[:width]] = blocked
+                scores[r, ~self.vocab.value_start[:width] | self.vocab.copy_start[:width]] = blocked
             else:
                 scores[r, self.vocab.special[:width]] = blocked
                 if self.max_items[row.line] and row.commas + 1 >= self.max_items[row.line]:

@@ -9,15 +9,16 @@ from profiles.constrain import FacetLines, VocabClasses
 from profiles.facets import parse_facets
 from profiles.prompt import FACETS
 
-# A hand-made 8-token vocabulary: 0 "a", 1 ",", 2 "\n", 3 <eos>, 4-6 the three later headings,
-# 7 " " (blank).
-TOKENS = ["a", ",", "\n", "<eos>", "H2", "H3", "H4", " "]
+# A hand-made 9-token vocabulary: 0 "a", 1 ",", 2 "\n", 3 <eos>, 4-6 the three later headings,
+# 7 " " (blank), 8 "Two" (the first token of a placeholder of the format).
+TOKENS = ["a", ",", "\n", "<eos>", "H2", "H3", "H4", " ", "Two"]
 VOCAB = VocabClasses(
     newline=torch.tensor([t == "\n" for t in TOKENS]),
     comma=torch.tensor([t == "," for t in TOKENS]),
-    value_start=torch.tensor([t == "a" or t.startswith("H") for t in TOKENS]),
+    value_start=torch.tensor([t in ("a", "Two") or t.startswith("H") for t in TOKENS]),
     special=torch.tensor([t == "<eos>" for t in TOKENS]),
-    break_id=2, eos_id=3, headings=[[], [4], [5], [6]])
+    break_id=2, eos_id=3, headings=[[], [4], [5], [6]],
+    copy_start=torch.tensor([t == "Two" for t in TOKENS]))
 
 
 def _greedy(preference: list[str], caps: tuple[int, ...],
@@ -52,6 +53,12 @@ def test_no_empty_value_no_early_end_and_no_third_item():
     # free text (line 0) may hold commas; list lines get one comma (two items), then no more
     assert text == "a , , NL H2 a , a a NL H3 a , a a NL H4 a , a a NL <eos>"
     assert rules.rows[0].capped == {0, 1, 2, 3}
+
+
+def test_a_value_never_starts_like_a_placeholder():
+    text, _ = _greedy(["Two", "a", ","], caps=(2, 2, 2, 2))
+    # the model would copy the placeholder: each value starts otherwise, "Two" only after
+    assert text == "a Two NL H2 a Two NL H3 a Two NL H4 a Two NL <eos>"
 
 
 def test_capped_list_lines_lose_their_half_item():
