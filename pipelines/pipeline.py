@@ -152,6 +152,9 @@ def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str],
     if runner is None:  # Prism would try to download its binary; run in this process instead
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
+        from pipelines.beam_patches import bound_runner_metrics
+
+        bound_runner_metrics()  # else its metrics keep every bundle of the stream alive
         runner = FnApiRunner()
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         build(pipeline, config, stop, topic_id)
