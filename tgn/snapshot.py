@@ -53,7 +53,7 @@ class SnapshotConfig:
 
     dim: int = 32  #: node embedding and state width d
     cheb_k: int = 2  #: Chebyshev filter size K (2 = own vector + one hop)
-    epochs: int = 30
+    epochs: int = 10
     lr: float = 0.01
     bptt_weeks: int = 4  #: weeks between optimizer steps (truncated backprop through time)
     seed: int = 0
