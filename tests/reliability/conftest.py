@@ -123,9 +123,34 @@ class PipelineProcess:
         self.stop()
 
 
+def produce_purchases(bootstrap: str, values: list[bytes]) -> None:
+    """Send ``values`` in order to a one-partition ``purchases`` topic (created if missing)."""
+    from streaming.kafka_io import create_topics, json_producer
+
+    create_topics(bootstrap, ["purchases"], partitions=1)
+    producer = json_producer(bootstrap)
+    for value in values:
+        producer.send("purchases", value=value)
+    producer.flush()
+    producer.close()
+
+
+def first_events(data: Path, count: int) -> tuple[list[bytes], dict[str, int]]:
+    """The JSON values of a dataset's first ``count`` events, and events per user among them."""
+    import pyarrow.parquet as pq
+
+    from streaming.producer import event_messages
+
+    events = pq.read_table(data / "events.parquet").slice(0, count)
+    users = events.column("user_id").to_pylist()
+    return ([value for _key, value, _ts in event_messages(events)],
+            {u: users.count(u) for u in set(users)})
+
+
 @pytest.fixture(scope="session")
 def tools() -> SimpleNamespace:
     """This module's helpers (a test module cannot import a conftest under importlib mode)."""
     return SimpleNamespace(DYNLLM=DYNLLM, PipelineProcess=PipelineProcess, metric=metric,
+                           first_events=first_events, produce_purchases=produce_purchases,
                            read_json_topic=read_json_topic, read_topic=read_topic,
                            start_dynllm=start_dynllm, wait_until=wait_until)

@@ -13,14 +13,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.outputs import load_store
 from pipelines.state import checkpoint_path, wait_for_checkpoints
 from streaming.broker import Broker, free_port
-from streaming.kafka_io import create_topics, json_producer
-from streaming.producer import event_messages
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -28,25 +25,14 @@ PHASE_A, PHASE_B = 120, 80
 OUTAGE_S = 30.0
 
 
-def _produce(bootstrap: str, values: list[bytes]) -> None:
-    create_topics(bootstrap, ["purchases"], partitions=1)
-    producer = json_producer(bootstrap)
-    for value in values:
-        producer.send("purchases", value=value)
-    producer.flush()
-    producer.close()
-
 
 def test_broker_down_30s_then_back_empty(run_dir, cj_small, tmp_path, tools):
     from tgn.model import TGNRecommender
 
-    events = pq.read_table(cj_small / "events.parquet").slice(0, PHASE_A + PHASE_B)
-    values = [value for _key, value, _ts in event_messages(events)]
-    users = events.column("user_id").to_pylist()
-    per_user = {u: users.count(u) for u in set(users)}
+    values, per_user = tools.first_events(cj_small, PHASE_A + PHASE_B)
     broker = Broker(port=free_port()).start()
     try:
-        _produce(broker.bootstrap_servers, values[:PHASE_A])
+        tools.produce_purchases(broker.bootstrap_servers, values[:PHASE_A])
         pipeline = tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path,
                                          PHASE_A + PHASE_B)
         pipeline.wait_consumed(PHASE_A)
@@ -63,7 +49,7 @@ def test_broker_down_30s_then_back_empty(run_dir, cj_small, tmp_path, tools):
             time.sleep(0.5)
 
         broker.start()  # same port, empty: no topics, no offsets
-        _produce(broker.bootstrap_servers, values[PHASE_A:])
+        tools.produce_purchases(broker.bootstrap_servers, values[PHASE_A:])
         pipeline.wait_consumed(PHASE_A + PHASE_B, timeout_s=120)
         tools.wait_until(lambda: tools.metric(port, "dynllm_kafka_up") == 1, 10,
                          "the broker counted as back", pipeline.process)
@@ -119,20 +105,17 @@ def test_a_pipeline_started_after_an_empty_restart_reads_the_new_log_from_its_st
     from pipelines.outages import checkpoint_topic_ids, current_topic_id
     from tgn.model import TGNRecommender
 
-    events = pq.read_table(cj_small / "events.parquet").slice(0, PHASE_A + PHASE_B)
-    values = [value for _key, value, _ts in event_messages(events)]
-    users = events.column("user_id").to_pylist()
-    per_user = {u: users.count(u) for u in set(users)}
+    values, per_user = tools.first_events(cj_small, PHASE_A + PHASE_B)
     broker = Broker(port=free_port()).start()
     try:
-        _produce(broker.bootstrap_servers, values[:PHASE_A])
+        tools.produce_purchases(broker.bootstrap_servers, values[:PHASE_A])
         old_id = current_topic_id(broker.bootstrap_servers, "purchases")
         tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path, PHASE_A).finish()
         assert checkpoint_topic_ids(tmp_path, 1) == {old_id}
 
         broker.stop()
         broker.start()  # empty, while no pipeline runs
-        _produce(broker.bootstrap_servers, values[PHASE_A:])
+        tools.produce_purchases(broker.bootstrap_servers, values[PHASE_A:])
         new_id = current_topic_id(broker.bootstrap_servers, "purchases")
         assert new_id != old_id
         pipeline = tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path, PHASE_B)

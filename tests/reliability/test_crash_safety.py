@@ -16,15 +16,12 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipelines.outputs import load_store
 from pipelines.state import checkpoint_path, resume_positions
 from streaming.broker import Broker
-from streaming.kafka_io import create_topics, json_producer
-from streaming.producer import event_messages
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -56,23 +53,12 @@ torch.save = _pausing_save
 """ + "import sys; from pipelines.cli import main; sys.exit(main())"
 
 
-def _stream(cj_small: Path) -> tuple[list[bytes], dict[str, int]]:
+def _stream(tools, cj_small: Path) -> tuple[list[bytes], dict[str, int]]:
     """The fixed record stream (valid events with 3 bad records mixed in) and events per user."""
-    events = pq.read_table(cj_small / "events.parquet").slice(0, N_EVENTS)
-    records = [value for _key, value, _ts in event_messages(events)]
+    records, per_user = tools.first_events(cj_small, N_EVENTS)
     for i, bad in enumerate(BAD):
         records.insert(50 + 97 * i, bad)
-    users = events.column("user_id").to_pylist()
-    return records, {u: users.count(u) for u in set(users)}
-
-
-def _produce(bootstrap: str, records: list[bytes]) -> None:
-    create_topics(bootstrap, ["purchases"], partitions=1)
-    producer = json_producer(bootstrap)
-    for value in records:
-        producer.send("purchases", value=value)
-    producer.flush()
-    producer.close()
+    return records, per_user
 
 
 def _crashing_run(tools, bootstrap, run_dir, state, total, rng) -> list[str]:
@@ -117,16 +103,16 @@ def test_kill_9_at_random_points_equals_uninterrupted_run(kafka_broker, run_dir,
                                                           tmp_path, tools):
     from tgn.model import TGNRecommender
 
-    records, per_user = _stream(cj_small)
+    records, per_user = _stream(tools, cj_small)
     total = len(records)
     crashed, clean = tmp_path / "crashed", tmp_path / "clean"
     crashed.mkdir()
     clean.mkdir()
-    _produce(kafka_broker, records)
+    tools.produce_purchases(kafka_broker, records)
     history = _crashing_run(tools, kafka_broker, run_dir, crashed, total, random.Random(8))
     assert len(history) == 6, history
     with Broker() as other:
-        _produce(other.bootstrap_servers, records)
+        tools.produce_purchases(other.bootstrap_servers, records)
         tools.PipelineProcess(other.bootstrap_servers, run_dir, clean, total).finish()
         expected_emitted = _embeddings(tools, other.bootstrap_servers)
 

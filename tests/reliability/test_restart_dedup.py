@@ -15,19 +15,9 @@ import pytest
 from pipelines.applied_ids import AppliedIds, load_applied_ids
 from pipelines.state import ShardState, checkpoint_path, wait_for_checkpoints
 from streaming.deadletter import decode_raw
-from streaming.kafka_io import create_topics, json_producer
-from streaming.producer import event_messages
 
 PHASE_A, PHASE_B, RESENT = 60, 40, 10
 
-
-def _produce(bootstrap: str, values: list[bytes]) -> None:
-    create_topics(bootstrap, ["purchases"], partitions=1)
-    producer = json_producer(bootstrap)
-    for value in values:
-        producer.send("purchases", value=value)
-    producer.flush()
-    producer.close()
 
 
 @pytest.mark.kafka
@@ -36,25 +26,23 @@ def test_a_resent_event_after_a_restart_is_a_dead_letter(kafka_broker, run_dir, 
                                                          tmp_path, tools):
     from tgn.model import TGNRecommender
 
-    events = pq.read_table(cj_small / "events.parquet").slice(0, PHASE_A + PHASE_B)
-    values = [value for _key, value, _ts in event_messages(events)]
+    values, per_user = tools.first_events(cj_small, PHASE_A + PHASE_B)
     resent = values[5:5 + RESENT]
-    _produce(kafka_broker, values[:PHASE_A])
+    tools.produce_purchases(kafka_broker, values[:PHASE_A])
     tools.PipelineProcess(kafka_broker, run_dir, tmp_path, PHASE_A).finish()
     assert len(load_applied_ids(tmp_path, 1)) == PHASE_A
 
-    _produce(kafka_broker, values[PHASE_A:PHASE_A + 20] + resent + values[PHASE_A + 20:])
+    tools.produce_purchases(kafka_broker,
+                            values[PHASE_A:PHASE_A + 20] + resent + values[PHASE_A + 20:])
     tools.PipelineProcess(kafka_broker, run_dir, tmp_path, PHASE_A + PHASE_B + RESENT).finish()
 
     letters = tools.read_json_topic(kafka_broker, "purchases.dlq")
     assert sorted(decode_raw(d["raw"], d["raw_encoding"]).encode() for d in letters) == sorted(
         resent)  # exactly the re-sent records, byte for byte
     assert {d["reason"] for d in letters} == {"duplicate_event_id"}
-    users = events.column("user_id").to_pylist()
     model = TGNRecommender.load(checkpoint_path(tmp_path, 0, 1))
     counts = model.neighbors.count[model.user_node].tolist()  # each event applied once
-    assert {u: n for u, n in zip(model.users.to_list(), counts, strict=True) if n} == {
-        u: users.count(u) for u in set(users)}
+    assert {u: n for u, n in zip(model.users.to_list(), counts, strict=True) if n} == per_user
     assert len(load_applied_ids(tmp_path, 1)) == PHASE_A + PHASE_B
 
 
