@@ -27,6 +27,7 @@ def _train(args: argparse.Namespace) -> int:
     from tgn.model import TGNConfig
     from tgn.train import TrainConfig
 
+    model_config = TGNConfig(repeat=not args.no_repeat)
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, patience=args.patience,
                                max_val_events=args.max_val_events)
@@ -36,9 +37,9 @@ def _train(args: argparse.Namespace) -> int:
         if not args.profiles:
             raise UsageError("--model dynllm needs --profiles STORE (dynllm profiles build)")
         summary = fit_dynllm(args.data, args.out, args.profiles, args.hops, not args.no_gate,
-                             TGNConfig(), train_config, progress=not args.quiet)
+                             model_config, train_config, progress=not args.quiet)
     else:
-        summary = fit(args.data, args.out, TGNConfig(), train_config, progress=not args.quiet)
+        summary = fit(args.data, args.out, model_config, train_config, progress=not args.quiet)
     print(f"best epoch {summary['best_epoch']} (val recall@10 "
           f"{summary['best_val_recall@10']:.4f}), {summary['train_seconds']:.0f} s; "
           f"wrote {Path(args.out) / 'model.pt'}")
@@ -88,6 +89,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="dynllm: read graph-aware (2) or own-history (1) profiles")
     train.add_argument("--no-gate", action="store_true",
                        help="dynllm: drop the distillation gate (ablation)")
+    train.add_argument("--no-repeat", action="store_true",
+                       help="leave out the learned repeat-purchase term (dot product only)")
     train.add_argument("--out", required=True, help="run directory to write")
     train.add_argument("--epochs", type=positive_int, default=10)
     train.add_argument("--batch-size", type=positive_int, default=200)

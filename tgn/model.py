@@ -29,6 +29,7 @@ from tgn.embedding import IdentityHead, TemporalAttention, TimeProjection
 from tgn.ids import IdMap
 from tgn.memory import Memory, TimeEncoder
 from tgn.neighbors import NeighborBuffer
+from tgn.repeat import RepeatScore
 
 CHECKPOINT_FORMAT = 1
 
@@ -44,10 +45,18 @@ class TGNConfig:
     neighbors: int = 5  # TGN uses 10, DynLLM 3: 5 halves the attention cost of 10
     aggregation: str = "last"  # TGN's best-performing aggregator
     msg_dim: int = MSG_DIM
+    #: add the learned repeat-purchase term (:mod:`tgn.repeat`) to the dot product; a saved
+    #: config without the field (checkpoints from before it) loads as ``False``
+    repeat: bool = True
 
 
 class TGNRecommender(nn.Module):
-    """Scores every catalog item for a user by a dot product of temporal embeddings.
+    """Scores every catalog item for a user by a dot product of temporal embeddings, plus,
+    with ``config.repeat``, a learned term for the items the user bought before.
+
+    The full score of user ``u`` and item ``i`` at time ``t`` is
+    ``<user_embeddings(u, t), item_embeddings(t)[i]> + repeat(u, i, t)``; the user embeddings
+    (what the pipeline emits) are only the dot-product part, see :meth:`score_users`.
 
     Args:
         config: model sizes.
@@ -72,6 +81,8 @@ class TGNRecommender(nn.Module):
         self.user_head = user_head or IdentityHead()
         self.register_buffer("user_node", torch.zeros(0, dtype=torch.long))
         self.register_buffer("item_node", torch.zeros(0, dtype=torch.long))
+        # created last, so the other weights draw the same numbers with and without it
+        self.repeat = RepeatScore() if config.repeat else None
         self._sync_nodes()
 
     @property
@@ -96,19 +107,25 @@ class TGNRecommender(nn.Module):
         return batch
 
     def reset_state(self) -> None:
-        """Forget all events (memory, last-update times, neighbours); keeps weights and ids."""
+        """Forget all events (memory, last-update times, neighbours, purchase history); keeps
+        weights and ids."""
         self.memory.reset_state()
         self.neighbors.reset_state()
+        if self.repeat is not None:
+            self.repeat.reset_state()
 
     def detach(self) -> None:
         """Cut the state out of the autograd graph (after each optimiser step)."""
         self.memory.detach()
 
     def update(self, batch: EventBatch) -> None:
-        """Apply events to the memory and the neighbour buffer (gradients flow in train mode)."""
+        """Apply events to the memory, the neighbour buffer and the purchase history
+        (gradients flow in train mode)."""
         src, dst = self.user_node[batch.users], self.item_node[batch.items]
         self.memory.update_state(src, dst, batch.t, batch.feats)
         self.neighbors.insert(src, dst, batch.t)
+        if self.repeat is not None:
+            self.repeat.update(batch.users, batch.items, batch.t)
 
     def embed_nodes(self, nodes: Tensor, t: Tensor) -> Tensor:
         """Attention embeddings ``[B, E]`` of ``nodes [B]`` at times ``t [B]`` (float64 s)."""
@@ -134,14 +151,37 @@ class TGNRecommender(nn.Module):
         return torch.cat(parts) if parts else self.memory.memory.new_zeros(0,
                                                                            self.config.embed_dim)
 
+    def repeat_term(self, user_index: Tensor, items: Tensor, t: Tensor) -> Tensor:
+        """Repeat term ``[N]`` of pairs ``(user_index [N], items [N])`` at ``t [N]`` (zeros
+        without ``config.repeat`` or without history; differentiable in its weights)."""
+        if self.repeat is None:
+            return torch.zeros(user_index.numel())
+        return self.repeat.pair_scores(user_index, items, t)
+
+    def add_repeat(self, scores: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
+        """Add the repeat term to dot-product scores ``[B, N]`` of users ``[B]`` at ``t [B]``,
+        in place (no-op without ``config.repeat``); returns ``scores``."""
+        if self.repeat is not None:
+            self.repeat.add_to(scores, user_index, t)
+        return scores
+
+    @torch.no_grad()
+    def score_users(self, user_index: Tensor, t: Tensor, item_time: float | Tensor | None = None
+                    ) -> Tensor:
+        """Full scores ``[B, num_items]``: dot product of the users' embeddings at ``t [B]``
+        with every item's embedding at ``item_time`` (default ``t[0]``), plus the repeat term."""
+        users = self.user_embeddings(user_index, t)
+        scores = users @ self.item_embeddings(t[0] if item_time is None else item_time).T
+        return self.add_repeat(scores, user_index, t)
+
     @torch.no_grad()
     def score(self, batch: EventBatch) -> Tensor:
         """Scores ``[B, num_items]`` of every item for each event's user, from the current state.
 
-        Items are embedded once at the batch's first time, so all candidates share one state.
+        Items are embedded once at the batch's first time, so all candidates share one state;
+        the repeat term sees only purchases applied before the batch.
         """
-        users = self.user_embeddings(batch.users, batch.t)
-        return users @ self.item_embeddings(batch.t[0]).T
+        return self.score_users(batch.users, batch.t)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write weights, state and id maps to one file, atomically (temp file + rename)."""
@@ -160,7 +200,8 @@ class TGNRecommender(nn.Module):
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
-        model = cls(TGNConfig(**payload["config"]), IdMap(payload["users"]),
+        config = TGNConfig(**{"repeat": False, **payload["config"]})  # older: no repeat term
+        model = cls(config, IdMap(payload["users"]),
                     IdMap(payload["items"]), user_head)
         model.load_state_dict(payload["state"])
         model.checkpoint_extra = payload["extra"]

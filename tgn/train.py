@@ -65,14 +65,19 @@ def first_seen_order(items: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def bpr_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Tensor:
-    """Mean ``-log σ(s(u, pos) - s(u, neg))`` over ``negatives [B, R]`` item indices."""
+    """Mean ``-log σ(s(u, pos) - s(u, neg))`` over ``negatives [B, R]`` item indices.
+
+    ``s`` is the full score: dot product plus the model's repeat term (history before the batch).
+    """
     b, r = negatives.shape
     users = model.user_embeddings(batch.users, batch.t)  # [B, E]
     items = torch.cat([batch.items, negatives.reshape(-1)])  # [B + B·R]
     t = torch.cat([batch.t, batch.t.repeat_interleave(r)])
     z = model.item_embeddings(t, items)
-    pos = (users * z[:b]).sum(-1)  # [B]
-    neg = (users.repeat_interleave(r, 0) * z[b:]).sum(-1).view(b, r)
+    owners = torch.cat([batch.users, batch.users.repeat_interleave(r)])
+    repeat = model.repeat_term(owners, items, t)  # [B + B·R]
+    pos = (users * z[:b]).sum(-1) + repeat[:b]  # [B]
+    neg = ((users.repeat_interleave(r, 0) * z[b:]).sum(-1) + repeat[b:]).view(b, r)
     loss = -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
     extra = getattr(model.user_head, "extra_loss", None)
     return loss + extra() if callable(extra) else loss
