@@ -13,7 +13,11 @@ request should never cause is logged with its traceback and answered with a JSON
 
 A user's embedding comes from the embedding store of the user's shard and is scored against the
 item embeddings of that same shard's model (the state the embedding was computed with), so a
-multi-shard pipeline serves consistent scores. State files are re-read when they change.
+multi-shard pipeline serves consistent scores. The stored embeddings are only the dot-product
+part of the score: when the model has the repeat term (``TGNConfig.repeat``), the shard model's
+term for the user's own purchase history, at the shard's latest event time, is added, so what is
+served is the full score that ``dynllm evaluate`` measures. State files are re-read when they
+change.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pipelines.state import checkpoint_path, load_run_model
 from streaming import metrics
 from streaming.errors import UsageError
 from tgn.fusion import FACETS
+from tgn.model import TGNRecommender
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class Recommender:
         self._stores: list[tuple[np.ndarray, ...]] = []
         self._item_ids: list[list[str]] = []
         self._item_vectors: list[torch.Tensor] = []
+        self._models: list[tuple[TGNRecommender, float]] = []  # per shard: model, its time
         self.checkpoint_time = 0.0
         self.reload()
 
@@ -103,24 +109,24 @@ class Recommender:
         if stamp == self._stamp:
             return
         base = load_run_model(self.run_dir)
-        stores, item_ids, item_vectors, users, newest = [], [], [], {}, 0.0
+        stores, item_ids, item_vectors, models, users, newest = [], [], [], [], {}, 0.0
         for shard in range(self.num_shards):
             ckpt = checkpoint_path(self.state_dir, shard, self.num_shards)
             store = store_path(self.state_dir, shard, self.num_shards)
             if not (ckpt.exists() and store.exists()):
                 continue
-            from tgn.model import TGNRecommender
-
             model = TGNRecommender.load(ckpt, user_head=base.user_head).eval()
             newest = max(newest, model.checkpoint_extra.get("saved_at", 0.0))
             with torch.no_grad():
                 t = float(model.memory.last_update.max()) if model.num_nodes else 0.0
                 item_vectors.append(model.item_embeddings(t))
+            models.append((model, t))
             item_ids.append(model.items.to_list())
             stores.append(load_store(store))
             users.update({str(u): (len(stores) - 1, row) for row, u in enumerate(stores[-1][0])})
         with self._lock:
             self._stores, self._item_ids, self._item_vectors = stores, item_ids, item_vectors
+            self._models = models
             self.users, self._stamp, self.checkpoint_time = users, stamp, newest
         metrics.EMBEDDING_STORE_USERS.set(len(users))
         metrics.CHECKPOINT_TIMESTAMP.set(newest)
@@ -138,7 +144,12 @@ class Recommender:
             shard, row = self.users[user]
             user_ids, ts, version, embedding, weights = self._stores[shard]
             vectors, item_ids = self._item_vectors[shard], self._item_ids[shard]
-        scores = vectors @ torch.from_numpy(embedding[row])  # [N]
+            model, t = self._models[shard]
+        scores = vectors @ torch.from_numpy(embedding[row])  # [N] dot-product part
+        if user in model.users:  # + the repeat term of the user's own history (if any)
+            index = torch.from_numpy(model.users.encode([user], grow=False))
+            with torch.no_grad():
+                model.add_repeat(scores.unsqueeze(0), index, torch.tensor([t], dtype=torch.float64))
         top = torch.topk(scores, min(k, scores.numel()))
         facet = weights[row] if weights.shape[1] else None
         return {

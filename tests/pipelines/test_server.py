@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from pipelines.outputs import load_store
 from pipelines.server import BadRequest, Recommender, make_server, parse_recommend_query
@@ -71,3 +72,26 @@ def test_parse_recommend_query_defaults_k():
     assert parse_recommend_query("user=u1") == ("u1", 10)
     with pytest.raises(BadRequest):
         parse_recommend_query("user=&k=1")
+
+
+def test_recommend_serves_the_full_score_with_the_repeat_term(run_dir, one_shard_state):
+    """A user's own past items get the shard model's repeat term on top of the dot product."""
+    recommender = Recommender(run_dir, one_shard_state)
+    user = str(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[0][0])
+    model, t = recommender._models[0]
+    index = model.users.encode([user], grow=False)
+    own = torch.tensor(sorted({model.repeat._item[s].item()
+                               for s in model.repeat._slots[int(index[0])].values()}))
+    with torch.no_grad():  # a large constant for every pair with history
+        model.repeat.g[2].bias.fill_(1000.0)
+    after = recommender.recommend(user, len(own))
+    served = {item["item_id"] for item in after["items"]}
+    assert served == set(model.items.decode(own.tolist()))
+    # the served scores are dot product + term: the term at the shard's time, recomputed here
+    term = model.repeat.dense(torch.from_numpy(index), torch.tensor([t], dtype=torch.float64),
+                              len(model.items))[0]
+    vectors = recommender._item_vectors[0]
+    embedding = torch.from_numpy(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[3][0])
+    best = own[(vectors[own] @ embedding + term[own]).argmax()]
+    assert after["items"][0]["item_id"] == model.items.decode([int(best)])[0]
+    assert abs(after["items"][0]["score"] - float(vectors[best] @ embedding + term[best])) < 1e-3

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from profiles.facets import Facets
 from profiles.store import Profile, ProfileStore
@@ -13,6 +14,7 @@ from streaming.dataset import Dataset
 from streaming.errors import UsageError
 from tgn.ablation import aggregate, markdown_table, run_ablation
 from tgn.dynllm_experiment import fit_dynllm
+from tgn.dynllm_head import load_dynllm
 from tgn.explain import explain_user, render
 from tgn.model import TGNConfig
 from tgn.profile_features import read_profile_store, read_profile_texts
@@ -75,6 +77,20 @@ def test_explain_prints_facets_weights_and_items(run_dir):
     assert len(expl.items) == 5 and expl.items[0][1] >= expl.items[-1][1]
     text = render(expl)
     assert "favored brands" in text and "top 5 recommendations" in text
+
+
+def test_explain_scores_are_the_full_score_with_the_repeat_term(run_dir):
+    expl = explain_user(run_dir, "u3", k=20)
+    model = load_dynllm(run_dir / "model.pt").eval()
+    user, t = torch.tensor(model.users.encode(["u3"], grow=False)), torch.tensor([expl.t],
+                                                                                dtype=torch.float64)
+    with torch.no_grad():
+        dot = (model.user_embeddings(user, t) @ model.item_embeddings(expl.t).T)[0]
+        term = model.repeat.dense(user, t, dot.numel())[0]
+    assert term.abs().max() > 0  # trained: u3's own items get a term
+    index = model.items.encode([item[0] for item in expl.items], grow=False)
+    torch.testing.assert_close(torch.tensor([item[1] for item in expl.items]),
+                               (dot + term)[index])
 
 
 def test_explain_before_any_profile_says_so(run_dir, tiny_dataset):
