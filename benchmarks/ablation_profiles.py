@@ -51,8 +51,8 @@ def _stats_profiles(data, graph, store_path: Path, refresh_every: int) -> int:
     return total
 
 
-def _llm_profiles(data, graph, store_path: Path, users: list[str], at: float,
-                  batch_size: int, threads: int, until: float) -> None:
+def _llm_profiles(data, graph, store_path: Path, users: list[str], times: list[float],
+                  batch_size: int, threads: int, until: float, int8: bool) -> None:
     import torch
     from tqdm import tqdm
 
@@ -64,21 +64,24 @@ def _llm_profiles(data, graph, store_path: Path, users: list[str], at: float,
 
     torch.set_num_threads(threads)
     store = ProfileStore(store_path)
-    backend = TransformersBackend(resolve_model(), batch_size=batch_size)
+    backend = TransformersBackend(resolve_model(), batch_size=batch_size, int8=int8)
     writer = ProfileWriter(backend, FacetEmbedder(), store)
-    bar = tqdm(total=2 * len(users), unit="profile")
+    bar = tqdm(total=2 * len(users) * len(times), unit="profile")
     started = time.perf_counter()
-    for start in range(0, len(users), batch_size):
-        if time.time() > until:
-            print(f"time budget spent: stopped after {start} users")
-            break
-        chunk = users[start:start + batch_size]
-        for hops in (2, 1):
-            contexts = [graph.context(u, at, hops) for u in chunk]
-            todo = [c for c in contexts if not store.has(c.user_id, c.ts, backend.model_id, hops)]
-            if todo:
-                writer.write(todo, hops)
-            bar.update(len(chunk))
+    for at in times:  # every user's first version, then the refresh
+        for start in range(0, len(users), batch_size):
+            if time.time() > until:
+                print(f"time budget spent: stopped after {start} users at t={at:.0f}")
+                break
+            chunk = [u for u in users[start:start + batch_size]
+                     if graph.user_event_times(u)[0] <= at]
+            for hops in (2, 1):
+                contexts = [graph.context(u, at, hops) for u in chunk]
+                todo = [c for c in contexts
+                        if not store.has(c.user_id, c.ts, backend.model_id, hops)]
+                if todo:
+                    writer.write(todo, hops)
+                bar.update(len(chunk))
     bar.close()
     s = writer.stats
     print(f"LLM: {s.generated} generated, {s.cached} cached, {s.fallbacks} fallbacks, "
@@ -102,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-store", help="default: DATA/profiles-llm.sqlite")
     parser.add_argument("--stats-store", help="default: DATA/profiles-stats.sqlite")
     parser.add_argument("--llm-users", type=int, default=40, help="most active users profiled")
-    parser.add_argument("--at-train-fraction", type=float, default=0.5)
+    parser.add_argument("--at-train-fraction", default="0.5",
+                        help="comma-separated fractions of the training split: one profile "
+                             "version per user at each (e.g. 0.5,1.0 adds a refresh at the "
+                             "end of training)")
+    parser.add_argument("--int8", action="store_true",
+                        help="dynamic int8 quantization of the LLM (see docs/profiles.md)")
     parser.add_argument("--stats-refresh-every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -123,14 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_llm:
         return 0
     ts = np.sort(data.split("train").column("ts").to_numpy())
-    at = float(ts[int(len(ts) * args.at_train_fraction)])
+    fractions = [float(f) for f in args.at_train_fraction.split(",")]
+    times = [float(ts[min(len(ts) - 1, int(len(ts) * f))]) for f in fractions]
+    at = times[0]
     counts = data.events.group_by("user_id").aggregate([("user_id", "count")])
     counts = counts.sort_by([("user_id_count", "descending"), ("user_id", "ascending")])
     users = [u for u in counts.column("user_id").to_pylist()
              if len(graph.user_event_times(u)) and graph.user_event_times(u)[0] <= at]
-    print(f"LLM profiles at t={at:.0f} for {min(args.llm_users, len(users))} users")
+    print(f"LLM profiles at t={times} for {min(args.llm_users, len(users))} users")
     _llm_profiles(data, graph, Path(args.llm_store or root / "profiles-llm.sqlite"),
-                  users[:args.llm_users], at, args.batch_size, args.threads, _deadline(args))
+                  users[:args.llm_users], times, args.batch_size, args.threads, _deadline(args),
+                  args.int8)
     return 0
 
 
