@@ -5,7 +5,8 @@ test-then-update after replaying train + val):
 
 * ``popularity`` — global purchase counts; ``buy_again`` — the user's own items by frequency,
   others by popularity (both deterministic: their std over seeds is 0);
-* ``tgn`` — the temporal graph model alone;
+* ``tgn`` — the temporal graph model alone (with its learned repeat-purchase term,
+  :mod:`tgn.repeat`, like every neural model here); ``tgn_no_repeat`` — the same without it;
 * ``dynllm`` — TGN + distilled attention over graph-aware (2-hop) profiles;
 * ``dynllm_no_gate`` — the same without the top-k distillation gate;
 * ``dynllm_1hop`` — the same with profiles written from the user's own history only;
@@ -46,8 +47,8 @@ from tgn.experiment import build_model
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.train import TrainConfig, train
 
-MODELS = ("popularity", "buy_again", "tgn", "dynllm", "dynllm_no_gate", "dynllm_1hop",
-          "dynllm_stats")
+MODELS = ("popularity", "buy_again", "tgn_no_repeat", "tgn", "dynllm", "dynllm_no_gate",
+          "dynllm_1hop", "dynllm_stats")
 TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr",
                  "new/recall@20", "new/ndcg@20", "profiled/recall@20", "profiled/ndcg@20")
 #: (profile store, hops, gate) of each DynLLM variant
@@ -100,10 +101,14 @@ def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dic
                          extra_meta={"subset": {"source": str(source), "top_users": top_users}})
 
 
-def _fresh_model(name: str, data: Dataset, stores: Mapping[str, str | Path | None],
+def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | None],
                  config: TGNConfig) -> tuple[TGNRecommender, list[EventBatch]]:
+    """A fresh neural model ``name`` (one of :data:`MODELS` but the heuristics) over ``data``,
+    and the encoded splits."""
     if name == "tgn":
         return build_model(data, config)
+    if name == "tgn_no_repeat":
+        return build_model(data, replace(config, repeat=False))
     kind, hops, gate = VARIANTS[name]
     if stores.get(kind) is None:
         raise ValueError(f"model {name} needs the {kind} profile store")
@@ -141,7 +146,7 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
         recommender: Recommender = GlobalPopularity() if name == "popularity" else \
             BuyAgain("frequency", fallback_popularity=True)
     else:
-        model, (tr, va, test) = _fresh_model(name, data, stores, model_config)
+        model, (tr, va, test) = build_variant(name, data, stores, model_config)
         result = train(model, tr, va, replace(train_config, seed=seed), progress)
         extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
         model.eval()

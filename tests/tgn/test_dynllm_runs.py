@@ -12,7 +12,7 @@ from profiles.facets import Facets
 from profiles.store import Profile, ProfileStore
 from streaming.dataset import Dataset
 from streaming.errors import UsageError
-from tgn.ablation import aggregate, markdown_table, run_ablation
+from tgn.ablation import aggregate, build_variant, markdown_table, run_ablation
 from tgn.dynllm_experiment import fit_dynllm
 from tgn.dynllm_head import load_dynllm
 from tgn.explain import explain_user, render
@@ -139,3 +139,11 @@ def test_cli_train_evaluate_explain_dynllm(tiny_dataset, store, tmp_path, capsys
     assert "M1 brand" in capsys.readouterr().out  # the hops=1 profile's text
     assert main(["train", "--data", str(tiny_dataset), "--model", "dynllm",
                  "--out", str(run)]) == 2  # no --profiles: one clear error line
+
+
+def test_ablation_tgn_no_repeat_is_tgn_without_the_repeat_term(tiny_dataset):
+    data = Dataset.load(tiny_dataset)
+    with_term, _ = build_variant("tgn", data, {}, SMALL)
+    without, _ = build_variant("tgn_no_repeat", data, {}, SMALL)
+    assert with_term.repeat is not None and without.repeat is None
+    assert without.config.embed_dim == with_term.config.embed_dim
