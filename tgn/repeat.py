@@ -125,19 +125,31 @@ class RepeatScore(nn.Module):
         ``g`` runs once per distinct ``(user, t)`` of ``users [B]``, ``t [B]`` (a basket is many
         rows of one user at one time) and its values are gathered for each row.
         """
+        if users.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, torch.zeros(0, dtype=self.g[0].weight.dtype)
         key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
         queries, inverse = torch.unique(key, dim=0, return_inverse=True)  # [Q, 2], [B]
-        q_users = queries[:, 0].long().tolist()
-        lists = [list(self._slots.get(u, {}).values()) for u in q_users]
-        lens = torch.tensor([len(s) for s in lists], dtype=torch.long)  # [Q]
-        slot = torch.tensor([s for own in lists for s in own], dtype=torch.long)  # [S]
+        q_users = queries[:, 0].long()
+        # the pairs of the queried users, grouped by user (vectorized: no loop over users)
+        owner = self._user[: self.size]
+        wanted = torch.zeros(int(q_users.max()) + 1 if q_users.numel() else 0, dtype=torch.bool)
+        wanted[q_users] = True
+        picked = (owner < wanted.numel()).logical_and_(wanted[owner.clamp_max(wanted.numel() - 1)]
+                                                       ).nonzero().squeeze(1)
+        picked = picked[torch.argsort(owner[picked], stable=True)]
+        first = torch.searchsorted(owner[picked], q_users)  # [Q] the user's first pair
+        lens = torch.searchsorted(owner[picked], q_users, right=True) - first  # [Q]
+        offsets = lens.cumsum(0) - lens
+        slot = picked[(first - offsets).repeat_interleave(lens)
+                      + torch.arange(int(lens.sum()))]  # [S] query by query
         q_time = queries[:, 1].repeat_interleave(lens)
         values = self._g(slot, q_time) if slot.numel() else torch.zeros(0)  # [S]
         # rows: each row b takes the entries of its query inverse[b]
         row_lens = lens[inverse]  # [B]
         rows = torch.arange(users.numel()).repeat_interleave(row_lens)  # [M]
         row_start = (row_lens.cumsum(0) - row_lens).repeat_interleave(row_lens)
-        q_start = (lens.cumsum(0) - lens)[inverse].repeat_interleave(row_lens)
+        q_start = offsets[inverse].repeat_interleave(row_lens)
         pos = q_start + torch.arange(rows.numel()) - row_start  # [M] entry in slot/values
         return rows, self._item[slot[pos]], values[pos]
 
@@ -145,8 +157,11 @@ class RepeatScore(nn.Module):
         """Add the term to ``scores [B, N]`` in place (rows: ``users [B]`` at ``t [B]``)."""
         rows, items, values = self.user_terms(users, t)
         keep = items < scores.size(1)
-        scores.index_put_((rows[keep], items[keep]), values[keep].to(scores.dtype),
-                          accumulate=True)
+        values = values[keep].to(scores.dtype)
+        if scores.is_contiguous():  # (row, item) entries are distinct: a flat index_add is exact
+            scores.view(-1).index_add_(0, rows[keep] * scores.size(1) + items[keep], values)
+        else:
+            scores.index_put_((rows[keep], items[keep]), values, accumulate=True)
         return scores
 
     def dense(self, users: Tensor, t: Tensor, num_items: int) -> Tensor:
