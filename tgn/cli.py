@@ -12,6 +12,17 @@ from streaming.errors import UsageError
 MODELS = ("tgn", "dynllm")
 
 
+def share(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def _set_threads(threads: int | None) -> None:
     import torch
 
@@ -28,9 +39,11 @@ def _train(args: argparse.Namespace) -> int:
     from tgn.train import TrainConfig
 
     model_config = TGNConfig(repeat=not args.no_repeat)
+    sampling = {k: getattr(args, k) for k in ("negatives", "history_negatives")
+                if getattr(args, k) is not None}  # unset: TrainConfig's defaults
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, patience=args.patience,
-                               max_val_events=args.max_val_events)
+                               max_val_events=args.max_val_events, **sampling)
     if args.model == "dynllm":  # TGN + DynLLM fusion head, trained jointly
         from tgn.dynllm_experiment import fit_dynllm
 
@@ -96,6 +109,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=positive_int, default=200)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--patience", type=positive_int, default=2)
+    train.add_argument("--negatives", type=positive_int,
+                       help="BPR negatives per purchase (default: TrainConfig's)")
+    train.add_argument("--history-negatives", type=share, metavar="SHARE",
+                       help="share of the negatives drawn from the user's own earlier purchases, "
+                            "the rest uniform over the items seen so far (0-1; default: "
+                            "TrainConfig's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-val-events", type=positive_int,
                        help="validate on the first N validation events only (smoke runs)")

@@ -100,6 +100,54 @@ class RepeatScore(nn.Module):
         last = torch.where(has, self._last[slot.clamp_min(0)], -torch.inf)
         return count, last
 
+    def _pairs_of(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The pairs of ``users [Q]``, grouped by user (vectorized: no loop over users).
+
+        Returns ``(picked [S'], first [Q], lens [Q])``: slots sorted by user (stably, so in
+        first-purchase order), and where each queried user's run starts and how long it is
+        (0 for a user without history).
+        """
+        owner = self._user[: self.size]
+        wanted = torch.zeros(int(users.max()) + 1 if users.numel() else 0, dtype=torch.bool)
+        wanted[users] = True
+        picked = (owner < wanted.numel()).logical_and_(wanted[owner.clamp_max(wanted.numel() - 1)]
+                                                       ).nonzero().squeeze(1)
+        picked = picked[torch.argsort(owner[picked], stable=True)]
+        first = torch.searchsorted(owner[picked], users)  # [Q] the user's first pair
+        lens = torch.searchsorted(owner[picked], users, right=True) - first  # [Q]
+        return picked, first, lens
+
+    def sample_history(self, users: Tensor, exclude: Tensor,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """One item per row drawn uniformly from the row's user's recorded purchases ``[N]``.
+
+        Only pairs recorded so far (:meth:`update`) can be drawn, so in training the draw never
+        sees the batch being scored or anything after it. ``exclude [N]`` (the positive) is
+        never drawn: a hit on it is redrawn among the user's other items. Rows whose user has
+        no other item get -1. Two ``torch.rand(N)`` draws per call, whatever the history.
+
+        Args:
+            users: user index per row ``[N]``.
+            exclude: item index per row that must not be drawn ``[N]``.
+            generator: random source (reproducible draws).
+        """
+        first_u = torch.rand(users.numel(), generator=generator, dtype=torch.float64)
+        other_u = torch.rand(users.numel(), generator=generator, dtype=torch.float64)
+        if users.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        picked, first, lens = self._pairs_of(users)  # one query per row: fine for a batch
+        if picked.numel() == 0:
+            return torch.full((users.numel(),), -1, dtype=torch.long)
+        last = picked.numel() - 1  # rows without history read some slot; masked at the end
+        span = lens.clamp_min(1)
+        idx = (first_u * span).long().clamp_max(span - 1)  # [N] position in the user's run
+        hit = self._item[picked[(first + idx).clamp_max(last)]] == exclude
+        # uniform over the other len-1 items: step 1..len-1 places on from the excluded one
+        step = 1 + (other_u * (span - 1)).long().clamp_max((span - 2).clamp_min(0))
+        idx = torch.where(hit, (idx + step) % span, idx)
+        items = self._item[picked[(first + idx).clamp_max(last)]]
+        return torch.where((lens > 1) | ((lens == 1) & ~hit), items, -1)
+
     # -- scores ------------------------------------------------------------------------------
 
     def _g(self, slot: Tensor, t: Tensor) -> Tensor:
@@ -130,16 +178,7 @@ class RepeatScore(nn.Module):
             return empty, empty, torch.zeros(0, dtype=self.g[0].weight.dtype)
         key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
         queries, inverse = torch.unique(key, dim=0, return_inverse=True)  # [Q, 2], [B]
-        q_users = queries[:, 0].long()
-        # the pairs of the queried users, grouped by user (vectorized: no loop over users)
-        owner = self._user[: self.size]
-        wanted = torch.zeros(int(q_users.max()) + 1 if q_users.numel() else 0, dtype=torch.bool)
-        wanted[q_users] = True
-        picked = (owner < wanted.numel()).logical_and_(wanted[owner.clamp_max(wanted.numel() - 1)]
-                                                       ).nonzero().squeeze(1)
-        picked = picked[torch.argsort(owner[picked], stable=True)]
-        first = torch.searchsorted(owner[picked], q_users)  # [Q] the user's first pair
-        lens = torch.searchsorted(owner[picked], q_users, right=True) - first  # [Q]
+        picked, first, lens = self._pairs_of(queries[:, 0].long())
         offsets = lens.cumsum(0) - lens
         slot = picked[(first - offsets).repeat_interleave(lens)
                       + torch.arange(int(lens.sum()))]  # [S] query by query

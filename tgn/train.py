@@ -27,6 +27,9 @@ from tgn.data import EventBatch
 from tgn.evaluate import Evaluator
 from tgn.model import TGNRecommender
 
+#: Validation metrics kept in the per-epoch history (``val_`` + name).
+VAL_METRICS = ("recall@10", "recall@20", "mrr", "new/recall@20", "new/ndcg@20")
+
 
 @dataclass
 class TrainConfig:
@@ -36,10 +39,20 @@ class TrainConfig:
     batch_size: int = 200  # TGN's batch size: smaller batches see fresher state
     lr: float = 1e-3
     negatives: int = 1  # BPR pairs per purchase
+    #: share of each purchase's negatives drawn from the user's own earlier purchases (the
+    #: rest uniform over the items seen so far), so the repeat term learns which past items
+    #: not to repeat; needs the repeat term's history (``TGNConfig.repeat``), else all uniform
+    history_negatives: float = 0.0
     patience: int = 2  # epochs without a better validation Recall@10 before stopping
     seed: int = 0
     eval_batch_size: int = 2000  # validation scores the full catalog once per batch
     max_val_events: int | None = None  # validate on the first N events (smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.negatives < 1:
+            raise ValueError(f"negatives must be at least 1, got {self.negatives}")
+        if not 0.0 <= self.history_negatives <= 1.0:
+            raise ValueError(f"history_negatives must be in [0, 1], got {self.history_negatives}")
 
 
 @dataclass
@@ -62,6 +75,34 @@ def first_seen_order(items: Tensor) -> tuple[Tensor, Tensor]:
         0, inverse, torch.arange(items.numel()), "amin")
     order = torch.argsort(first)
     return uniq[order], first[order]
+
+
+def draw_negatives(model: TGNRecommender, batch: EventBatch, candidates: Tensor,
+                   config: TrainConfig, generator: torch.Generator) -> Tensor:
+    """BPR negatives ``[B, R]`` (``R = config.negatives``) for the purchases of ``batch``.
+
+    Of each row's ``R`` columns the first ``floor(h)`` (``h = history_negatives · R``) are
+    history negatives and the next one is with probability ``frac(h)``: an item drawn from the
+    user's purchases recorded before the batch, never the row's positive
+    (:meth:`~tgn.repeat.RepeatScore.sample_history`). The others, and a history column whose
+    user has no other past item, are uniform over ``candidates [M]`` (items seen so far).
+    The random draws do not depend on the history, so a seed gives the same stream of draws.
+    """
+    b, r = len(batch), config.negatives
+    negatives = candidates[torch.randint(candidates.numel(), (b, r), generator=generator)]
+    share = config.history_negatives
+    if share == 0.0 or model.repeat is None:
+        return negatives
+    h = share * r
+    column = torch.arange(r, dtype=torch.float64).expand(b, r)
+    coin = torch.rand(b, generator=generator, dtype=torch.float64).unsqueeze(1)
+    from_history = (column < math.floor(h)) | ((column == math.floor(h)) & (coin < h % 1))
+    rows = from_history.nonzero()  # [H, 2]
+    past = model.repeat.sample_history(batch.users[rows[:, 0]], batch.items[rows[:, 0]],
+                                       generator)
+    negatives[rows[:, 0], rows[:, 1]] = torch.where(past >= 0, past,
+                                                    negatives[rows[:, 0], rows[:, 1]])
+    return negatives
 
 
 def bpr_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Tensor:
@@ -96,8 +137,8 @@ def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: 
         if prev is not None:
             model.update(prev)  # with gradients: the memory path learns from this step's loss
         known = max(1, int(torch.searchsorted(first_pos, start + len(batch))))
-        pick = torch.randint(known, (len(batch), config.negatives), generator=generator)
-        loss = bpr_loss(model, batch, seen_items[pick])
+        negatives = draw_negatives(model, batch, seen_items[:known], config, generator)
+        loss = bpr_loss(model, batch, negatives)
         loss.backward()
         optimizer.step()
         model.detach()
@@ -149,7 +190,7 @@ def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatc
         result.history.append({
             "epoch": epoch, "loss": loss, "train_seconds": trained - started,
             "val_seconds": time.perf_counter() - trained, **{
-            f"val_{k}": v for k, v in metrics.items() if k in ("recall@10", "recall@20", "mrr")}})
+            f"val_{k}": v for k, v in metrics.items() if k in VAL_METRICS}})
         if progress:
             tqdm.write(f"epoch {epoch}: loss {loss:.4f}  val recall@10 {metrics['recall@10']:.4f}")
         if metrics["recall@10"] > result.best_recall:
