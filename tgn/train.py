@@ -4,8 +4,11 @@ One epoch streams the training split in time order (TGN, https://arxiv.org/abs/2
 for each batch the state holds every earlier event; the previous batch is applied with gradients
 at the start of the step (so the GRU and message path learn, as in PyG's lazy memory), the batch
 is scored against sampled negatives (BPR, https://arxiv.org/abs/1205.2618), and the state is
-detached after the optimiser step. Validation replays the split test-then-update with the
-:class:`~tgn.evaluate.Evaluator`; the best epoch's weights are kept.
+detached after the optimiser step. Negatives are uniform over the items seen so far; with
+``TrainConfig.history_negatives`` a share of them comes from the user's own earlier purchases,
+so the repeat term also sees past items that were not bought again (with uniform negatives
+alone it only learns "bought before beats anything"). Validation replays the split
+test-then-update with the :class:`~tgn.evaluate.Evaluator`; the best epoch's weights are kept.
 
 A user head with extra parameters (the DynLLM fusion head) trains jointly with no change here:
 it is a submodule of the model; if it defines ``extra_loss() -> Tensor`` that term is added.
