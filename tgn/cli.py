@@ -92,6 +92,17 @@ def _bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_repeat(args: argparse.Namespace) -> int:
+    from tgn.bench_repeat import bench_repeat
+
+    report = bench_repeat(args.data, events=args.events, batch_size=args.batch_size,
+                          repeats=args.repeats, threads=args.threads)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate``."""
     train = commands.add_parser("train", help="train a temporal graph model on a dataset")
@@ -139,7 +150,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def register_bench(bench_targets: argparse._SubParsersAction) -> None:
-    """Add ``bench memory``."""
+    """Add ``bench memory`` and ``bench repeat``."""
     mem = bench_targets.add_parser("memory", help="memory updates/s vs PyG TGNMemory and a GRU")
     mem.add_argument("--json", help="write the figures to this JSON file")
     mem.add_argument("--nodes", type=positive_int, default=10_000)
@@ -147,3 +158,13 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     mem.add_argument("--repeats", type=positive_int, default=5)
     mem.add_argument("--threads", type=positive_int, default=2)
     mem.set_defaults(func=_bench_memory)
+
+    rep = bench_targets.add_parser("repeat", help="per-event cost of the repeat term vs a TGN step")
+    rep.add_argument("--data", default="data/cj26", help="dataset directory")
+    rep.add_argument("--events", type=positive_int, default=20_000,
+                     help="validation events timed (after warming on the training split)")
+    rep.add_argument("--batch-size", type=positive_int, default=200)
+    rep.add_argument("--repeats", type=positive_int, default=5)
+    rep.add_argument("--threads", type=positive_int, default=1)
+    rep.add_argument("--json", help="write the figures to this JSON file")
+    rep.set_defaults(func=_bench_repeat)

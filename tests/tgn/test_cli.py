@@ -1,4 +1,5 @@
-"""``dynllm train``, ``dynllm evaluate`` and ``dynllm bench memory`` end to end, small sizes."""
+"""``dynllm train``, ``dynllm evaluate``, ``dynllm bench memory`` and ``bench repeat`` end to end,
+small sizes."""
 
 from __future__ import annotations
 
@@ -39,6 +40,17 @@ def test_snapshot_baseline_without_the_extra_is_a_one_line_usage_error(tiny_data
                  "--baselines", "snapshot"]) == 2
     err = capsys.readouterr().err.strip()
     assert "dynllm[snapshot]" in err and "\n" not in err
+
+
+def test_bench_repeat_writes_the_figures(tiny_dataset, tmp_path):
+    out = tmp_path / "repeat.json"
+    assert main(["bench", "repeat", "--data", str(tiny_dataset), "--events", "50",
+                 "--batch-size", "10", "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["events"] == 50 and report["pairs"] > 0
+    for key in ("update_us_per_event", "score_us_per_event_batch2000", "serve_us_per_user",
+                "tgn_update_us_per_event", "added_to_update"):
+        assert report[key] > 0
 
 
 def test_bench_memory_writes_the_figures(tmp_path):

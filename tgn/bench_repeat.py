@@ -8,18 +8,18 @@ in batches of ``--batch-size``, medians over ``--repeats`` rounds (after one war
 * ``serve``: the term of one user (what ``/recommend`` adds per request),
 * ``tgn_step``: ``TGNRecommender.update`` without the term (memory + neighbours), for scale.
 
-Usage: ``flock /tmp/dynllm-bench.lock .venv/bin/python benchmarks/repeat_cost.py --data
-data/cj26 --json benchmarks/tgn/repeat_cost.json``
+Usage: ``flock /tmp/dynllm-bench.lock dynllm bench repeat --data data/cj26 --json
+benchmarks/tgn/repeat_cost.json``
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +27,8 @@ from streaming.dataset import Dataset
 from tgn.model import TGNConfig, TGNRecommender
 
 
-def _median_s(run, repeats: int, prepare=lambda: None) -> float:
+def _median_s(run: Callable[[], Any], repeats: int,
+              prepare: Callable[[], Any] = lambda: None) -> float:
     """Median seconds of ``run()`` over ``repeats`` rounds after a warm-up; ``prepare()`` runs
     untimed before each round."""
     times = []
@@ -39,43 +40,37 @@ def _median_s(run, repeats: int, prepare=lambda: None) -> float:
     return statistics.median(times[1:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def bench_repeat(data_dir: str | Path, events: int = 20_000, batch_size: int = 200,
+                 repeats: int = 5, threads: int = 1) -> dict[str, Any]:
+    """Per-event costs of the repeat term (see the module docstring); returns the figures."""
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = Dataset.load(args.data)
+    data = Dataset.load(data_dir)
     model = TGNRecommender(TGNConfig(repeat=True)).eval()
     train = model.encode(data.split("train"))
-    probe = model.encode(data.split("val"))[: args.events]
+    probe = model.encode(data.split("val"))[: events]
     with torch.no_grad():
         for batch in train.batches(2000):
             model.update(batch)
     with torch.no_grad():  # a non-zero g, so scoring does real work (cost does not depend on it)
         model.repeat.g[2].weight.fill_(0.1)
-    repeat, batches = model.repeat, list(probe.batches(args.batch_size))
+    repeat, batches = model.repeat, list(probe.batches(batch_size))
     warm = repeat.get_extra_state()
 
     def updates() -> None:
         for b in batches:
             repeat.update(b.users, b.items, b.t)
 
-    update_us = 1e6 * _median_s(updates, args.repeats,
+    update_us = 1e6 * _median_s(updates, repeats,
                                 lambda: repeat.set_extra_state(warm)) / len(probe)
     repeat.set_extra_state(warm)
     num_items = len(model.items)
-    scores = torch.zeros(2000, num_items)
     big = probe[:2000]
-    score_s = _median_s(lambda: repeat.add_to(scores, big.users, big.t), args.repeats)
+    scores = torch.zeros(len(big), num_items)
+    score_s = _median_s(lambda: repeat.add_to(scores, big.users, big.t), repeats)
     users = probe.users[:200]
     serve_s = _median_s(lambda: [repeat.add_to(scores[:1], u.view(1), big.t[:1]) for u in users],
-                        args.repeats)
+                        repeats)
     plain = TGNRecommender(TGNConfig(repeat=False), model.users, model.items).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items()
                            if not k.startswith("repeat.")})
@@ -86,12 +81,12 @@ def main() -> None:
             for b in batches:
                 plain.update(b)
 
-    tgn_us = 1e6 * _median_s(tgn_step, args.repeats,
+    tgn_us = 1e6 * _median_s(tgn_step, repeats,
                              lambda: plain.load_state_dict(state)) / len(probe)
     pairs_per_user = repeat.size / max(1, len(repeat._slots))
     report = {
-        "dataset": args.data, "events": len(probe), "batch_size": args.batch_size,
-        "threads": args.threads, "pairs": repeat.size, "users": len(repeat._slots),
+        "dataset": str(data_dir), "events": len(probe), "batch_size": batch_size,
+        "threads": threads, "pairs": repeat.size, "users": len(repeat._slots),
         "pairs_per_user": pairs_per_user, "num_items": num_items,
         "update_us_per_event": update_us,
         "score_us_per_event_batch2000": 1e6 * score_s / len(big),
@@ -99,10 +94,4 @@ def main() -> None:
         "tgn_update_us_per_event": tgn_us,
         "added_to_update": update_us / tgn_us,
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return report
