@@ -50,9 +50,9 @@ def _broker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     with Broker(port=args.port, host=args.host, quiet=not args.verbose) as broker:
-        print(f"Kafka-protocol broker (Tansu) on {broker.bootstrap_servers}; memory-only: "
-              "topics and messages are lost when it stops. Ctrl-C to stop.", flush=True)
-        try:
+        try:  # the banner inside: a SIGTERM right after it must still stop cleanly
+            print(f"Kafka-protocol broker (Tansu) on {broker.bootstrap_servers}; memory-only: "
+                  "topics and messages are lost when it stops. Ctrl-C to stop.", flush=True)
             code = broker.wait()
         except KeyboardInterrupt:
             print("stopping broker", file=sys.stderr)
