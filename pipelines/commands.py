@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from streaming.cli import positive_int
+from streaming.arg_types import positive_int
 from streaming.errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from streaming.cli import positive_int
+from streaming.arg_types import positive_int
 from streaming.errors import UsageError
 
 

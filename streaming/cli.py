@@ -7,6 +7,7 @@ import argparse
 import json
 
 from streaming import kafka_cli
+from streaming.arg_types import positive_int
 from streaming.errors import UsageError
 
 
@@ -16,17 +17,6 @@ def _weeks(text: str) -> tuple[int, int]:
         return (int(first), int(last)) if sep else (int(first), int(first))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected A-B (e.g. 1-26), got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
-    return value
 
 
 def _print_meta(meta: dict) -> None:

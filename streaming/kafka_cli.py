@@ -9,30 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
+from streaming.arg_types import port, positive_float, positive_int
 from streaming.errors import UsageError
-
-
-def _positive(kind: type) -> object:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 1-65535, got {value}")
-    return value
 
 
 def _quiet_kafka(args: argparse.Namespace) -> None:
@@ -118,7 +96,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add ``broker`` and ``produce``."""
     broker = commands.add_parser(
         "broker", help="run a local Kafka-protocol broker (Tansu, memory-only) in the foreground")
-    broker.add_argument("--port", type=_port, default=9092)
+    broker.add_argument("--port", type=port, default=9092)
     broker.add_argument("--host", default="127.0.0.1", help="listen address (loopback default)")
     broker.set_defaults(func=_broker)
     produce = commands.add_parser(
@@ -128,12 +106,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="HOST:PORT")
     produce.add_argument("--split", choices=("train", "val", "test"),
                          help="send only this chronological split (default: every event)")
-    produce.add_argument("--limit", type=_positive(int), help="send only the first N events")
-    produce.add_argument("--partitions", type=_positive(int), default=4,
+    produce.add_argument("--limit", type=positive_int, help="send only the first N events")
+    produce.add_argument("--partitions", type=positive_int, default=4,
                          help="partitions if the topic must be created")
     pace = produce.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=_positive(float), help="events per second (default: max)")
-    pace.add_argument("--speedup", type=_positive(float),
+    pace.add_argument("--rate", type=positive_float, help="events per second (default: max)")
+    pace.add_argument("--speedup", type=positive_float,
                       help="event-time seconds per wall-clock second")
     produce.set_defaults(func=_produce)
 
@@ -142,9 +120,9 @@ def register_bench(targets: argparse._SubParsersAction) -> None:
     """Add ``bench kafka``."""
     bench = targets.add_parser(
         "kafka", help="produce and read back real events through a local broker")
-    bench.add_argument("--events", type=_positive(int), default=100_000)
-    bench.add_argument("--repeats", type=_positive(int), default=3)
-    bench.add_argument("--partitions", type=_positive(int), default=4)
+    bench.add_argument("--events", type=positive_int, default=100_000)
+    bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--partitions", type=positive_int, default=4)
     bench.add_argument("--data", help="dataset directory (default: data/cj26 or a fresh slice)")
     bench.add_argument("--json", help="also write all figures to this JSON file")
     bench.set_defaults(func=_bench_kafka)

@@ -6,21 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from streaming.cli import positive_int
+from streaming.arg_types import positive_int, share
 from streaming.errors import UsageError
 
 MODELS = ("tgn", "dynllm")
-
-
-def share(text: str) -> float:
-    """A number in [0, 1] (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def _set_threads(threads: int | None) -> None:

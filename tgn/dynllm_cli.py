@@ -10,14 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from streaming.arg_types import positive_int
 from streaming.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected >= 1, got {value}")
-    return value
 
 
 def _seeds(text: str) -> list[int]:
@@ -101,7 +95,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                                              "of a DynLLM run for one user")
     ex.add_argument("--run", required=True, help="run directory of `dynllm train --model dynllm`")
     ex.add_argument("--user", required=True, help="user id")
-    ex.add_argument("--k", type=_positive_int, default=10, help="recommendations to show")
+    ex.add_argument("--k", type=positive_int, default=10, help="recommendations to show")
     ex.add_argument("--at", type=float, help="epoch seconds (default: after the run's last event)")
     ex.set_defaults(func=_explain)
 
@@ -112,11 +106,11 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
 
     fu = bench_targets.add_parser("fusion", help="per-event cost the DynLLM fusion head adds")
     fu.add_argument("--data", default="data/cj-small", help="dataset directory")
-    fu.add_argument("--batch-size", type=_positive_int, default=200)
-    fu.add_argument("--repeats", type=_positive_int, default=7)
-    fu.add_argument("--versions", type=_positive_int, default=3, help="profiles per user")
-    fu.add_argument("--threads", type=_positive_int, default=1)
-    fu.add_argument("--max-events", type=_positive_int, default=5000,
+    fu.add_argument("--batch-size", type=positive_int, default=200)
+    fu.add_argument("--repeats", type=positive_int, default=7)
+    fu.add_argument("--versions", type=positive_int, default=3, help="profiles per user")
+    fu.add_argument("--threads", type=positive_int, default=1)
+    fu.add_argument("--max-events", type=positive_int, default=5000,
                     help="validation events to embed per repeat")
     fu.add_argument("--json", help="write the figures to this JSON file")
     fu.set_defaults(func=_bench_fusion)
@@ -129,15 +123,15 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     ab.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
                     help=f"comma-separated subset of {','.join(MODELS)}")
     ab.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="e.g. 0,1,2")
-    ab.add_argument("--epochs", type=_positive_int, default=5)
-    ab.add_argument("--patience", type=_positive_int, default=2)
-    ab.add_argument("--batch-size", type=_positive_int, default=200)
+    ab.add_argument("--epochs", type=positive_int, default=5)
+    ab.add_argument("--patience", type=positive_int, default=2)
+    ab.add_argument("--batch-size", type=positive_int, default=200)
     ab.add_argument("--lr", type=float, default=1e-3)
-    ab.add_argument("--threads", type=_positive_int, default=2)
+    ab.add_argument("--threads", type=positive_int, default=2)
     ab.add_argument("--out", default="benchmarks/ablation.json", help="JSON to write")
     ab.add_argument("--merge", action="store_true",
                     help="keep the other models already in --out (run models in parts)")
     ab.add_argument("--prepare-from", metavar="DATASET",
                     help="only write --data as the --top-users most active users of DATASET")
-    ab.add_argument("--top-users", type=_positive_int, default=150)
+    ab.add_argument("--top-users", type=positive_int, default=150)
     ab.set_defaults(func=_bench_ablation)
