@@ -59,9 +59,7 @@ def bench_fusion(dataset_dir: str | Path, batch_size: int = 200, repeats: int = 
     model = TGNRecommender(TGNConfig()).eval()
     train = model.encode(data.split("train"))
     probe = model.encode(data.split("val"))[:max_events]
-    with torch.no_grad():
-        for batch in train.batches(2000):
-            model.update(batch)
+    model.apply_events(train)
     heads = {
         "tgn": IdentityHead(),
         "dynllm": DynLLMHead(FusionConfig(dim=model.config.embed_dim),

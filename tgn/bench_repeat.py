@@ -49,9 +49,7 @@ def bench_repeat(data_dir: str | Path, events: int = 20_000, batch_size: int = 2
     model = TGNRecommender(TGNConfig(repeat=True)).eval()
     train = model.encode(data.split("train"))
     probe = model.encode(data.split("val"))[: events]
-    with torch.no_grad():
-        for batch in train.batches(2000):
-            model.update(batch)
+    model.apply_events(train)
     with torch.no_grad():  # a non-zero g, so scoring does real work (cost does not depend on it)
         model.repeat.g[2].weight.fill_(0.1)
     repeat, batches = model.repeat, list(probe.batches(batch_size))

@@ -75,7 +75,9 @@ def fit_dynllm(data_dir: str | Path, out_dir: str | Path, store: str | Path, hop
     started = time.perf_counter()
     result: TrainResult = train(model, train_events, val_events, train_config, progress)
     seconds = time.perf_counter() - started
-    replay(model, EventBatch.cat([train_events, val_events]), train_config.eval_batch_size)
+    model.eval()
+    model.reset_state()  # checkpoint state = all train + val events, ready to stream on
+    model.apply_events(EventBatch.cat([train_events, val_events]), train_config.eval_batch_size)
     head: DynLLMHead = model.user_head  # type: ignore[assignment]
     summary = {
         "model": "dynllm", "model_config": asdict(model_config),
@@ -93,12 +95,3 @@ def fit_dynllm(data_dir: str | Path, out_dir: str | Path, store: str | Path, hop
     (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
     plot_curves(result.history, out / "curves.png")
     return summary
-
-
-@torch.no_grad()
-def replay(model: TGNRecommender, events: EventBatch, batch_size: int) -> None:
-    """Reset the state and apply ``events`` (eval mode): the state a live system would hold."""
-    model.eval()
-    model.reset_state()
-    for batch in events.batches(batch_size):
-        model.update(batch)

@@ -71,10 +71,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, model_config: TGNConfig,
     seconds = time.perf_counter() - started
     model.eval()
     model.reset_state()  # checkpoint state = all train + val events, ready to stream on
-    with torch.no_grad():
-        for batch in EventBatch.cat([train_events, val_events]).batches(
-                train_config.eval_batch_size):
-            model.update(batch)
+    model.apply_events(EventBatch.cat([train_events, val_events]), train_config.eval_batch_size)
     summary = {
         "model": "tgn", "model_config": asdict(model_config), "train_config": asdict(train_config),
         "data": str(Path(data_dir).resolve()), "counts": data.meta["counts"],

@@ -127,6 +127,13 @@ class TGNRecommender(nn.Module):
         if self.repeat is not None:
             self.repeat.update(batch.users, batch.items, batch.t)
 
+    @torch.no_grad()
+    def apply_events(self, events: EventBatch, batch_size: int = 2000) -> None:
+        """:meth:`update` with ``events`` in time-ordered batches of ``batch_size``, without
+        gradients, continuing from the current state (warm-up, checkpoint state)."""
+        for batch in events.batches(batch_size):
+            self.update(batch)
+
     def embed_nodes(self, nodes: Tensor, t: Tensor) -> Tensor:
         """Attention embeddings ``[B, E]`` of ``nodes [B]`` at times ``t [B]`` (float64 s)."""
         neighbor, when, valid = self.neighbors(nodes)  # [B, K] each

@@ -6,16 +6,9 @@ import pyarrow as pa
 import torch
 
 from streaming.dataset import Dataset
-from tgn.data import EventBatch
 from tgn.experiment import build_model
 from tgn.model import TGNRecommender
 from tgn.train import TrainConfig, first_seen_order, train
-
-
-def _stream(model: TGNRecommender, events: EventBatch) -> None:
-    with torch.no_grad():
-        for batch in events.batches(50):
-            model.update(batch)
 
 
 def test_save_load_continue_equals_uninterrupted(tmp_path, tiny_config, tiny_table):
@@ -23,11 +16,11 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, tiny_config, tiny_tab
     model = TGNRecommender(tiny_config).eval()
     events = model.encode(tiny_table)
     first, second = events[:200], events[200:]
-    _stream(model, first)
+    model.apply_events(first, 50)
     model.save(tmp_path / "model.pt")
     restored = TGNRecommender.load(tmp_path / "model.pt").eval()
-    _stream(model, second)
-    _stream(restored, second)
+    model.apply_events(second, 50)
+    restored.apply_events(second, 50)
     for name, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name]), name
     probe = events[-20:]
@@ -38,7 +31,7 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, tiny_config, tiny_tab
 
 def test_unseen_users_and_items_grow_the_state(tiny_config, tiny_table):
     model = TGNRecommender(tiny_config).eval()
-    _stream(model, model.encode(tiny_table))
+    model.apply_events(model.encode(tiny_table), 50)
     nodes, memory = model.num_nodes, model.memory.memory.clone()
     fresh = tiny_table.slice(0, 1).to_pylist()[0]
     fresh |= {"user_id": "new-user", "item_id": "new-item"}

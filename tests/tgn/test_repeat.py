@@ -73,25 +73,19 @@ def test_extra_state_is_a_copy_that_restores_exactly():
     assert other.size == 0 and other.get_extra_state().shape == (0, 4)
 
 
-def _stream(model: TGNRecommender, events: EventBatch) -> None:
-    with torch.no_grad():
-        for batch in events.batches(50):
-            model.update(batch)
-
-
 def test_save_load_continue_equals_uninterrupted_with_the_term(tmp_path, tiny_config, tiny_table):
     torch.manual_seed(0)
     model = TGNRecommender(tiny_config).eval()
     _readable_g(model.repeat, a=1.0, b=-0.5, c=0.2)
     events = model.encode(tiny_table)
-    _stream(model, events[:200])
+    model.apply_events(events[:200], 50)
     payload = model.checkpoint_payload()
     kept = payload["state"]["repeat._extra_state"].clone()
     model.save(tmp_path / "model.pt")
     restored = TGNRecommender.load(tmp_path / "model.pt").eval()
     assert restored.config.repeat
-    _stream(model, events[200:])
-    _stream(restored, events[200:])
+    model.apply_events(events[200:], 50)
+    restored.apply_events(events[200:], 50)
     assert torch.equal(payload["state"]["repeat._extra_state"], kept)  # a copy, not live
     assert not torch.equal(kept, model.repeat.get_extra_state())
     for name, value in model.state_dict().items():
@@ -113,8 +107,8 @@ def test_repeat_off_gives_the_dot_product_and_on_adds_exactly_the_term(tiny_conf
     _readable_g(on.repeat, a=1.5, b=-0.3, c=0.1)
     events = off.encode(tiny_table)
     on.encode(tiny_table)
-    _stream(off, events[:300])
-    _stream(on, events[:300])
+    off.apply_events(events[:300], 50)
+    on.apply_events(events[:300], 50)
     probe = events[300:320]
     with torch.no_grad():
         dot = off.user_embeddings(probe.users, probe.t) @ off.item_embeddings(probe.t[0]).T
@@ -138,7 +132,7 @@ def test_bpr_gradient_reaches_the_repeat_weights(tiny_config, tiny_table):
     torch.manual_seed(0)
     model = TGNRecommender(tiny_config)
     events = model.encode(tiny_table)
-    _stream(model, events[:300])  # history: the users' favourites repeat
+    model.apply_events(events[:300], 50)  # history: the users' favourites repeat
     batch = events[300:340]
     negatives = torch.randint(20, (len(batch), 2), generator=torch.Generator().manual_seed(0))
     model.train()
