@@ -11,7 +11,9 @@ test-then-update after replaying train + val):
 * ``dynllm_no_gate`` — the same without the top-k distillation gate;
 * ``dynllm_1hop`` — the same with profiles written from the user's own history only;
 * ``dynllm_stats`` — the same fusion over rule-based facets from history statistics (no LLM),
-  for every user: the fusion at full profile coverage.
+  for every user: the fusion at full profile coverage;
+* ``dynllm_shuffled`` — DynLLM with every user reading another user's profiles (a control: the
+  same head and the same texts, but no longer about the user).
 
 Besides all test purchases, every model is also scored on the purchases of the users that have
 an LLM profile (``profiled/`` metrics), where the LLM variants can differ from TGN at all.
@@ -48,12 +50,14 @@ from tgn.model import TGNConfig, TGNRecommender
 from tgn.train import TrainConfig, train
 
 MODELS = ("popularity", "buy_again", "tgn_no_repeat", "tgn", "dynllm", "dynllm_no_gate",
-          "dynllm_1hop", "dynllm_stats")
+          "dynllm_1hop", "dynllm_stats", "dynllm_shuffled")
+SPLITS = ("test", "val")
 TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr",
                  "new/recall@20", "new/ndcg@20", "profiled/recall@20", "profiled/ndcg@20")
-#: (profile store, hops, gate) of each DynLLM variant
-VARIANTS = {"dynllm": ("llm", 2, True), "dynllm_no_gate": ("llm", 2, False),
-            "dynllm_1hop": ("llm", 1, True), "dynllm_stats": ("stats", 2, True)}
+#: (profile store, hops, gate, profiles handed to other users) of each DynLLM variant
+VARIANTS = {"dynllm": ("llm", 2, True, False), "dynllm_no_gate": ("llm", 2, False, False),
+            "dynllm_1hop": ("llm", 1, True, False), "dynllm_stats": ("stats", 2, True, False),
+            "dynllm_shuffled": ("llm", 2, True, True)}
 
 
 class SlicedEvaluator(Evaluator):
@@ -109,10 +113,14 @@ def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | No
         return build_model(data, config)
     if name == "tgn_no_repeat":
         return build_model(data, replace(config, repeat=False))
-    kind, hops, gate = VARIANTS[name]
+    kind, hops, gate, shuffled = VARIANTS[name]
     if stores.get(kind) is None:
         raise ValueError(f"model {name} needs the {kind} profile store")
-    return build_dynllm(data, stores[kind], hops, gate, config)
+    model, splits = build_dynllm(data, stores[kind], hops, gate, config)
+    if shuffled:
+        head = model.user_head
+        head.set_profiles(head.profiles.with_users_shuffled())
+    return model, splits
 
 
 def profiled_users(data: Dataset, store: str | Path | None, config: TGNConfig) -> Tensor:
@@ -125,8 +133,8 @@ def profiled_users(data: Dataset, store: str | Path | None, config: TGNConfig) -
 
 
 def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], seed: int,
-            train_config: TrainConfig, model_config: TGNConfig, progress: bool = False
-            ) -> dict[str, float]:
+            train_config: TrainConfig, model_config: TGNConfig, progress: bool = False,
+            split: str = "test") -> dict[str, float]:
     """Train (if neural) and evaluate one model with one seed; metrics plus timings.
 
     Args:
@@ -137,7 +145,12 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
         train_config: optimisation settings (its seed is replaced).
         model_config: temporal model sizes.
         progress: tqdm bars while training.
+        split: ``"test"`` (replay train + val, score test) or ``"val"`` (replay train, score
+            validation: for choosing settings without looking at the test split; early
+            stopping also reads validation, so these figures are optimistic for every model).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     torch.manual_seed(seed)
     started = time.perf_counter()
     extra: dict[str, float] = {}
@@ -154,8 +167,8 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
         recommender = model
     trained = time.perf_counter()
     evaluator = SlicedEvaluator(profiled_users(data, stores.get("llm"), model_config))
-    metrics = evaluator.run(recommender, test, EventBatch.cat([tr, va]),
-                            train_config.eval_batch_size)
+    scored, history = (test, EventBatch.cat([tr, va])) if split == "test" else (va, tr)
+    metrics = evaluator.run(recommender, scored, history, train_config.eval_batch_size)
     return {**metrics, **extra, "train_seconds": trained - started,
             "eval_seconds": time.perf_counter() - trained}
 
@@ -174,7 +187,8 @@ def run_ablation(data_dir: str | Path, stores: Mapping[str, str | Path | None],
                  seeds: Sequence[int],
                  train_config: TrainConfig, model_config: TGNConfig | None = None,
                  models: Sequence[str] = MODELS, progress: bool = True,
-                 on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 on_result: Callable[[dict[str, Any]], None] | None = None,
+                 split: str = "test") -> dict[str, Any]:
     """Every model × seed; heuristics run once (they are deterministic).
 
     Args:
@@ -187,6 +201,7 @@ def run_ablation(data_dir: str | Path, stores: Mapping[str, str | Path | None],
         models: which of :data:`MODELS` to run.
         progress: tqdm bar over runs.
         on_result: called with the partial result after every run (to save progress).
+        split: which split is scored (see :func:`run_one`).
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -198,9 +213,10 @@ def run_ablation(data_dir: str | Path, stores: Mapping[str, str | Path | None],
     result: dict[str, Any] = {}
     for name, seed in tqdm(jobs, desc="ablation", disable=not progress):
         runs.setdefault(name, []).append(run_one(name, data, stores, seed, train_config,
-                                                 model_config))
+                                                 model_config, split=split))
         result = {m: aggregate(r) for m, r in runs.items()}
-        result["_meta"] = _meta(data, data_dir, stores, seeds, train_config, model_config)
+        result["_meta"] = {**_meta(data, data_dir, stores, seeds, train_config, model_config),
+                           "scored_split": split}
         if on_result is not None:
             on_result(result)
     return result

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from streaming.arg_types import positive_int
+from streaming.arg_types import positive_int, share
 from streaming.errors import UsageError
 
 
@@ -70,7 +70,8 @@ def _bench_ablation(args: argparse.Namespace) -> int:
         raise UsageError(f"models {', '.join(missing)} need --profiles / --stats-profiles")
     torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         patience=args.patience)
+                         patience=args.patience, negatives=args.negatives,
+                         history_negatives=args.history_negatives)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(out.read_text()) if args.merge and out.exists() else {}
@@ -80,7 +81,7 @@ def _bench_ablation(args: argparse.Namespace) -> int:
         return {**earlier, **partial}
 
     result = merged(ablation.run_ablation(args.data, stores, args.seeds, config,
-                                          models=args.models,
+                                          models=args.models, split=args.split,
                                           on_result=lambda r: ablation.save(merged(r), out)))
     ablation.save(result, out)
     print(ablation.markdown_table(result))
@@ -102,7 +103,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     """Add ``bench fusion`` and ``bench ablation``."""
-    from tgn.ablation import MODELS
+    from tgn.ablation import MODELS, SPLITS
 
     fu = bench_targets.add_parser("fusion", help="per-event cost the DynLLM fusion head adds")
     fu.add_argument("--data", default="data/cj-small", help="dataset directory")
@@ -127,7 +128,12 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     ab.add_argument("--patience", type=positive_int, default=2)
     ab.add_argument("--batch-size", type=positive_int, default=200)
     ab.add_argument("--lr", type=float, default=1e-3)
+    ab.add_argument("--negatives", type=positive_int, default=1, help="BPR negatives per purchase")
+    ab.add_argument("--history-negatives", type=share, default=0.0, metavar="SHARE",
+                    help="share of the negatives drawn from the user's own earlier purchases")
     ab.add_argument("--threads", type=positive_int, default=2)
+    ab.add_argument("--split", choices=SPLITS, default="test",
+                    help="split to score; val: choose settings without touching test")
     ab.add_argument("--out", default="benchmarks/ablation.json", help="JSON to write")
     ab.add_argument("--merge", action="store_true",
                     help="keep the other models already in --out (run models in parts)")

@@ -148,6 +148,20 @@ class ProfileTable:
             facets = self.vectors[row.clamp(min=0)] * has.view(-1, 1, 1)
         return ProfileLookup(facets, has, row)
 
+    def with_users_shuffled(self, seed: int = 0) -> ProfileTable:
+        """The same profile versions handed to other users: the users that have profiles are
+        permuted at random (a control: if the model reads the profiles' content, this hurts).
+
+        Each user gets all versions of one other user, timestamps included, so lookups stay
+        time-correct (a version is still written from events before the query time).
+        """
+        owners = self.user_index.unique()  # sorted
+        order = torch.randperm(owners.numel(), generator=torch.Generator().manual_seed(seed))
+        target = torch.empty_like(order)
+        target[order] = order.roll(-1)  # one random cycle: nobody keeps their own profiles
+        new_owner = owners[target][torch.searchsorted(owners, self.user_index)]
+        return ProfileTable(new_owner, self.ts, self.vectors, self.fallback)
+
     def to_state(self) -> dict[str, Tensor]:
         """Tensors to save beside a checkpoint (sorted order)."""
         return {"user_index": self.user_index, "ts": self.ts, "vectors": self.vectors,

@@ -147,3 +147,32 @@ def test_ablation_tgn_no_repeat_is_tgn_without_the_repeat_term(tiny_dataset):
     without, _ = build_variant("tgn_no_repeat", data, {}, SMALL)
     assert with_term.repeat is not None and without.repeat is None
     assert without.config.embed_dim == with_term.config.embed_dim
+
+
+def test_ablation_on_validation_scores_the_validation_split(tiny_dataset):
+    data = Dataset.load(tiny_dataset)
+    val = run_ablation(tiny_dataset, {}, [0], QUICK, SMALL, models=("popularity",),
+                       progress=False, split="val")
+    test = run_ablation(tiny_dataset, {}, [0], QUICK, SMALL, models=("popularity",),
+                        progress=False)
+    _, (_, val_events, test_events) = build_variant("tgn", data, {}, SMALL)
+    assert val["popularity"]["events"]["mean"] == len(val_events)
+    assert test["popularity"]["events"]["mean"] == len(test_events)
+    assert val["_meta"]["scored_split"] == "val"
+    with pytest.raises(ValueError, match="split"):
+        run_ablation(tiny_dataset, {}, [0], QUICK, SMALL, models=("popularity",),
+                     progress=False, split="train")
+
+
+def test_ablation_shuffled_variant_reads_other_users_profiles(tiny_dataset, store):
+    data = Dataset.load(tiny_dataset)
+    own, _ = build_variant("dynllm", data, {"llm": store}, SMALL)
+    other, _ = build_variant("dynllm_shuffled", data, {"llm": store}, SMALL)
+    mine, theirs = own.user_head.profiles, other.user_head.profiles
+    assert len(mine) == len(theirs)  # the same versions, handed around
+    assert torch.allclose(mine.vectors.sum(0), theirs.vectors.sum(0), atol=1e-4)
+    for user in mine.user_index.unique().tolist():  # nobody keeps their own versions
+        own_vectors = mine.vectors[mine.user_index == user]
+        new_vectors = theirs.vectors[theirs.user_index == user]
+        assert len(new_vectors) > 0
+        assert not any(torch.equal(v, w) for v in own_vectors for w in new_vectors)
