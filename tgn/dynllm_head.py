@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tgn.fusion import DistilledFusion, FusionConfig, FusionOutput
+from tgn.fusion import DistilledFusion, FoldedFusion, FusionConfig, FusionOutput
 from tgn.profile_features import ProfileTable
 
 
@@ -39,9 +39,8 @@ class DynLLMHead(nn.Module):
         self.config = self.fusion.config
         self.profiles = profiles or ProfileTable.empty(self.config.num_facets,
                                                        self.config.text_dim)
-        self.last: FusionOutput | None = None  #: output of the latest call
-        self.last_rows: Tensor | None = None  #: [B] profile rows of the latest call (-1: none)
-        self._keys: Tensor | None = None  # [P + 1, F, H, 2D + 1] folded tables (eval only)
+        self._last: tuple[FusionOutput, Tensor, Tensor | None] | None = None
+        self._keys: FoldedFusion | None = None  # P + 1 folded tables (eval only)
 
     def train(self, mode: bool = True) -> DynLLMHead:
         """Switch mode; leaving eval mode drops the cached facet keys (weights will change)."""
@@ -58,10 +57,29 @@ class DynLLMHead(nn.Module):
         self.profiles = profiles
         self._keys = None
 
+    @property
+    def last(self) -> FusionOutput | None:
+        """Output of the latest call (embedding [B, D], facet relevance [B, F], has_profile)."""
+        if self._last is None:
+            return None
+        out, _, inverse = self._last
+        if inverse is None:
+            return out
+        return FusionOutput(out.embedding[inverse], out.relevance[inverse],
+                            out.has_profile[inverse])
+
+    @property
+    def last_rows(self) -> Tensor | None:
+        """[B] profile rows read by the latest call (-1: no profile)."""
+        if self._last is None:
+            return None
+        _, row, inverse = self._last
+        return row if inverse is None else row[inverse]
+
     @torch.no_grad()
-    def _cached_tables(self) -> Tensor:
-        """Folded tables [P + 1, F, H, 2D + 1] of every profile version, the last row for "no
-        profile"; computed once per eval session (:meth:`DistilledFusion.fold`)."""
+    def _cached_tables(self) -> FoldedFusion:
+        """Folded tables of every profile version, the last row for "no profile"; computed once
+        per eval session (:meth:`DistilledFusion.fold`)."""
         if self._keys is None:
             fusion = self.fusion
             parts = [fusion.facet_keys(self.profiles.vectors[i:i + 4096])
@@ -81,23 +99,21 @@ class DynLLMHead(nn.Module):
         if self.training:
             found = self.profiles.lookup(user_index, t)
             keys = self.fusion.facet_keys(found.facets.to(z.dtype))
-            row = found.row
             out = self.fusion.attend(z, keys, found.has_profile)
-        else:  # inference: once per distinct (user, t), from precomputed per-profile tables
-            # events come in time order, so a basket's lines are adjacent: no sort needed
-            starts = torch.ones_like(user_index, dtype=torch.bool)
-            starts[1:] = (user_index[1:] != user_index[:-1]) | (t[1:] != t[:-1])
-            first = starts.nonzero().squeeze(1)  # [U] first event of each run of one (user, t)
-            inverse = starts.cumsum(0) - 1  # [B] its run
-            row = self.profiles.latest_rows(user_index[first], t[first])
-            tables = self._cached_tables()
-            out = self.fusion.attend_folded(z[first], tables[row.where(row >= 0, len(tables) - 1)],
-                                            row >= 0)
-            out = FusionOutput(out.embedding[inverse], out.relevance[inverse],
-                               out.has_profile[inverse])
-            row = row[inverse]
-        self.last, self.last_rows = out, row
-        return out.embedding
+            self._last = (out, found.row, None)
+            return out.embedding
+        # inference: once per distinct (user, t), from precomputed per-profile tables
+        # events come in time order, so a basket's lines are adjacent: no sort needed
+        starts = torch.ones_like(user_index, dtype=torch.bool)
+        starts[1:] = (user_index[1:] != user_index[:-1]) | (t[1:] != t[:-1])
+        first = starts.nonzero().squeeze(1)  # [U] first event of each run of one (user, t)
+        inverse = starts.cumsum(0) - 1  # [B] its run
+        row = self.profiles.latest_rows(user_index[first], t[first])
+        tables = self._cached_tables()
+        has = row >= 0
+        out = self.fusion.attend_folded(z[first], tables, row.where(has, len(tables) - 1), has)
+        self._last = (out, row, inverse)  # per run; expanded to events on demand
+        return out.embedding[inverse]
 
 
 def head_extra(head: DynLLMHead) -> dict[str, Any]:

@@ -118,6 +118,28 @@ class FusionOutput:
     has_profile: Tensor
 
 
+@dataclass
+class FoldedFusion:
+    """Inference tables of :meth:`DistilledFusion.fold` (``N`` profile versions, ``H`` heads).
+
+    Attributes:
+        score: [N, F, H, D] per-facet query maps: attention logit = ``z · score + offset``.
+        value: [N, F, H, D] facet values already mapped through the output and merge layers.
+        offset: [N, F, H] logit offsets.
+        merge_z: [D, D] the first merge layer's map of the temporal embedding (transposed).
+        merge_bias: [D] its bias, with the output layer's bias folded in.
+    """
+
+    score: Tensor
+    value: Tensor
+    offset: Tensor
+    merge_z: Tensor
+    merge_bias: Tensor
+
+    def __len__(self) -> int:
+        return self.score.shape[0]
+
+
 class DistilledFusion(nn.Module):
     """Fuse temporal user embeddings with distilled profile facets.
 
@@ -199,7 +221,7 @@ class DistilledFusion(nn.Module):
         return FusionOutput(out, weights.mean(2), has_profile)  # relevance [B, F]
 
     @torch.no_grad()
-    def fold(self, keys: Tensor) -> Tensor:
+    def fold(self, keys: Tensor) -> FoldedFusion:
         """Fold the query, output and first merge maps into per-profile tables (inference only).
 
         Scores are linear in ``z``: ``q_h · k_hf = z · (W_q,h^T k_hf) + b_q,h · k_hf``, and the
@@ -208,9 +230,6 @@ class DistilledFusion(nn.Module):
 
         Args:
             keys: [N, F, 2D] from :meth:`facet_keys` (or :meth:`no_profile_keys`).
-
-        Returns:
-            [N, F, H, 2D + 1]: score vectors, projected values and score offsets.
         """
         h, d = self.config.heads, self.config.dim
         key, value = keys.view(-1, keys.shape[1], 2, h, d // h).unbind(2)  # [N, F, H, D/H]
@@ -218,20 +237,22 @@ class DistilledFusion(nn.Module):
         w_q = self.query.weight.view(h, d // h, d)
         score = torch.einsum("nfhe,hed->nfhd", key, w_q) / scale
         offset = torch.einsum("nfhe,he->nfh", key, self.query.bias.view(h, d // h)) / scale
-        w_vo = (self.merge[0].weight[:, d:] @ self.out.weight).view(d, h, d // h)
+        w_1 = self.merge[0].weight
+        w_vo = (w_1[:, d:] @ self.out.weight).view(d, h, d // h)
         value = torch.einsum("nfhe,dhe->nfhd", value, w_vo)
-        return torch.cat([score, value, offset.unsqueeze(-1)], dim=-1)
+        return FoldedFusion(score.contiguous(), value.contiguous(), offset.contiguous(),
+                            w_1[:, :d].T.contiguous(),
+                            self.merge[0].bias + w_1[:, d:] @ self.out.bias)
 
     @torch.no_grad()
-    def attend_folded(self, z: Tensor, folded: Tensor, has_profile: Tensor) -> FusionOutput:
-        """:meth:`attend` from :meth:`fold` tables ``folded`` [B, F, H, 2D + 1] (inference)."""
-        d = self.config.dim
-        score, value, offset = folded.split([d, d, 1], dim=-1)
+    def attend_folded(self, z: Tensor, folded: FoldedFusion, rows: Tensor,
+                      has_profile: Tensor) -> FusionOutput:
+        """:meth:`attend` from :meth:`fold` tables (inference): ``z`` [B, D] reads table rows
+        ``rows`` [B] (the "no profile" row where ``has_profile`` [B] is False)."""
+        score, value = folded.score[rows], folded.value[rows]  # [B, F, H, D] each
         # broadcast products: faster on CPU than einsum's many tiny batched matmuls
-        weights = torch.softmax((z[:, None, None] * score).sum(-1) + offset[..., 0], dim=1)
-        first = self.merge[0]
-        bias = first.bias + first.weight[:, d:] @ self.out.bias
-        hidden = torch.relu(torch.addmm(bias, z, first.weight[:, :d].T)
+        weights = torch.softmax((z[:, None, None] * score).sum(-1) + folded.offset[rows], dim=1)
+        hidden = torch.relu(torch.addmm(folded.merge_bias, z, folded.merge_z)
                             + (weights.unsqueeze(-1) * value).sum((1, 2)))
         out = self.merge[2](hidden)
         if self.config.residual:

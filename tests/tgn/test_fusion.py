@@ -178,6 +178,7 @@ def test_folded_inference_path_matches_attend(gate):
     expected = fusion.attend(z, keys, has)
     folded = fusion.fold(torch.cat([keys, fusion.no_profile_keys().unsqueeze(0)]))
     rows = torch.where(has, torch.arange(5), torch.tensor(5))
-    got = fusion.attend_folded(z, folded[rows], has)
+    got = fusion.attend_folded(z, folded, rows, has)
+    assert len(folded) == 6
     torch.testing.assert_close(got.embedding, expected.embedding, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-4, atol=1e-6)
