@@ -79,7 +79,7 @@ class FacetTextMatch:
 def _val_metrics(recommender: Recommender, train, val) -> tuple[dict[str, float], torch.Tensor]:
     evaluator = Evaluator()
     metrics = evaluator.run(recommender, val, train, 2000)
-    return metrics, torch.cat(evaluator._ranks)
+    return metrics, evaluator.ranks
 
 
 def text_probe(args: argparse.Namespace) -> dict:

@@ -78,7 +78,7 @@ class SlicedEvaluator(Evaluator):
 
     def results(self) -> dict[str, float]:
         out = super().results()
-        ranks = torch.cat(self._ranks) if self._ranks else torch.zeros(0)
+        ranks = self.ranks
         chosen = torch.cat(self._in_slice) if self._in_slice else torch.zeros(0, dtype=torch.bool)
         out.update(ranking_metrics(ranks[chosen], self.ks, prefix="profiled/"))
         out["profiled/events"] = float(chosen.sum())

@@ -133,9 +133,14 @@ class Evaluator:
         self._ranks.append(tie_aware_ranks(scores[:, :top], batch.items, candidate))
         self._new.append(self.observe(batch))
 
+    @property
+    def ranks(self) -> Tensor:
+        """Rank of every recorded purchase ``[N]``, in record order (inf: item never seen)."""
+        return torch.cat(self._ranks) if self._ranks else torch.zeros(0)
+
     def results(self) -> dict[str, float]:
         """Metrics on all recorded purchases and on ``new/`` ones, plus counts."""
-        ranks = torch.cat(self._ranks) if self._ranks else torch.zeros(0)
+        ranks = self.ranks
         new = torch.cat(self._new) if self._new else torch.zeros(0, dtype=torch.bool)
         out = ranking_metrics(ranks, self.ks)
         out.update(ranking_metrics(ranks[new], self.ks, prefix="new/"))
