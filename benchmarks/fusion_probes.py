@@ -51,7 +51,7 @@ def item_text_vectors(data_dir: str | Path) -> torch.Tensor:
 
     from profiles.embed import FacetEmbedder
 
-    model, _ = build_model(Dataset.load(data_dir), TGNConfig())
+    model, _ = build_model(Dataset.load(data_dir), TGNConfig(), seed=0)
     rows = {r["item_id"]: r for r in pq.read_table(Path(data_dir) / "items.parquet").to_pylist()}
     texts = [". ".join(str(rows[i][k]) for k in ("title", "category", "brand"))
              for i in model.items.to_list()]
@@ -84,7 +84,7 @@ def _val_metrics(recommender: Recommender, train, val) -> tuple[dict[str, float]
 
 def text_probe(args: argparse.Namespace) -> dict:
     data = Dataset.load(args.data)
-    model, (train, val, _) = build_model(data, TGNConfig())
+    model, (train, val, _) = build_model(data, TGNConfig(), seed=0)
     items = item_text_vectors(args.data)
     table = profile_table(args.profiles, model, args.hops)
     out = {}
@@ -98,7 +98,7 @@ def text_probe(args: argparse.Namespace) -> dict:
 
 def oracle_probe(args: argparse.Namespace) -> dict:
     data = Dataset.load(args.data)
-    _, (train, val, _) = build_model(data, TGNConfig())
+    _, (train, val, _) = build_model(data, TGNConfig(), seed=0)
     hits = {}
     for name, rec in (("buy_again", BuyAgain("frequency", fallback_popularity=True)),
                       ("popularity", GlobalPopularity())):

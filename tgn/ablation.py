@@ -106,17 +106,17 @@ def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dic
 
 
 def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | None],
-                 config: TGNConfig) -> tuple[TGNRecommender, list[EventBatch]]:
+                  config: TGNConfig, seed: int) -> tuple[TGNRecommender, list[EventBatch]]:
     """A fresh neural model ``name`` (one of :data:`MODELS` but the heuristics) over ``data``,
-    and the encoded splits."""
+    initialised from ``seed``, and the encoded splits."""
     if name == "tgn":
-        return build_model(data, config)
+        return build_model(data, config, seed)
     if name == "tgn_no_repeat":
-        return build_model(data, replace(config, repeat=False))
+        return build_model(data, replace(config, repeat=False), seed)
     kind, hops, gate, shuffled = VARIANTS[name]
     if stores.get(kind) is None:
         raise ValueError(f"model {name} needs the {kind} profile store")
-    model, splits = build_dynllm(data, stores[kind], hops, gate, config)
+    model, splits = build_dynllm(data, stores[kind], hops, gate, config, seed)
     if shuffled:
         head = model.user_head
         head.set_profiles(head.profiles.with_users_shuffled())
@@ -125,7 +125,7 @@ def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | No
 
 def profiled_users(data: Dataset, store: str | Path | None, config: TGNConfig) -> Tensor:
     """[num_users] bool: users with at least one hops=2 profile in ``store``."""
-    model, _ = build_model(data, config)
+    model, _ = build_model(data, config, seed=0)  # only the id maps are read
     mask = torch.zeros(len(model.users), dtype=torch.bool)
     if store is not None:
         mask[profile_table(store, model, 2).user_index] = True
@@ -151,15 +151,14 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    torch.manual_seed(seed)
     started = time.perf_counter()
     extra: dict[str, float] = {}
     if name in ("popularity", "buy_again"):
-        _, (tr, va, test) = build_model(data, model_config)
+        _, (tr, va, test) = build_model(data, model_config, seed)
         recommender: Recommender = GlobalPopularity() if name == "popularity" else \
             BuyAgain("frequency", fallback_popularity=True)
     else:
-        model, (tr, va, test) = build_variant(name, data, stores, model_config)
+        model, (tr, va, test) = build_variant(name, data, stores, model_config, seed)
         result = train(model, tr, va, replace(train_config, seed=seed), progress)
         extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
         model.eval()
@@ -231,7 +230,7 @@ def _meta(data: Dataset, data_dir: str | Path, stores: Mapping[str, str | Path |
         "train_config": asdict(train_config), "model_config": asdict(model_config),
         "threads": torch.get_num_threads(),
     }
-    model, _ = build_model(data, model_config)
+    model, _ = build_model(data, model_config, seed=0)
     meta["profiles"] = {f"{kind}_hops{h}": profile_summary(profile_table(path, model, h),
                                                           len(model.users))
                         for kind, path in stores.items() if path is not None for h in (1, 2)}

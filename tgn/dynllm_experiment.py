@@ -38,7 +38,8 @@ def profile_table(store: str | Path, model: TGNRecommender, hops: int | None) ->
 
 
 def build_dynllm(data: Dataset, store: str | Path, hops: int | None = 2, gate: bool = True,
-                 config: TGNConfig | None = None) -> tuple[TGNRecommender, list[EventBatch]]:
+                 config: TGNConfig | None = None, seed: int = 0
+                 ) -> tuple[TGNRecommender, list[EventBatch]]:
     """A fresh TGN + DynLLM head over ``data`` with the store's profiles, and the encoded splits.
 
     Args:
@@ -47,9 +48,10 @@ def build_dynllm(data: Dataset, store: str | Path, hops: int | None = 2, gate: b
         hops: which profiles to read (2: graph-aware prompts, 1: own history only, None: all).
         gate: keep the distillation gate (False: the "without gate" ablation).
         config: temporal model sizes.
+        seed: seed of the initialisation (temporal model and fusion head).
     """
     config = config or TGNConfig()
-    model, splits = build_model(data, config)  # id maps now cover every split
+    model, splits = build_model(data, config, seed)  # id maps now cover every split
     head = DynLLMHead(FusionConfig(dim=config.embed_dim, gate=gate))
     head.set_profiles(profile_table(store, model, hops))
     if len(head.profiles) == 0:
@@ -71,7 +73,8 @@ def fit_dynllm(data_dir: str | Path, out_dir: str | Path, store: str | Path, hop
     """Train TGN + fusion jointly (BPR) and write a run directory; returns ``config.json``."""
     data = Dataset.load(data_dir)
     model_config, train_config = model_config or TGNConfig(), train_config or TrainConfig()
-    model, (train_events, val_events, _) = build_dynllm(data, store, hops, gate, model_config)
+    model, (train_events, val_events, _) = build_dynllm(data, store, hops, gate, model_config,
+                                                         train_config.seed)
     started = time.perf_counter()
     result: TrainResult = train(model, train_events, val_events, train_config, progress)
     seconds = time.perf_counter() - started

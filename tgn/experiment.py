@@ -30,9 +30,10 @@ TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@20", "mrr", "new/r
 
 
 def build_model(data: Dataset, config: TGNConfig,
-                seed: int = 0) -> tuple[TGNRecommender, list[EventBatch]]:
-    """A fresh model (weights drawn from ``seed``) whose id maps cover the dataset, and the
-    encoded train/val/test splits."""
+                seed: int) -> tuple[TGNRecommender, list[EventBatch]]:
+    """A fresh model (weights drawn from ``seed``: no default, so a caller cannot silently
+    share one initialisation across "seeds") whose id maps cover the dataset, and the encoded
+    train/val/test splits."""
     torch.manual_seed(seed)
     items = IdMap(data.items.column("item_id").to_pylist())
     model = TGNRecommender(config, IdMap(), items)

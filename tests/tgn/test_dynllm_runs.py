@@ -143,8 +143,8 @@ def test_cli_train_evaluate_explain_dynllm(tiny_dataset, store, tmp_path, capsys
 
 def test_ablation_tgn_no_repeat_is_tgn_without_the_repeat_term(tiny_dataset):
     data = Dataset.load(tiny_dataset)
-    with_term, _ = build_variant("tgn", data, {}, SMALL)
-    without, _ = build_variant("tgn_no_repeat", data, {}, SMALL)
+    with_term, _ = build_variant("tgn", data, {}, SMALL, seed=0)
+    without, _ = build_variant("tgn_no_repeat", data, {}, SMALL, seed=0)
     assert with_term.repeat is not None and without.repeat is None
     assert without.config.embed_dim == with_term.config.embed_dim
 
@@ -155,7 +155,7 @@ def test_ablation_on_validation_scores_the_validation_split(tiny_dataset):
                        progress=False, split="val")
     test = run_ablation(tiny_dataset, {}, [0], QUICK, SMALL, models=("popularity",),
                         progress=False)
-    _, (_, val_events, test_events) = build_variant("tgn", data, {}, SMALL)
+    _, (_, val_events, test_events) = build_variant("tgn", data, {}, SMALL, seed=0)
     assert val["popularity"]["events"]["mean"] == len(val_events)
     assert test["popularity"]["events"]["mean"] == len(test_events)
     assert val["_meta"]["scored_split"] == "val"
@@ -166,8 +166,8 @@ def test_ablation_on_validation_scores_the_validation_split(tiny_dataset):
 
 def test_ablation_shuffled_variant_reads_other_users_profiles(tiny_dataset, store):
     data = Dataset.load(tiny_dataset)
-    own, _ = build_variant("dynllm", data, {"llm": store}, SMALL)
-    other, _ = build_variant("dynllm_shuffled", data, {"llm": store}, SMALL)
+    own, _ = build_variant("dynllm", data, {"llm": store}, SMALL, seed=0)
+    other, _ = build_variant("dynllm_shuffled", data, {"llm": store}, SMALL, seed=0)
     mine, theirs = own.user_head.profiles, other.user_head.profiles
     assert len(mine) == len(theirs)  # the same versions, handed around
     assert torch.allclose(mine.vectors.sum(0), theirs.vectors.sum(0), atol=1e-4)
@@ -176,3 +176,13 @@ def test_ablation_shuffled_variant_reads_other_users_profiles(tiny_dataset, stor
         new_vectors = theirs.vectors[theirs.user_index == user]
         assert len(new_vectors) > 0
         assert not any(torch.equal(v, w) for v in own_vectors for w in new_vectors)
+
+
+def test_ablation_seeds_change_the_initialisation(tiny_dataset):
+    """Each seed of the ablation draws its own weights (they once all shared seed 0's)."""
+    data = Dataset.load(tiny_dataset)
+    a, _ = build_variant("tgn", data, {}, SMALL, seed=0)
+    b, _ = build_variant("tgn", data, {}, SMALL, seed=0)
+    c, _ = build_variant("tgn", data, {}, SMALL, seed=1)
+    assert torch.equal(a.attention.query.weight, b.attention.query.weight)
+    assert not torch.equal(a.attention.query.weight, c.attention.query.weight)
