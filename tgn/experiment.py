@@ -22,6 +22,7 @@ from tgn.data import EventBatch
 from tgn.evaluate import Evaluator, Recommender
 from tgn.ids import IdMap
 from tgn.model import TGNConfig, TGNRecommender
+from tgn.nbr import TIFUKNN, UPCF
 from tgn.train import TrainConfig, TrainResult, train
 
 #: Columns of the printed table.
@@ -96,6 +97,8 @@ def baselines() -> dict[str, Recommender]:
         "buy-again (frequency)": BuyAgain("frequency"),
         "buy-again (recency)": BuyAgain("recency"),
         "buy-again + popularity": BuyAgain("frequency", fallback_popularity=True),
+        "tifu_knn": TIFUKNN(),
+        "up_cf": UPCF(),
     }
 
 
