@@ -91,7 +91,7 @@ def text_probe(args: argparse.Namespace) -> dict:
     for facet, name in enumerate(("mean", "crowd_segment", "personal_interests",
                                   "preferred_categories", "favored_brands"), start=-1):
         metrics, _ = _val_metrics(FacetTextMatch(table, items, facet), train, val)
-        out[name] = {k: metrics[k] for k in ("recall@20", "recall@50", "new/recall@20")}
+        out[name] = {k: metrics[k] for k in ("recall@20", "recall@50", "explore/recall@20")}
     out["random_recall@20"] = 20 / len(model.items)
     return out
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.command in ("item-text", "repeat-negatives"):
-        print(ablation.markdown_table(result, ("recall@10", "recall@20", "new/recall@20")))
+        print(ablation.markdown_table(result, ("recall@10", "recall@20", "explore/recall@20")))
     else:
         print(text)
     return 0

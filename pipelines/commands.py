@@ -93,7 +93,7 @@ def _replay(args: argparse.Namespace) -> int:
     run_pipeline(config, beam_args=_beam_args(args))
     if evaluate_to:
         results = json.loads(Path(evaluate_to).read_text())
-        keys = ("recall@10", "recall@20", "recall@50", "ndcg@20", "mrr", "new/recall@20")
+        keys = ("recall@10", "recall@20", "recall@50", "ndcg@20", "mrr", "explore/recall@20")
         print("  ".join(f"{k} {results[k]:.4f}" for k in keys))
         print(f"all metrics: {evaluate_to}")
     return 0

@@ -53,7 +53,7 @@ MODELS = ("popularity", "buy_again", "tgn_no_repeat", "tgn", "dynllm", "dynllm_n
           "dynllm_1hop", "dynllm_stats", "dynllm_shuffled")
 SPLITS = ("test", "val")
 TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50", "mrr",
-                 "new/recall@20", "new/ndcg@20", "profiled/recall@20", "profiled/ndcg@20")
+                 "explore/recall@20", "explore/ndcg@20", "profiled/recall@20", "profiled/ndcg@20")
 #: (profile store, hops, gate, profiles handed to other users) of each DynLLM variant
 VARIANTS = {"dynllm": ("llm", 2, True, False), "dynllm_no_gate": ("llm", 2, False, False),
             "dynllm_1hop": ("llm", 1, True, False), "dynllm_stats": ("stats", 2, True, False),

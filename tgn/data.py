@@ -42,10 +42,32 @@ class EventBatch:
     def __getitem__(self, index: slice | Tensor) -> EventBatch:
         return EventBatch(self.users[index], self.items[index], self.t[index], self.feats[index])
 
-    def batches(self, size: int) -> Iterator[EventBatch]:
-        """Consecutive slices of at most ``size`` events."""
-        for start in range(0, len(self), size):
-            yield self[start:start + size]
+    def batches(self, size: int, whole_times: bool = False) -> Iterator[EventBatch]:
+        """Consecutive slices of at most ``size`` events.
+
+        With ``whole_times`` a cut falls only where ``t`` changes, so events of equal time (a
+        basket: one user's lines at one timestamp) always share a batch: a slice ends before the
+        time group that would straddle its ``size``-th event, or after that group when the group
+        alone fills the slice (a group longer than ``size`` is one slice).
+
+        >>> b = EventBatch(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
+        ...                torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0]), torch.zeros(5, MSG_DIM))
+        >>> [x.t.tolist() for x in b.batches(2)]
+        [[0.0, 1.0], [1.0, 1.0], [2.0]]
+        >>> [x.t.tolist() for x in b.batches(2, whole_times=True)]
+        [[0.0], [1.0, 1.0, 1.0], [2.0]]
+        """
+        if size < 1:
+            raise ValueError(f"batch size must be positive, got {size}")
+        t, n, start = self.t.numpy(), len(self), 0
+        while start < n:
+            end = min(start + size, n)
+            if whole_times and end < n and t[end] == t[end - 1]:
+                group_start = int(np.searchsorted(t, t[end], side="left"))
+                end = group_start if group_start > start else \
+                    int(np.searchsorted(t, t[end], side="right"))
+            yield self[start:end]
+            start = end
 
     @staticmethod
     def cat(parts: list[EventBatch]) -> EventBatch:

@@ -3,13 +3,21 @@
 In the spirit of TGB's ``Evaluator`` (https://github.com/shenyangHuang/TGB) and River's
 progressive validation: each batch of purchases is scored from the state *before* the batch —
 every candidate item from the same state —, ranked, and only then applied to the recommender.
+:meth:`Evaluator.run` never splits a group of equal timestamps across two batches
+(:meth:`~tgn.data.EventBatch.batches` with ``whole_times``), so every line of a basket is
+scored from the state as of the basket's start.
 
 * Candidates: every item seen in any earlier event (the catalog "up to then"). A purchase of an
   item never seen before cannot be ranked by anyone; it counts as a miss (rank = inf).
-* Tie-aware rank (TGB/OGB): ``1 + #(candidates scoring higher) + #(others tying) / 2``.
-* Metrics for K in ``ks``: ``recall@K`` (hit rate: one positive per query), ``ndcg@K``
-  (``1 / log2(1 + rank)`` if ``rank <= K``), and ``mrr``; the same on ``new/`` purchases only
-  (items that user never bought before).
+* Tie-aware rank (TGB/OGB): ``1 + #(candidates scoring higher) + #(others tying) / 2``, the
+  expected position under random tie-breaking; a rank counts as a hit at ``K`` when ``<= K``.
+* Per-event metrics (the primary protocol; one query per purchase line) for K in ``ks``:
+  ``recall@K`` (hit rate: one positive per query), ``ndcg@K`` (``1 / log2(1 + rank)`` if
+  ``rank <= K``), and ``mrr``; the same on ``repeat/`` purchases (the user bought that item in
+  an earlier batch: something the recommender's state could know) and on ``explore/`` ones
+  (all others, duplicate lines of a new item in one basket included).
+* ``repeat_share@K``: mean over queries of the share of the top-K candidates that the user
+  bought before the batch (ties at position K counted by their expected share).
 
 Any object with ``score(batch) -> [B, >= num_items]`` and ``update(batch)`` can be evaluated.
 """
@@ -65,6 +73,60 @@ def tie_aware_ranks(scores: Tensor, target: Tensor, candidate: Tensor) -> Tensor
     return rank.masked_fill(~candidate[target], math.inf)
 
 
+def repeat_share(scores: Tensor, candidate: Tensor, rows: Tensor, past: Tensor,
+                 ks: Iterable[int] = KS) -> Tensor:
+    """Expected share ``[B, len(ks)]`` of each row's top-K candidates that are "past" items.
+
+    Ties are counted by expectation under random tie-breaking: with ``a`` candidates scoring
+    above the K-th best score and ``e`` tying with it, each tied item fills the last ``K - a``
+    places with probability ``(K - a) / e``. With fewer than K candidates the list is all of
+    them. One ``topk`` over the row; a full pass only for rows whose tie straddles place K.
+
+    Args:
+        scores: ``[B, N]`` scores.
+        candidate: which items may be listed ``[N]`` (bool).
+        rows: row of each past (row, item) pair ``[P]``.
+        past: item of each pair ``[P]`` (a candidate; one pair per row and item).
+        ks: list lengths.
+
+    >>> scores = torch.tensor([[5.0, 4.0, 4.0, 4.0, 9.0], [1.0, 2.0, 3.0, 4.0, 0.0]])
+    >>> candidate = torch.tensor([True, True, True, True, False])
+    >>> # row 0 bought 1 before: top-2 = {0} + one of the tied {1, 2, 3}; row 1 bought 0 and 3
+    >>> repeat_share(scores, candidate, torch.tensor([0, 1, 1]), torch.tensor([1, 0, 3]), [2])
+    tensor([[0.1667],
+            [0.5000]], dtype=torch.float64)
+    """
+    ks = tuple(ks)
+    b, n_cand = scores.size(0), int(candidate.sum())
+    out = torch.zeros(b, len(ks), dtype=torch.float64)
+    if b == 0 or n_cand == 0:
+        return out
+    width = min(max(ks) + 1, scores.size(1))
+    top = scores.topk(width, dim=1)
+    bad = (~candidate[top.indices]).any(1)  # a non-candidate among the top: redo those rows
+    values = top.values.clone()
+    if bad.any():
+        masked = scores[bad].masked_fill(~candidate, -math.inf)
+        values[bad] = masked.topk(width, dim=1).values
+    past_scores = scores[rows, past]  # [P]
+    for j, k in enumerate(ks):
+        k = min(k, n_cand)
+        threshold = values[:, k - 1]  # [B] the k-th best candidate score
+        above = (values[:, :k] > threshold.unsqueeze(1)).sum(1)
+        tied = (values[:, :k] == threshold.unsqueeze(1)).sum(1)
+        if k < n_cand:  # the tie may go on past place k: count it over the whole row
+            straddles = (values[:, k] == threshold).nonzero().squeeze(1)
+            if straddles.numel():
+                tied[straddles] = ((scores[straddles] == threshold[straddles].unsqueeze(1))
+                                   & candidate).sum(1)
+        past_above = torch.zeros(b, dtype=torch.float64).index_add_(
+            0, rows, (past_scores > threshold[rows]).double())
+        past_tied = torch.zeros(b, dtype=torch.float64).index_add_(
+            0, rows, (past_scores == threshold[rows]).double())
+        out[:, j] = (past_above + past_tied * (k - above) / tied.clamp_min(1)) / k
+    return out
+
+
 def ranking_metrics(ranks: Tensor, ks: Iterable[int] = KS, prefix: str = "") -> dict[str, float]:
     """Mean ``recall@K``, ``ndcg@K`` and ``mrr`` of ranks ``[Q]`` (empty → NaN).
 
@@ -88,7 +150,7 @@ class Evaluator:
     """Accumulates test-then-update ranks over a stream of batches.
 
     Args:
-        ks: cut-offs for recall and NDCG.
+        ks: cut-offs for recall, NDCG and the repeat share.
     """
 
     def __init__(self, ks: Iterable[int] = KS) -> None:
@@ -97,29 +159,39 @@ class Evaluator:
             raise ValueError(f"cut-offs must be positive integers, got {self.ks}")
         self.seen_items = torch.zeros(0, dtype=torch.bool)
         self._pairs = np.zeros(0, dtype=np.int64)  # sorted user * PAIR_STRIDE + item keys
-        self._ranks: list[Tensor] = []
-        self._new: list[Tensor] = []
+        self._ranks: list[Tensor] = []  # [B] per recorded batch
+        self._repeat: list[Tensor] = []  # [B] bool
+        self._share: list[Tensor] = []  # [B, len(ks)]
 
-    def observe(self, batch: EventBatch) -> Tensor:
-        """Mark a batch's items and (user, item) pairs as seen; returns its ``new`` flags ``[B]``.
-
-        ``new[i]`` is true when event ``i``'s user had not bought that item before it.
-        """
+    def observe(self, batch: EventBatch) -> None:
+        """Mark a batch's items and (user, item) pairs as seen (an update without scoring)."""
         top = int(batch.items.max()) + 1 if len(batch) else 0
         if top > self.seen_items.numel():
             grown = torch.zeros(top, dtype=torch.bool)
             grown[: self.seen_items.numel()] = self.seen_items
             self.seen_items = grown
         self.seen_items[batch.items] = True
-        keys = batch.users.numpy().astype(np.int64) * PAIR_STRIDE + batch.items.numpy()
-        uniq, first = np.unique(keys, return_index=True)  # first occurrence inside the batch
-        at = np.searchsorted(self._pairs, uniq)
-        known = self._pairs[np.minimum(at, max(0, self._pairs.size - 1))] == uniq if \
-            self._pairs.size else np.zeros(uniq.size, dtype=bool)
-        new = torch.zeros(len(batch), dtype=torch.bool)
-        new[torch.from_numpy(first[~known])] = True
-        self._pairs = np.insert(self._pairs, at[~known], uniq[~known])  # stays sorted
-        return new
+        keys = np.unique(self._keys(batch.users, batch.items))
+        fresh = keys[~self._known(keys)]
+        self._pairs = np.insert(self._pairs, np.searchsorted(self._pairs, fresh), fresh)
+
+    def bought_before(self, users: Tensor, items: Tensor) -> Tensor:
+        """``[B]`` bool: whether each (user, item) pair was observed (in an earlier batch)."""
+        return torch.from_numpy(self._known(self._keys(users, items)))
+
+    def past_items(self, users: Tensor) -> tuple[Tensor, Tensor]:
+        """Every (row, item) with ``item`` observed for ``users[row]``: rows ``[P]``, items ``[P]``.
+
+        Rows of one user repeat that user's items (sorted by item).
+        """
+        u = users.numpy().astype(np.int64)
+        lo = np.searchsorted(self._pairs, u * PAIR_STRIDE)
+        hi = np.searchsorted(self._pairs, (u + 1) * PAIR_STRIDE)
+        counts = hi - lo
+        rows = np.repeat(np.arange(u.size), counts)
+        offsets = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        items = self._pairs[lo[rows] + offsets] - u[rows] * PAIR_STRIDE
+        return torch.from_numpy(rows), torch.from_numpy(items)
 
     def record(self, batch: EventBatch, scores: Tensor) -> None:
         """Rank the batch's purchases by ``scores [B, >= seen]``, then observe the batch."""
@@ -128,10 +200,13 @@ class Evaluator:
         if scores.size(1) < top:  # the recommender knows fewer items: they score lowest
             scores = torch.cat([scores, scores.new_full((len(batch), top - scores.size(1)),
                                                         -math.inf)], dim=1)
+        scores = scores[:, :top]
         candidate = torch.zeros(top, dtype=torch.bool)
         candidate[:n] = self.seen_items
-        self._ranks.append(tie_aware_ranks(scores[:, :top], batch.items, candidate))
-        self._new.append(self.observe(batch))
+        self._ranks.append(tie_aware_ranks(scores, batch.items, candidate))
+        self._repeat.append(self.bought_before(batch.users, batch.items))
+        self._share.append(repeat_share(scores, candidate, *self.past_items(batch.users), self.ks))
+        self.observe(batch)
 
     @property
     def ranks(self) -> Tensor:
@@ -139,18 +214,27 @@ class Evaluator:
         return torch.cat(self._ranks) if self._ranks else torch.zeros(0)
 
     def results(self) -> dict[str, float]:
-        """Metrics on all recorded purchases and on ``new/`` ones, plus counts."""
+        """Metrics on all recorded purchases, on ``repeat/`` and ``explore/`` ones, plus counts."""
         ranks = self.ranks
-        new = torch.cat(self._new) if self._new else torch.zeros(0, dtype=torch.bool)
+        repeat = torch.cat(self._repeat) if self._repeat else torch.zeros(0, dtype=torch.bool)
+        share = torch.cat(self._share) if self._share else torch.zeros(0, len(self.ks))
         out = ranking_metrics(ranks, self.ks)
-        out.update(ranking_metrics(ranks[new], self.ks, prefix="new/"))
-        out.update(events=float(ranks.numel()), new_events=float(new.sum()),
+        out.update(ranking_metrics(ranks[repeat], self.ks, prefix="repeat/"))
+        out.update(ranking_metrics(ranks[~repeat], self.ks, prefix="explore/"))
+        for j, k in enumerate(self.ks):
+            out[f"repeat_share@{k}"] = share[:, j].mean().item() if ranks.numel() else math.nan
+        out.update(events=float(ranks.numel()), repeat_events=float(repeat.sum()),
+                   explore_events=float((~repeat).sum()),
                    unseen_item_events=float(torch.isinf(ranks).sum()))
         return out
 
     def run(self, recommender: Recommender, test: EventBatch, history: EventBatch | None = None,
             batch_size: int = 1000, progress: bool = False) -> dict[str, float]:
         """Replay ``history`` (update only), then test-then-update on ``test``.
+
+        Batches never split a group of equal timestamps (a basket), so each is scored from
+        the state as of its start; a batch may hence be shorter than ``batch_size``, or longer
+        when one timestamp alone has more events.
 
         Args:
             recommender: anything with ``score`` and ``update``.
@@ -161,12 +245,23 @@ class Evaluator:
         """
         with torch.no_grad():
             if history is not None:
-                for batch in tqdm(list(history.batches(batch_size)), desc="warm-up",
-                                  disable=not progress):
+                for batch in tqdm(list(history.batches(batch_size, whole_times=True)),
+                                  desc="warm-up", disable=not progress):
                     recommender.update(batch)
                     self.observe(batch)
-            for batch in tqdm(list(test.batches(batch_size)), desc="test-then-update",
-                              disable=not progress):
+            for batch in tqdm(list(test.batches(batch_size, whole_times=True)),
+                              desc="test-then-update", disable=not progress):
                 self.record(batch, recommender.score(batch))
                 recommender.update(batch)
         return self.results()
+
+    @staticmethod
+    def _keys(users: Tensor, items: Tensor) -> np.ndarray:
+        return users.numpy().astype(np.int64) * PAIR_STRIDE + items.numpy()
+
+    def _known(self, keys: np.ndarray) -> np.ndarray:
+        """``[K]`` bool: which pair keys are in the sorted ``_pairs``."""
+        if self._pairs.size == 0:
+            return np.zeros(keys.size, dtype=bool)
+        at = np.minimum(np.searchsorted(self._pairs, keys), self._pairs.size - 1)
+        return self._pairs[at] == keys

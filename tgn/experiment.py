@@ -26,8 +26,8 @@ from tgn.nbr import TIFUKNN, UPCF
 from tgn.train import TrainConfig, TrainResult, train
 
 #: Columns of the printed table.
-TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@20", "mrr", "new/recall@20",
-                 "new/ndcg@20")
+TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@20", "mrr", "repeat/recall@20",
+                 "explore/recall@20", "explore/ndcg@20")
 
 
 def build_model(data: Dataset, config: TGNConfig,

@@ -31,7 +31,8 @@ from tgn.evaluate import Evaluator
 from tgn.model import TGNRecommender
 
 #: Validation metrics kept in the per-epoch history (``val_`` + name).
-VAL_METRICS = ("recall@10", "recall@20", "mrr", "new/recall@20", "new/ndcg@20")
+VAL_METRICS = ("recall@10", "recall@20", "mrr", "repeat/recall@20", "explore/recall@20",
+               "explore/ndcg@20")
 
 
 @dataclass

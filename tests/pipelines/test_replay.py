@@ -34,7 +34,7 @@ def test_replay_evaluate_matches_dynllm_evaluate(run_dir, cj_small, tmp_path):
     ours = json.loads(out.read_text())
     theirs = evaluate_run(cj_small, run_dir, batch_size=2000, progress=False)["TGN"]
     assert ours["events"] == theirs["events"] > 0
-    for key in ("recall@10", "recall@20", "ndcg@20", "mrr", "new/recall@20"):
+    for key in ("recall@10", "recall@20", "ndcg@20", "mrr", "explore/recall@20"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-9), key
 
 

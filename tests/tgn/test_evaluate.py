@@ -11,10 +11,12 @@ from tgn.data import EventBatch
 from tgn.evaluate import Evaluator, tie_aware_ranks
 
 
-def _batch(users: list[int], items: list[int], t0: float = 0.0) -> EventBatch:
+def _batch(users: list[int], items: list[int], t0: float = 0.0,
+           t: list[float] | None = None) -> EventBatch:
     n = len(users)
-    return EventBatch(torch.tensor(users), torch.tensor(items),
-                      torch.arange(n, dtype=torch.float64) + t0, torch.zeros(n, 2))
+    times = torch.tensor(t, dtype=torch.float64) if t is not None else \
+        torch.arange(n, dtype=torch.float64) + t0
+    return EventBatch(torch.tensor(users), torch.tensor(items), times, torch.zeros(n, 2))
 
 
 class FixedScores:
@@ -53,8 +55,9 @@ def test_evaluator_ranks_from_state_before_the_batch_then_updates():
     assert out["recall@3"] == pytest.approx(2 / 3)
     assert out["ndcg@3"] == pytest.approx((1 / math.log2(3.5) + 1 / math.log2(4)) / 3)
     assert out["mrr"] == pytest.approx((1 / 2.5 + 0 + 1 / 3) / 3)
-    # new purchases: B and C (A repeats user 0's item 1) → ranks inf, 3
-    assert out["new_events"] == 2 and out["new/recall@3"] == pytest.approx(0.5)
+    # explore purchases: B and C (A repeats user 0's item 1) → ranks inf, 3
+    assert out["explore_events"] == 2 and out["explore/recall@3"] == pytest.approx(0.5)
+    assert out["repeat_events"] == 1 and out["repeat/recall@3"] == 1.0
     assert out["unseen_item_events"] == 1 and out["events"] == 3
 
 
@@ -66,3 +69,55 @@ def test_narrow_scores_are_padded_and_bad_cutoffs_rejected():
     assert ev.results()["recall@1"] == 0.0 and ev.results()["recall@2"] == 1.0
     with pytest.raises(ValueError, match="positive"):
         Evaluator(ks=(0,))
+
+
+def test_repeat_and_explore_split_with_duplicate_lines():
+    ev = Evaluator(ks=(2,))
+    ev.observe(_batch([0, 0, 1, 2], [0, 1, 2, 3]))  # u0 bought 0, 1; u1 bought 2; 4 items seen
+    test = _batch([0, 0, 1, 1, 1], [1, 3, 2, 0, 0], t=[5, 5, 6, 6, 6])
+    scores = torch.tensor([[2.0, 3.0, 1.0, 0.0],    # u0 buys 1 (repeat): rank 1
+                           [3.0, 2.0, 1.0, 0.5],    # u0 buys 3 (explore): rank 4
+                           [0.0, 1.0, 2.0, 0.0],    # u1 buys 2 (repeat): rank 1
+                           [1.0, 1.0, 3.0, 0.0],    # u1 buys 0 (explore): 1 + 1 + ½ = 2.5
+                           [1.0, 1.0, 3.0, 0.0]])   # same line again: still explore, 2.5
+    ev.record(test, scores)
+    out = ev.results()
+    assert (out["repeat_events"], out["explore_events"]) == (2, 3)
+    assert out["repeat/recall@2"] == 1.0 and out["repeat/mrr"] == 1.0
+    assert out["explore/recall@2"] == 0.0
+    assert out["explore/mrr"] == pytest.approx((1 / 4 + 2 / 2.5) / 3)
+    assert out["recall@2"] == pytest.approx(2 / 5)
+    # after the batch, u1's item 0 is known: now a repeat
+    ev.record(_batch([1], [0], t0=9), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert ev.results()["repeat_events"] == 3
+
+
+def test_repeat_share_counts_ties_by_expectation_and_skips_non_candidates():
+    ev = Evaluator(ks=(1, 2))
+    ev.observe(_batch([0, 0, 1, 2], [0, 1, 2, 3]))  # items 0-3 seen; item 4 never
+    test = _batch([0, 1], [2, 3], t0=10)
+    scores = torch.tensor([[5.0, 1.0, 4.0, 3.0, 99.0],   # top-2 {0, 2}: u0 bought 0 → ½
+                           [1.0, 1.0, 1.0, 9.0, 99.0]])  # top {3}, then 1 place for 3 tied
+    ev.record(test, scores)                               # items, u1 bought 2 → (0 + ⅓) / 2
+    out = ev.results()
+    assert out["repeat_share@1"] == pytest.approx((1 + 0) / 2)  # u0's top-1 is its item 0
+    assert out["repeat_share@2"] == pytest.approx((1 / 2 + 1 / 6) / 2)
+
+
+def test_run_never_splits_a_timestamp_across_batches():
+    class StateSpy(FixedScores):
+        def score(self, batch: EventBatch) -> torch.Tensor:
+            self.seen.append((len(batch), self.updates))
+            return self.scores[: len(batch)]
+
+    rec = StateSpy(torch.zeros(6, 3))
+    rec.seen = []
+    # a basket of u1 at t=1 (3 lines, one item twice) would straddle a cut at 2 events
+    test = _batch([0, 1, 1, 1, 2, 2], [1, 2, 2, 0, 1, 2], t=[0, 1, 1, 1, 2, 2])
+    Evaluator(ks=(1,)).run(rec, test, _batch([0], [0], t=[-1]), batch_size=2)
+    # each batch is scored from the state after every earlier event and none of its own
+    assert rec.seen == [(1, 1), (3, 2), (2, 5)]
+    assert [len(b) for b in test.batches(2)] == [2, 2, 2]  # the plain cut splits the basket
+    assert [len(b) for b in test.batches(3, whole_times=True)] == [1, 3, 2]
+    with pytest.raises(ValueError, match="positive"):
+        next(test.batches(0))

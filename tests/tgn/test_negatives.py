@@ -124,4 +124,4 @@ def test_the_settings_are_checked_and_training_runs_with_them(tiny_dataset, tiny
     result = train(model, tr, va, TrainConfig(epochs=1, batch_size=25, negatives=2,
                                               history_negatives=0.5), progress=False)
     assert 0 < result.history[0]["loss"] < 10
-    assert "val_new/recall@20" in result.history[0]  # NaN here: no new validation purchase
+    assert "val_explore/recall@20" in result.history[0]  # NaN here: no explore purchase
