@@ -16,7 +16,8 @@ test-then-update after replaying train + val):
   same head and the same texts, but no longer about the user).
 
 Besides all test purchases, every model is also scored on the purchases of the users that have
-an LLM profile (``profiled/`` metrics), where the LLM variants can differ from TGN at all.
+an LLM profile (``profiled/`` metrics), where the LLM variants can differ from TGN at all, and
+on the evaluator's history-length slices (``cold/``, ``light/``, ``heavy/``).
 
 Profiles are expensive (an LLM on a 2-core CPU), so the ablation runs on a documented subset:
 :func:`top_users_subset` keeps the most active users of a dataset with all their events.
@@ -44,7 +45,7 @@ from streaming.dataset import Dataset, write_dataset
 from tgn.baselines import BuyAgain, GlobalPopularity
 from tgn.data import EventBatch
 from tgn.dynllm_experiment import build_dynllm, profile_summary, profile_table
-from tgn.evaluate import Evaluator, Recommender, ranking_metrics
+from tgn.evaluate import HISTORY_SLICES, Evaluator, Recommender, UserSet
 from tgn.experiment import build_model
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.train import TrainConfig, train
@@ -58,31 +59,6 @@ TABLE_METRICS = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "n
 VARIANTS = {"dynllm": ("llm", 2, True, False), "dynllm_no_gate": ("llm", 2, False, False),
             "dynllm_1hop": ("llm", 1, True, False), "dynllm_stats": ("stats", 2, True, False),
             "dynllm_shuffled": ("llm", 2, True, True)}
-
-
-class SlicedEvaluator(Evaluator):
-    """The evaluator, plus ``profiled/`` metrics on the purchases of users in ``users``.
-
-    Args:
-        users: [num_users] bool, which dense user indices form the slice.
-    """
-
-    def __init__(self, users: Tensor) -> None:
-        super().__init__()
-        self.users = users
-        self._in_slice: list[Tensor] = []
-
-    def record(self, batch: EventBatch, scores: Tensor) -> None:
-        super().record(batch, scores)
-        self._in_slice.append(self.users[batch.users])
-
-    def results(self) -> dict[str, float]:
-        out = super().results()
-        ranks = self.ranks
-        chosen = torch.cat(self._in_slice) if self._in_slice else torch.zeros(0, dtype=torch.bool)
-        out.update(ranking_metrics(ranks[chosen], self.ks, prefix="profiled/"))
-        out["profiled/events"] = float(chosen.sum())
-        return out
 
 
 def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dict[str, Any]:
@@ -165,7 +141,8 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
         model.reset_state()
         recommender = model
     trained = time.perf_counter()
-    evaluator = SlicedEvaluator(profiled_users(data, stores.get("llm"), model_config))
+    profiled = UserSet(profiled_users(data, stores.get("llm"), model_config))
+    evaluator = Evaluator(slices={**HISTORY_SLICES, "profiled": profiled})
     scored, history = (test, EventBatch.cat([tr, va])) if split == "test" else (va, tr)
     metrics = evaluator.run(recommender, scored, history, train_config.eval_batch_size)
     return {**metrics, **extra, "train_seconds": trained - started,

@@ -18,6 +18,11 @@ scored from the state as of the basket's start.
   (all others, duplicate lines of a new item in one basket included).
 * ``repeat_share@K``: mean over queries of the share of the top-K candidates that the user
   bought before the batch (ties at position K counted by their expected share).
+* Slices: all of the above again on named subsets of the events, ``<slice>/recall@20``,
+  ``<slice>/explore/recall@20``, … with ``<slice>/events`` and the other counts. A slice is a
+  function of the batch and of each event's *prior history length* (purchase lines of its user
+  observed before the event's batch, warm-up included); by default :data:`HISTORY_SLICES`:
+  ``cold`` (<= 5 lines), ``light`` (6-30), ``heavy`` (> 30). :class:`UserSet` slices by user.
 
 Any object with ``score(batch) -> [B, >= num_items]`` and ``update(batch)`` can be evaluated.
 """
@@ -25,7 +30,9 @@ Any object with ``score(batch) -> [B, >= num_items]`` and ``update(batch)`` can 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +44,10 @@ from tgn.data import EventBatch
 
 KS = (10, 20, 50)
 PAIR_STRIDE = 1 << 32  # (user, item) → one int64 key
+#: A slice: ``(batch, prior_lines [B] int64) -> [B] bool``, which of the batch's events it holds.
+SliceFn = Callable[[EventBatch, Tensor], Tensor]
+#: Prefixes the evaluator writes itself; slice names must differ from them.
+RESERVED = ("repeat", "explore")
 
 
 class Recommender(Protocol):
@@ -47,6 +58,38 @@ class Recommender(Protocol):
 
     def update(self, batch: EventBatch) -> None:
         """Apply the batch's events to the recommender's state."""
+
+
+@dataclass(frozen=True)
+class HistoryLength:
+    """Events whose user had ``low <= prior lines <= high`` before the event's batch.
+
+    >>> HistoryLength(6, 30)(None, torch.tensor([5, 6, 30, 31]))
+    tensor([False,  True,  True, False])
+    """
+
+    low: int = 0
+    high: float = math.inf
+
+    def __call__(self, batch: EventBatch | None, prior_lines: Tensor) -> Tensor:
+        return (prior_lines >= self.low) & (prior_lines <= self.high)
+
+
+@dataclass(frozen=True, eq=False)
+class UserSet:
+    """Events of the users flagged in ``users [num_users]`` (bool; users past its end: out)."""
+
+    users: Tensor
+
+    def __call__(self, batch: EventBatch, prior_lines: Tensor) -> Tensor:
+        inside = batch.users < self.users.numel()
+        return inside & self.users[torch.where(inside, batch.users, 0)] if self.users.numel() \
+            else torch.zeros(len(batch), dtype=torch.bool)
+
+
+#: Slices by prior history length (purchase lines of the user before the event's batch).
+HISTORY_SLICES: Mapping[str, SliceFn] = MappingProxyType({
+    "cold": HistoryLength(0, 5), "light": HistoryLength(6, 30), "heavy": HistoryLength(31)})
 
 
 def tie_aware_ranks(scores: Tensor, target: Tensor, candidate: Tensor) -> Tensor:
@@ -151,17 +194,26 @@ class Evaluator:
 
     Args:
         ks: cut-offs for recall, NDCG and the repeat share.
+        slices: named event subsets scored on their own (``None``: :data:`HISTORY_SLICES`;
+            ``{}``: none), e.g. ``{**HISTORY_SLICES, "profiled": UserSet(mask)}``.
     """
 
-    def __init__(self, ks: Iterable[int] = KS) -> None:
+    def __init__(self, ks: Iterable[int] = KS,
+                 slices: Mapping[str, SliceFn] | None = None) -> None:
         self.ks = tuple(int(k) for k in ks)
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"cut-offs must be positive integers, got {self.ks}")
+        self.slices = dict(HISTORY_SLICES if slices is None else slices)
+        bad = [name for name in self.slices if not name or "/" in name or name in RESERVED]
+        if bad:
+            raise ValueError(f"slice names must be non-empty, without '/', not {RESERVED}: {bad}")
         self.seen_items = torch.zeros(0, dtype=torch.bool)
+        self.lines = torch.zeros(0, dtype=torch.long)  # purchase lines observed per user
         self._pairs = np.zeros(0, dtype=np.int64)  # sorted user * PAIR_STRIDE + item keys
         self._ranks: list[Tensor] = []  # [B] per recorded batch
         self._repeat: list[Tensor] = []  # [B] bool
         self._share: list[Tensor] = []  # [B, len(ks)]
+        self._in_slice: dict[str, list[Tensor]] = {name: [] for name in self.slices}  # [B] bool
 
     def observe(self, batch: EventBatch) -> None:
         """Mark a batch's items and (user, item) pairs as seen (an update without scoring)."""
@@ -171,9 +223,19 @@ class Evaluator:
             grown[: self.seen_items.numel()] = self.seen_items
             self.seen_items = grown
         self.seen_items[batch.items] = True
+        users = int(batch.users.max()) + 1 if len(batch) else 0
+        if users > self.lines.numel():
+            self.lines = torch.cat([self.lines, self.lines.new_zeros(users - self.lines.numel())])
+        self.lines.index_add_(0, batch.users, torch.ones_like(batch.users))
         keys = np.unique(self._keys(batch.users, batch.items))
         fresh = keys[~self._known(keys)]
         self._pairs = np.insert(self._pairs, np.searchsorted(self._pairs, fresh), fresh)
+
+    def prior_lines(self, users: Tensor) -> Tensor:
+        """``[B]`` purchase lines observed for each of ``users [B]`` (0 for a new user)."""
+        inside = users < self.lines.numel()
+        return torch.where(inside, self.lines[torch.where(inside, users, 0)], 0) \
+            if self.lines.numel() else torch.zeros_like(users)
 
     def bought_before(self, users: Tensor, items: Tensor) -> Tensor:
         """``[B]`` bool: whether each (user, item) pair was observed (in an earlier batch)."""
@@ -206,6 +268,9 @@ class Evaluator:
         self._ranks.append(tie_aware_ranks(scores, batch.items, candidate))
         self._repeat.append(self.bought_before(batch.users, batch.items))
         self._share.append(repeat_share(scores, candidate, *self.past_items(batch.users), self.ks))
+        prior = self.prior_lines(batch.users)
+        for name, chosen in self.slices.items():
+            self._in_slice[name].append(chosen(batch, prior))
         self.observe(batch)
 
     @property
@@ -214,18 +279,31 @@ class Evaluator:
         return torch.cat(self._ranks) if self._ranks else torch.zeros(0)
 
     def results(self) -> dict[str, float]:
-        """Metrics on all recorded purchases, on ``repeat/`` and ``explore/`` ones, plus counts."""
+        """Metrics on all recorded purchases and per slice (``<slice>/`` prefix), each also on
+        ``repeat/`` and ``explore/`` ones, plus counts; a flat dict of floats."""
         ranks = self.ranks
-        repeat = torch.cat(self._repeat) if self._repeat else torch.zeros(0, dtype=torch.bool)
-        share = torch.cat(self._share) if self._share else torch.zeros(0, len(self.ks))
-        out = ranking_metrics(ranks, self.ks)
-        out.update(ranking_metrics(ranks[repeat], self.ks, prefix="repeat/"))
-        out.update(ranking_metrics(ranks[~repeat], self.ks, prefix="explore/"))
+        repeat = _cat(self._repeat, torch.zeros(0, dtype=torch.bool))
+        share = _cat(self._share, torch.zeros(0, len(self.ks), dtype=torch.float64))
+        out = self._subset_metrics(ranks, repeat, share, "")
+        for name, parts in self._in_slice.items():
+            chosen = _cat(parts, torch.zeros(0, dtype=torch.bool))
+            out.update(self._subset_metrics(ranks[chosen], repeat[chosen], share[chosen],
+                                            f"{name}/"))
+        return out
+
+    def _subset_metrics(self, ranks: Tensor, repeat: Tensor, share: Tensor,
+                        prefix: str) -> dict[str, float]:
+        """Per-event metrics of ranks ``[Q]`` (``repeat [Q]``, ``share [Q, len(ks)]``)."""
+        out = ranking_metrics(ranks, self.ks, prefix)
+        out.update(ranking_metrics(ranks[repeat], self.ks, f"{prefix}repeat/"))
+        out.update(ranking_metrics(ranks[~repeat], self.ks, f"{prefix}explore/"))
         for j, k in enumerate(self.ks):
-            out[f"repeat_share@{k}"] = share[:, j].mean().item() if ranks.numel() else math.nan
-        out.update(events=float(ranks.numel()), repeat_events=float(repeat.sum()),
-                   explore_events=float((~repeat).sum()),
-                   unseen_item_events=float(torch.isinf(ranks).sum()))
+            out[f"{prefix}repeat_share@{k}"] = share[:, j].mean().item() if ranks.numel() \
+                else math.nan
+        out.update({f"{prefix}events": float(ranks.numel()),
+                    f"{prefix}repeat_events": float(repeat.sum()),
+                    f"{prefix}explore_events": float((~repeat).sum()),
+                    f"{prefix}unseen_item_events": float(torch.isinf(ranks).sum())})
         return out
 
     def run(self, recommender: Recommender, test: EventBatch, history: EventBatch | None = None,
@@ -265,3 +343,7 @@ class Evaluator:
             return np.zeros(keys.size, dtype=bool)
         at = np.minimum(np.searchsorted(self._pairs, keys), self._pairs.size - 1)
         return self._pairs[at] == keys
+
+
+def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else empty

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tgn.data import EventBatch
-from tgn.evaluate import Evaluator, tie_aware_ranks
+from tgn.evaluate import HISTORY_SLICES, Evaluator, UserSet, tie_aware_ranks
 
 
 def _batch(users: list[int], items: list[int], t0: float = 0.0,
@@ -121,3 +121,35 @@ def test_run_never_splits_a_timestamp_across_batches():
     assert [len(b) for b in test.batches(3, whole_times=True)] == [1, 3, 2]
     with pytest.raises(ValueError, match="positive"):
         next(test.batches(0))
+
+
+def test_history_slices_cut_at_5_and_30_prior_lines_and_count_recorded_batches():
+    lines = {0: 5, 1: 6, 2: 30, 3: 31}  # prior purchase lines per user; user 4 is new
+    history = _batch([u for u, n in lines.items() for _ in range(n)],
+                     [0] * sum(lines.values()))  # everyone bought item 0 (only)
+    ev = Evaluator(ks=(1,), slices={**HISTORY_SLICES, "odd": UserSet(torch.tensor([0, 1]) > 0)})
+    ev.observe(history)
+    ev.observe(_batch([5], [1]))  # item 1 seen, by a user outside the test
+    # each user buys item 1 (explore); users 0 and 2 rank it first, the others second
+    scores = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    ev.record(_batch([0, 1, 2, 3, 4], [1, 1, 1, 1, 1], t0=100), scores)
+    out = ev.results()
+    # 5 → cold, 6 → light, 30 → light, 31 → heavy, a new user (0 lines) → cold
+    assert (out["cold/events"], out["light/events"], out["heavy/events"]) == (2, 2, 1)
+    assert out["cold/recall@1"] == 0.5 and out["light/recall@1"] == 0.5
+    assert out["heavy/recall@1"] == 0.0 and out["heavy/explore/recall@1"] == 0.0
+    assert out["cold/explore_events"] == 2 and out["cold/repeat_events"] == 0
+    assert math.isnan(out["cold/repeat/recall@1"])  # no repeat in the slice: NaN, not 0
+    assert out["odd/events"] == 1 and out["odd/recall@1"] == 0.0  # user 1 only (mask [F, T])
+    # the test batch counts as history for the next one: user 0 now has 6 lines → light
+    ev.record(_batch([0], [0], t0=200), torch.tensor([[1.0, 0.0]]))
+    out = ev.results()
+    assert (out["cold/events"], out["light/events"]) == (2, 3)
+    assert out["light/repeat/recall@1"] == 1.0 and out["light/repeat_events"] == 1
+
+
+def test_slice_names_are_checked():
+    assert "cold/events" not in Evaluator(slices={}).results()
+    for name in ("repeat", "a/b", ""):
+        with pytest.raises(ValueError, match="slice names"):
+            Evaluator(slices={name: HISTORY_SLICES["cold"]})
