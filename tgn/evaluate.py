@@ -23,6 +23,26 @@ scored from the state as of the basket's start.
   function of the batch and of each event's *prior history length* (purchase lines of its user
   observed before the event's batch, warm-up included); by default :data:`HISTORY_SLICES`:
   ``cold`` (<= 5 lines), ``light`` (6-30), ``heavy`` (> 30). :class:`UserSet` slices by user.
+* Basket protocol (:func:`basket_metrics`, next-basket recommendation as in TAIW,
+  https://github.com/alexeyromanov-hse/time_aware_item_weighting, and "A Next Basket
+  Recommendation Reality Check", https://arxiv.org/abs/2109.04644): a basket is the set of
+  *distinct* items among the recorded lines of one user at one timestamp; ``basket/recall@K``
+  = mean over baskets of ``|top-K ∩ basket| / |basket|``, ``basket/ndcg@K`` = DCG of the hits
+  over the ideal DCG of ``min(|basket|, K)`` hits; ``last_basket/…`` the same over each user's
+  latest recorded basket (the evaluated split's last one). Counting, precisely:
+
+  - an item's rank is its per-event tie-aware rank among all candidates, the basket's other
+    items included (they share the top-K list); duplicate lines of an item count once, with
+    their best rank (equal anyway when every line of a basket is scored from one state);
+  - a hit is ``rank <= K`` (as per event), and contributes ``1 / log2(1 + rank)`` to the DCG;
+  - an item never seen before stays in ``|basket|`` as a miss, so such a basket cannot reach
+    recall 1, as with the full ground-truth baskets of the NBR literature;
+  - ties straddling place K can give more than K items ``rank <= K``: hits are capped at K
+    and NDCG at 1, so no basket scores above a perfect list.
+
+  The counts are ``baskets`` and ``last_baskets`` (users). Lines of one basket that a caller
+  of :meth:`Evaluator.record` splits across batches are still grouped, but were scored from
+  two states; :meth:`Evaluator.run` never splits them.
 
 Any object with ``score(batch) -> [B, >= num_items]`` and ``update(batch)`` can be evaluated.
 """
@@ -40,14 +60,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tgn.data import EventBatch
+from tgn.data import MSG_DIM, EventBatch
 
 KS = (10, 20, 50)
+BASKET_KS = (10, 20)
 PAIR_STRIDE = 1 << 32  # (user, item) → one int64 key
 #: A slice: ``(batch, prior_lines [B] int64) -> [B] bool``, which of the batch's events it holds.
 SliceFn = Callable[[EventBatch, Tensor], Tensor]
 #: Prefixes the evaluator writes itself; slice names must differ from them.
-RESERVED = ("repeat", "explore")
+RESERVED = ("repeat", "explore", "basket", "last_basket")
 
 
 class Recommender(Protocol):
@@ -170,6 +191,54 @@ def repeat_share(scores: Tensor, candidate: Tensor, rows: Tensor, past: Tensor,
     return out
 
 
+def basket_metrics(users: Tensor, t: Tensor, items: Tensor, ranks: Tensor,
+                   ks: Iterable[int] = BASKET_KS) -> dict[str, float]:
+    """``basket/`` and ``last_basket/`` recall@K and ndcg@K of purchase lines ``[L]``.
+
+    Args:
+        users: user of each line ``[L]``.
+        t: time of each line ``[L]`` (a basket: one user's lines at one time).
+        items: item of each line ``[L]``.
+        ranks: tie-aware rank of each line's item ``[L]`` (inf: never seen, a miss).
+        ks: list lengths.
+
+    >>> # u0 at t=1: items 5, 6 (5 twice), ranks 1 and 3; u0 at t=2: item 7 unseen; u1: rank 2
+    >>> out = basket_metrics(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([1., 1., 1., 2., 1.]),
+    ...                      torch.tensor([5, 6, 5, 7, 8]),
+    ...                      torch.tensor([1.0, 3.0, 1.0, math.inf, 2.0]), ks=[2])
+    >>> {k: round(v, 4) for k, v in out.items()}  # doctest: +NORMALIZE_WHITESPACE
+    {'basket/recall@2': 0.5, 'basket/ndcg@2': 0.4147, 'last_basket/recall@2': 0.5,
+     'last_basket/ndcg@2': 0.3155, 'baskets': 3.0, 'last_baskets': 2.0}
+    """
+    ks = tuple(ks)
+    u, when, it, r = (x.numpy() for x in (users, t, items, ranks.double()))
+    if u.size == 0:
+        return {**{f"{scope}/{m}@{k}": math.nan for scope in ("basket", "last_basket")
+                   for k in ks for m in ("recall", "ndcg")}, "baskets": 0.0, "last_baskets": 0.0}
+    order = np.lexsort((r, it, when, u))  # by user, time, item; an item's best rank first
+    u, when, it, r = u[order], when[order], it[order], r[order]
+    starts = np.r_[True, (u[1:] != u[:-1]) | (when[1:] != when[:-1])]  # [L] a basket begins
+    distinct = starts | np.r_[True, it[1:] != it[:-1]]
+    basket, r = np.cumsum(starts)[distinct] - 1, r[distinct]  # [D] basket of each item
+    n = int(basket[-1]) + 1
+    size = np.bincount(basket, minlength=n)
+    owner = u[starts]
+    last = np.r_[owner[1:] != owner[:-1], True]  # [n] each user's latest basket
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r <= k
+        hits = np.minimum(np.bincount(basket, hit, minlength=n), k)
+        dcg = np.bincount(basket, np.where(hit, 1 / np.log2(1 + r), 0.0), minlength=n)
+        ideal = np.cumsum(1 / np.log2(2 + np.arange(k)))[np.minimum(size, k) - 1]
+        recall, ndcg = hits / size, np.minimum(dcg / ideal, 1.0)
+        for scope, chosen in (("basket", slice(None)), ("last_basket", last)):
+            out[f"{scope}/recall@{k}"] = float(recall[chosen].mean())
+            out[f"{scope}/ndcg@{k}"] = float(ndcg[chosen].mean())
+    sorted_out = {f"{scope}/{m}@{k}": out[f"{scope}/{m}@{k}"]
+                  for scope in ("basket", "last_basket") for k in ks for m in ("recall", "ndcg")}
+    return {**sorted_out, "baskets": float(n), "last_baskets": float(last.sum())}
+
+
 def ranking_metrics(ranks: Tensor, ks: Iterable[int] = KS, prefix: str = "") -> dict[str, float]:
     """Mean ``recall@K``, ``ndcg@K`` and ``mrr`` of ranks ``[Q]`` (empty → NaN).
 
@@ -196,46 +265,45 @@ class Evaluator:
         ks: cut-offs for recall, NDCG and the repeat share.
         slices: named event subsets scored on their own (``None``: :data:`HISTORY_SLICES`;
             ``{}``: none), e.g. ``{**HISTORY_SLICES, "profiled": UserSet(mask)}``.
+        basket_ks: cut-offs of the basket protocol.
     """
 
-    def __init__(self, ks: Iterable[int] = KS,
-                 slices: Mapping[str, SliceFn] | None = None) -> None:
-        self.ks = tuple(int(k) for k in ks)
-        if not self.ks or min(self.ks) < 1:
-            raise ValueError(f"cut-offs must be positive integers, got {self.ks}")
+    def __init__(self, ks: Iterable[int] = KS, slices: Mapping[str, SliceFn] | None = None,
+                 basket_ks: Iterable[int] = BASKET_KS) -> None:
+        self.ks, self.basket_ks = tuple(int(k) for k in ks), tuple(int(k) for k in basket_ks)
+        for cuts in (self.ks, self.basket_ks):
+            if not cuts or min(cuts) < 1:
+                raise ValueError(f"cut-offs must be positive integers, got {cuts}")
         self.slices = dict(HISTORY_SLICES if slices is None else slices)
         bad = [name for name in self.slices if not name or "/" in name or name in RESERVED]
         if bad:
             raise ValueError(f"slice names must be non-empty, without '/', not {RESERVED}: {bad}")
         self.seen_items = torch.zeros(0, dtype=torch.bool)
-        self.lines = torch.zeros(0, dtype=torch.long)  # purchase lines observed per user
+        self.user_lines = torch.zeros(0, dtype=torch.long)  # [num_users] lines observed
         self._pairs = np.zeros(0, dtype=np.int64)  # sorted user * PAIR_STRIDE + item keys
         self._ranks: list[Tensor] = []  # [B] per recorded batch
         self._repeat: list[Tensor] = []  # [B] bool
         self._share: list[Tensor] = []  # [B, len(ks)]
         self._in_slice: dict[str, list[Tensor]] = {name: [] for name in self.slices}  # [B] bool
+        self._recorded: list[EventBatch] = []  # for the baskets
 
     def observe(self, batch: EventBatch) -> None:
         """Mark a batch's items and (user, item) pairs as seen (an update without scoring)."""
-        top = int(batch.items.max()) + 1 if len(batch) else 0
-        if top > self.seen_items.numel():
-            grown = torch.zeros(top, dtype=torch.bool)
-            grown[: self.seen_items.numel()] = self.seen_items
-            self.seen_items = grown
+        if len(batch) == 0:
+            return
+        self.seen_items = _grown(self.seen_items, int(batch.items.max()) + 1)
         self.seen_items[batch.items] = True
-        users = int(batch.users.max()) + 1 if len(batch) else 0
-        if users > self.lines.numel():
-            self.lines = torch.cat([self.lines, self.lines.new_zeros(users - self.lines.numel())])
-        self.lines.index_add_(0, batch.users, torch.ones_like(batch.users))
+        self.user_lines = _grown(self.user_lines, int(batch.users.max()) + 1)
+        self.user_lines.index_add_(0, batch.users, torch.ones_like(batch.users))
         keys = np.unique(self._keys(batch.users, batch.items))
         fresh = keys[~self._known(keys)]
         self._pairs = np.insert(self._pairs, np.searchsorted(self._pairs, fresh), fresh)
 
     def prior_lines(self, users: Tensor) -> Tensor:
         """``[B]`` purchase lines observed for each of ``users [B]`` (0 for a new user)."""
-        inside = users < self.lines.numel()
-        return torch.where(inside, self.lines[torch.where(inside, users, 0)], 0) \
-            if self.lines.numel() else torch.zeros_like(users)
+        inside = users < self.user_lines.numel()
+        return torch.where(inside, self.user_lines[torch.where(inside, users, 0)], 0) \
+            if self.user_lines.numel() else torch.zeros_like(users)
 
     def bought_before(self, users: Tensor, items: Tensor) -> Tensor:
         """``[B]`` bool: whether each (user, item) pair was observed (in an earlier batch)."""
@@ -257,6 +325,8 @@ class Evaluator:
 
     def record(self, batch: EventBatch, scores: Tensor) -> None:
         """Rank the batch's purchases by ``scores [B, >= seen]``, then observe the batch."""
+        if len(batch) == 0:
+            return
         n = self.seen_items.numel()
         top = max(n, int(batch.items.max()) + 1)
         if scores.size(1) < top:  # the recommender knows fewer items: they score lowest
@@ -268,6 +338,7 @@ class Evaluator:
         self._ranks.append(tie_aware_ranks(scores, batch.items, candidate))
         self._repeat.append(self.bought_before(batch.users, batch.items))
         self._share.append(repeat_share(scores, candidate, *self.past_items(batch.users), self.ks))
+        self._recorded.append(batch)
         prior = self.prior_lines(batch.users)
         for name, chosen in self.slices.items():
             self._in_slice[name].append(chosen(batch, prior))
@@ -280,7 +351,8 @@ class Evaluator:
 
     def results(self) -> dict[str, float]:
         """Metrics on all recorded purchases and per slice (``<slice>/`` prefix), each also on
-        ``repeat/`` and ``explore/`` ones, plus counts; a flat dict of floats."""
+        ``repeat/`` and ``explore/`` ones, the basket protocol, and counts; a flat dict of
+        floats."""
         ranks = self.ranks
         repeat = _cat(self._repeat, torch.zeros(0, dtype=torch.bool))
         share = _cat(self._share, torch.zeros(0, len(self.ks), dtype=torch.float64))
@@ -289,6 +361,10 @@ class Evaluator:
             chosen = _cat(parts, torch.zeros(0, dtype=torch.bool))
             out.update(self._subset_metrics(ranks[chosen], repeat[chosen], share[chosen],
                                             f"{name}/"))
+        empty = torch.zeros(0, dtype=torch.long)
+        lines = EventBatch.cat(self._recorded) if self._recorded else \
+            EventBatch(empty, empty, empty.double(), torch.zeros(0, MSG_DIM))
+        out.update(basket_metrics(lines.users, lines.t, lines.items, ranks, self.basket_ks))
         return out
 
     def _subset_metrics(self, ranks: Tensor, repeat: Tensor, share: Tensor,
@@ -347,3 +423,8 @@ class Evaluator:
 
 def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
     return torch.cat(parts) if parts else empty
+
+
+def _grown(x: Tensor, size: int) -> Tensor:
+    """``x [M]`` zero-padded to ``size`` entries (``x`` itself when long enough)."""
+    return torch.cat([x, x.new_zeros(size - x.numel())]) if size > x.numel() else x

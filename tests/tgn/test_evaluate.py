@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tgn.data import EventBatch
-from tgn.evaluate import HISTORY_SLICES, Evaluator, UserSet, tie_aware_ranks
+from tgn.evaluate import HISTORY_SLICES, Evaluator, UserSet, basket_metrics, tie_aware_ranks
 
 
 def _batch(users: list[int], items: list[int], t0: float = 0.0,
@@ -106,12 +106,17 @@ def test_repeat_share_counts_ties_by_expectation_and_skips_non_candidates():
 
 def test_run_never_splits_a_timestamp_across_batches():
     class StateSpy(FixedScores):
+        """Notes (batch length, events applied so far) at every scoring."""
+
+        def __init__(self, scores: torch.Tensor) -> None:
+            super().__init__(scores)
+            self.seen: list[tuple[int, int]] = []
+
         def score(self, batch: EventBatch) -> torch.Tensor:
             self.seen.append((len(batch), self.updates))
             return self.scores[: len(batch)]
 
     rec = StateSpy(torch.zeros(6, 3))
-    rec.seen = []
     # a basket of u1 at t=1 (3 lines, one item twice) would straddle a cut at 2 events
     test = _batch([0, 1, 1, 1, 2, 2], [1, 2, 2, 0, 1, 2], t=[0, 1, 1, 1, 2, 2])
     Evaluator(ks=(1,)).run(rec, test, _batch([0], [0], t=[-1]), batch_size=2)
@@ -153,3 +158,38 @@ def test_slice_names_are_checked():
     for name in ("repeat", "a/b", ""):
         with pytest.raises(ValueError, match="slice names"):
             Evaluator(slices={name: HISTORY_SLICES["cold"]})
+
+
+class PerUser(FixedScores):
+    """Row ``users[i]`` of the preset scores for every event ``i``."""
+
+    def score(self, batch: EventBatch) -> torch.Tensor:
+        return self.scores[batch.users]
+
+
+def test_basket_recall_and_ndcg_count_distinct_items_and_pick_each_users_last_basket():
+    rows = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0],    # u0: items ranked 0, 1, 2, 3, 4
+                         [0.0, 0.0, 5.0, 0.0, 0.0]])   # u1: item 2 first
+    history = _batch([9] * 5, [0, 1, 2, 3, 4])  # items 0-4 seen; item 5 is not
+    test = _batch([0, 0, 0, 1, 1, 0], [1, 1, 3, 2, 5, 0], t=[10, 10, 10, 10, 10, 20])
+    out = Evaluator(ks=(2,), basket_ks=(2,)).run(PerUser(rows), test, history, batch_size=2)
+    idcg2 = 1 + 1 / math.log2(3)
+    # u0@10: {1 (rank 2), 3 (rank 4)} (item 1 twice counts once) → recall ½, DCG 1/log2(3)
+    # u1@10: {2 (rank 1), 5 (unseen: a miss)} → recall ½, DCG 1
+    # u0@20: {0 (rank 1)} → recall 1, NDCG 1 (ideal DCG of one hit)
+    ndcg = [1 / math.log2(3) / idcg2, 1 / idcg2, 1.0]
+    assert (out["baskets"], out["last_baskets"]) == (3, 2)
+    assert out["basket/recall@2"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert out["basket/ndcg@2"] == pytest.approx(sum(ndcg) / 3)
+    # last baskets: u0's at t=20 and u1's only one
+    assert out["last_basket/recall@2"] == pytest.approx((1 + 0.5) / 2)
+    assert out["last_basket/ndcg@2"] == pytest.approx((ndcg[2] + ndcg[1]) / 2)
+    assert out["events"] == 6 and out["recall@2"] == pytest.approx(4 / 6)  # per event: lines
+
+
+def test_basket_hits_are_capped_at_k_when_ties_straddle_it():
+    # three items of one basket tie for places 1-3: tie-aware rank 2 each, all "<= 2"
+    out = basket_metrics(torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.float64),
+                         torch.tensor([0, 1, 2]), torch.tensor([2.0, 2.0, 2.0]), ks=[2])
+    assert out["basket/recall@2"] == pytest.approx(2 / 3) and out["basket/ndcg@2"] == 1.0
+    assert math.isnan(basket_metrics(*[torch.zeros(0)] * 4)["basket/recall@10"])
