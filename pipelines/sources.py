@@ -34,6 +34,7 @@ from pipelines.elements import RawBatch, Span
 from pipelines.outages import BrokerWatch, mark_log_reset
 from pipelines.positions import Positions, TopicPositionsProvider, as_positions
 from streaming import metrics
+from tgn.data import batch_bounds as event_batch_bounds
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +266,22 @@ class _ReadKafkaFn(beam.DoFn):
             self._reader.close()
 
 
-def batch_bounds(start: int, stop: int, size: int, cut: int | None = None) -> list[int]:
+def batch_bounds(start: int, stop: int, size: int, cut: int | None = None,
+                 ts: np.ndarray | None = None) -> list[int]:
     """Row boundaries of batches of ``size`` from ``start``, restarting at ``cut`` if given.
+
+    With the log's times ``ts``, the batches from ``cut`` on (the evaluated ones) never split
+    a group of equal times, as :meth:`tgn.evaluate.Evaluator.run` batches test events
+    (:func:`tgn.data.batch_bounds`); those before ``cut`` are cut by count, as its warm-up.
 
     >>> batch_bounds(0, 10, 4, cut=5)
     [0, 4, 5, 9, 10]
+    >>> batch_bounds(0, 6, 2, cut=2, ts=np.array([0.0, 0.0, 1.0, 1.0, 1.0, 2.0]))
+    [0, 2, 5, 6]
     """
     cut = stop if cut is None or not start < cut < stop else cut
-    return [*range(start, cut, size), *range(cut, stop, size), stop]
+    tail = event_batch_bounds(stop - cut if ts is None else ts[cut:stop], size)[:-1]
+    return [*range(start, cut, size), *(cut + b for b in tail), stop]
 
 
 def _compact(rows: pa.Table) -> pa.Table:
@@ -290,7 +299,8 @@ class _ReadLogFn(beam.DoFn):
         path, start, stop = element
         log = pq.read_table(path)
         stop = log.num_rows if stop is None else min(stop, log.num_rows)
-        bounds = batch_bounds(start, stop, self.batch_size, self.cut)
+        bounds = batch_bounds(start, stop, self.batch_size, self.cut,
+                              log.column("ts").to_numpy().astype(np.float64))
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             metrics.EVENTS_CONSUMED.inc(hi - lo)
             span = Span.of(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo))

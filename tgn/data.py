@@ -43,12 +43,8 @@ class EventBatch:
         return EventBatch(self.users[index], self.items[index], self.t[index], self.feats[index])
 
     def batches(self, size: int, whole_times: bool = False) -> Iterator[EventBatch]:
-        """Consecutive slices of at most ``size`` events.
-
-        With ``whole_times`` a cut falls only where ``t`` changes, so events of equal time (a
-        basket: one user's lines at one timestamp) always share a batch: a slice ends before the
-        time group that would straddle its ``size``-th event, or after that group when the group
-        alone fills the slice (a group longer than ``size`` is one slice).
+        """Consecutive slices of at most ``size`` events (with ``whole_times``: cut only where
+        ``t`` changes, see :func:`batch_bounds`).
 
         >>> b = EventBatch(torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long),
         ...                torch.tensor([0.0, 1.0, 1.0, 1.0, 2.0]), torch.zeros(5, MSG_DIM))
@@ -57,23 +53,43 @@ class EventBatch:
         >>> [x.t.tolist() for x in b.batches(2, whole_times=True)]
         [[0.0], [1.0, 1.0, 1.0], [2.0]]
         """
-        if size < 1:
-            raise ValueError(f"batch size must be positive, got {size}")
-        t, n, start = self.t.numpy(), len(self), 0
-        while start < n:
-            end = min(start + size, n)
-            if whole_times and end < n and t[end] == t[end - 1]:
-                group_start = int(np.searchsorted(t, t[end], side="left"))
-                end = group_start if group_start > start else \
-                    int(np.searchsorted(t, t[end], side="right"))
+        bounds = batch_bounds(self.t.numpy() if whole_times else len(self), size)
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             yield self[start:end]
-            start = end
 
     @staticmethod
     def cat(parts: list[EventBatch]) -> EventBatch:
         """Concatenate batches in order."""
         return EventBatch(*(torch.cat([getattr(p, f) for p in parts])
                             for f in ("users", "items", "t", "feats")))
+
+
+def batch_bounds(t: np.ndarray | int, size: int) -> list[int]:
+    """Boundaries ``[0, …, L]`` of consecutive batches of at most ``size`` events.
+
+    Given event times ``t [L]`` (non-decreasing) rather than a length ``L``, a cut falls only
+    where ``t`` changes, so events of equal time (a basket: one user's lines at one timestamp)
+    always share a batch: a batch ends before the time group that would straddle its
+    ``size``-th event, or after that group when the group alone fills it (a group longer than
+    ``size`` is one batch).
+
+    >>> batch_bounds(5, 2), batch_bounds(np.array([0.0, 1.0, 1.0, 1.0, 2.0]), 2)
+    ([0, 2, 4, 5], [0, 1, 4, 5])
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be positive, got {size}")
+    if isinstance(t, int):
+        return [*range(0, t, size), t]
+    bounds, start, n = [0], 0, len(t)
+    while start < n:
+        end = min(start + size, n)
+        if end < n and t[end] == t[end - 1]:
+            group_start = int(np.searchsorted(t, t[end], side="left"))
+            end = group_start if group_start > start else \
+                int(np.searchsorted(t, t[end], side="right"))
+        bounds.append(end)
+        start = end
+    return bounds
 
 
 def event_features(price: np.ndarray, quantity: np.ndarray) -> Tensor:

@@ -386,9 +386,10 @@ class Evaluator:
             batch_size: int = 1000, progress: bool = False) -> dict[str, float]:
         """Replay ``history`` (update only), then test-then-update on ``test``.
 
-        Batches never split a group of equal timestamps (a basket), so each is scored from
-        the state as of its start; a batch may hence be shorter than ``batch_size``, or longer
-        when one timestamp alone has more events.
+        Test batches never split a group of equal timestamps (a basket), so each is scored
+        from the state as of its start; a batch may hence be shorter than ``batch_size``, or
+        longer when one timestamp alone has more events. Warm-up batches are cut by count
+        (nothing is scored there), as the replay pipeline cuts the events before its test rows.
 
         Args:
             recommender: anything with ``score`` and ``update``.
@@ -399,8 +400,8 @@ class Evaluator:
         """
         with torch.no_grad():
             if history is not None:
-                for batch in tqdm(list(history.batches(batch_size, whole_times=True)),
-                                  desc="warm-up", disable=not progress):
+                for batch in tqdm(list(history.batches(batch_size)), desc="warm-up",
+                                  disable=not progress):
                     recommender.update(batch)
                     self.observe(batch)
             for batch in tqdm(list(test.batches(batch_size, whole_times=True)),
