@@ -101,8 +101,33 @@ def register(commands: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=_explain)
 
 
+def _seed_count(text: str) -> list[int]:
+    return list(range(positive_int(text)))
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    import torch
+
+    from tgn import quality
+    from tgn.train import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = quality.run_quality(args.data, args.models, args.seeds, args.split,
+                                     args.profiles, config,
+                                     on_result=lambda r: quality.save(r, out, merge=True))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    quality.save(result, out, merge=True)
+    print(quality.markdown_table(result))
+    return 0
+
+
 def register_bench(bench_targets: argparse._SubParsersAction) -> None:
-    """Add ``bench fusion`` and ``bench ablation``."""
+    """Add ``bench fusion``, ``bench ablation`` and ``bench quality``."""
     from tgn.ablation import MODELS, SPLITS
 
     fu = bench_targets.add_parser("fusion", help="per-event cost the DynLLM fusion head adds")
@@ -141,3 +166,21 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
                     help="only write --data as the --top-users most active users of DATASET")
     ab.add_argument("--top-users", type=positive_int, default=150)
     ab.set_defaults(func=_bench_ablation)
+
+    from tgn.quality import MODELS as QUALITY_MODELS
+
+    qu = bench_targets.add_parser("quality", help="the shipped model vs every baseline: "
+                                                  "per event, last basket, history slices")
+    qu.add_argument("--data", required=True, help="dataset directory")
+    qu.add_argument("--profiles", help="LLM profile store (models dynllm, dynllm_shuffled)")
+    qu.add_argument("--models", type=lambda s: s.split(","), default=list(QUALITY_MODELS),
+                    help=f"comma-separated subset of {','.join(QUALITY_MODELS)}")
+    qu.add_argument("--seeds", type=_seed_count, default=[0, 1, 2],
+                    help="number of seeds (0..N-1) for the neural models")
+    qu.add_argument("--split", choices=("val", "test"), default="val",
+                    help="split to score (choose settings on val; read test once)")
+    qu.add_argument("--epochs", type=positive_int, default=10, help="at most (early stopping)")
+    qu.add_argument("--threads", type=positive_int, default=2)
+    qu.add_argument("--json", default="benchmarks/quality.json",
+                    help="JSON to write (other datasets already in it are kept)")
+    qu.set_defaults(func=_bench_quality)

@@ -1,0 +1,44 @@
+"""``dynllm bench quality``: every model through one evaluator, the JSON layout, seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tgn.quality import markdown_table, run_quality, save
+from tgn.train import TrainConfig
+
+FAST = TrainConfig(epochs=1, batch_size=50, eval_batch_size=100)
+
+
+def test_quality_json_has_every_part_and_seeds_differ(tmp_path, tiny_dataset, tiny_config):
+    models = ["tgn", "popularity", "buy_again_popularity", "tifu_knn", "up_cf"]
+    result = run_quality(tiny_dataset, models, seeds=[0, 1], split="val", train_config=FAST,
+                         model_config=tiny_config, progress=False)
+    (name, part), = result.items()
+    assert name == tiny_dataset.name and part["meta"]["split"] == "val"
+    assert set(part["per_event"]) == set(models) == set(part["basket"])
+    assert set(part["slices"]) == {"cold", "light", "heavy"}
+    tgn, pop = part["per_event"]["tgn"], part["per_event"]["popularity"]
+    assert tgn["recall@20"]["seeds"] == 2 and pop["recall@20"]["seeds"] == 1
+    assert pop["recall@20"]["std"] == 0.0
+    assert tgn["mrr"]["std"] > 0  # two seeds, two initialisations
+    for model in models:
+        assert 0.0 <= part["basket"][model]["recall@10"]["mean"] <= 1.0
+    # the tiny log's validation purchases all repeat: no explore events, no NaN in the JSON
+    assert part["per_event"]["tgn"]["explore/recall@20"]["mean"] is None
+    # the user's own items: buy-again + popularity finds the tiny log's repeats
+    assert part["per_event"]["buy_again_popularity"]["repeat/recall@20"]["mean"] > 0.9
+    assert "| tgn |" in markdown_table(result)
+    out = tmp_path / "q.json"
+    save({"other": {"per_event": {}}}, out)
+    save(result, out, merge=True)
+    assert set(json.loads(out.read_text())) == {"other", name}
+
+
+def test_dynllm_models_need_a_profile_store(tiny_dataset):
+    with pytest.raises(ValueError, match="profile store"):
+        run_quality(tiny_dataset, ["dynllm"], seeds=[0], split="val", progress=False)
+    with pytest.raises(ValueError, match="unknown models"):
+        run_quality(tiny_dataset, ["nope"], seeds=[0], split="val", progress=False)
