@@ -53,18 +53,18 @@ def _stats_profiles(data, graph, store_path: Path, refresh_every: int) -> int:
 
 def _llm_profiles(data, graph, store_path: Path, users: list[str], times: list[float],
                   batch_size: int, threads: int, until: float, int8: bool) -> None:
-    import torch
     from tqdm import tqdm
 
-    from profiles.backends import TransformersBackend
+    from profiles.backends import LlamaCppBackend
     from profiles.embed import FacetEmbedder
-    from profiles.modelpack import resolve_model
+    from profiles.modelpack import DEFAULT_MODEL, packaged_gguf
     from profiles.store import ProfileStore
     from profiles.writer import ProfileWriter
 
-    torch.set_num_threads(threads)
+    if int8:
+        raise SystemExit("--int8 applied to the transformers backend; the default is llama.cpp")
     store = ProfileStore(store_path)
-    backend = TransformersBackend(resolve_model(), batch_size=batch_size, int8=int8)
+    backend = LlamaCppBackend(packaged_gguf(), DEFAULT_MODEL.name, threads=1, processes=threads)
     writer = ProfileWriter(backend, FacetEmbedder(), store)
     bar = tqdm(total=2 * len(users) * len(times), unit="profile")
     started = time.perf_counter()

@@ -1,8 +1,13 @@
 """Language-model backends behind one small interface.
 
-- :class:`TransformersBackend`: a local causal LM run with transformers (the default), batched,
-  greedy, answer pre-filled and kept in the four-line format by constrained decoding
-  (:mod:`profiles.constrain`), stopped per row as soon as the four lines are written.
+- :class:`LlamaCppBackend` (the default): a GGUF model run by llama.cpp (llama-cpp-python),
+  greedy, answer pre-filled and kept in the four-line format by a GBNF grammar
+  (:mod:`profiles.grammar`). The prompt head shared by every user (chat template and system
+  message) comes first, so llama.cpp reuses its key/values from the previous prompt and only
+  evaluates the per-user part; several worker processes can share the prompts.
+- :class:`TransformersBackend`: any local Hugging Face model folder (``--llm-model DIR``),
+  batched, kept in the format by a logits processor (:mod:`profiles.constrain`: transformers
+  has no grammar engine), stopped per row as soon as the four lines are written.
 - :class:`HttpBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, Ollama,
   llama.cpp server, a hosted API), with timeouts and retries with exponential backoff.
 
@@ -13,19 +18,24 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from profiles.grammar import answer_grammar
 from profiles.prompt import PREFILL
 from streaming import metrics
+from streaming.errors import UsageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,10 +49,19 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Generation:
-    """One answer: its text (starting at the first heading) and the tokens it cost."""
+    """One answer: its text (starting at the first heading) and the tokens it cost.
+
+    Attributes:
+        text: The answer, starting at the first heading.
+        new_tokens: Tokens generated.
+        prompt_tokens: Tokens of the prompt (0 where the backend does not say).
+        reused_tokens: Prompt tokens whose key/values were reused, not evaluated.
+    """
 
     text: str
     new_tokens: int
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
 
 
 class LLMBackend(Protocol):
@@ -53,6 +72,179 @@ class LLMBackend(Protocol):
     def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
         """Answer every prompt; ``sample=True`` for a varied retry instead of greedy."""
         ...
+
+
+class _LlamaSession:
+    """One llama.cpp model in this process: chat template, grammar, completion.
+
+    Args:
+        model_file: A checked GGUF file (:func:`profiles.modelpack.check_gguf`).
+        threads: llama.cpp threads (prompt and generation).
+        seed: Seed of the sampled retries.
+        n_ctx: Context length (prompt + answer).
+        repeat_penalty: llama.cpp repeat penalty (1.0: none; names are meant to be copied).
+    """
+
+    def __init__(self, model_file: str, threads: int, seed: int, n_ctx: int,
+                 repeat_penalty: float) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        try:
+            self.llm = Llama(model_path=model_file, n_ctx=n_ctx, n_batch=n_ctx,
+                             n_threads=threads, n_threads_batch=threads, seed=seed,
+                             verbose=False)
+        except ValueError as exc:  # llama.cpp refused the file
+            raise UsageError(f"llama.cpp cannot load {model_file}: {exc}") from None
+        self.seed, self.repeat_penalty = seed, repeat_penalty
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode()
+        self.template = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") \
+            if template else None
+        self.grammar_text = answer_grammar()
+
+    def text(self, messages: Messages) -> str:
+        """The prompt: chat template (head identical for every user) + pre-filled heading."""
+        if self.template is None:
+            head = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        else:
+            head = self.template(messages=messages).prompt
+        return head + PREFILL
+
+    def answer(self, messages: Messages, sample: bool, constrained: bool,
+               reuse: bool) -> Generation:
+        """One completion; ``reuse=False`` drops the cached key/values first (reference)."""
+        from llama_cpp import LlamaGrammar
+
+        text = self.text(messages)
+        tokens = self.llm.tokenize(text.encode(), special=True)
+        if not reuse:
+            self.llm.reset()
+        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        pairs = zip(cached, tokens[:-1], strict=False)  # llama.cpp re-evaluates >= 1 token
+        reused = next((i for i, (a, b) in enumerate(pairs) if a != b),
+                      min(len(cached), len(tokens) - 1))
+        grammar = LlamaGrammar.from_string(self.grammar_text, verbose=False) \
+            if constrained else None
+        out = self.llm.create_completion(
+            text, max_tokens=128 if constrained else 96, temperature=0.7 if sample else 0.0,
+            top_p=0.9, seed=self.seed, repeat_penalty=self.repeat_penalty, grammar=grammar)
+        answer = PREFILL + out["choices"][0]["text"]
+        return Generation(answer.removesuffix("\n"), int(out["usage"]["completion_tokens"]),
+                          len(tokens), reused)
+
+
+def _serve(conn: Connection, session_args: tuple) -> None:
+    """A worker process: load the model once, answer jobs until ``None`` arrives."""
+    try:
+        session = _LlamaSession(*session_args)
+    except UsageError as exc:
+        conn.send(exc)
+        return
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        prompts, sample, constrained, reuse = job
+        try:
+            conn.send([session.answer(m, sample, constrained, reuse) for m in prompts])
+        except Exception as exc:  # noqa: BLE001 (sent to the parent, raised there)
+            conn.send(BackendError(f"llama.cpp worker failed: {exc!r}"))
+
+
+class LlamaCppBackend:
+    """A GGUF model run by llama.cpp, greedy, grammar-constrained, prompt head reused.
+
+    Args:
+        model_file: A GGUF file, already checked (:func:`profiles.modelpack.packaged_gguf` or
+            :func:`profiles.modelpack.check_gguf`).
+        model_id: Name stored with every profile (default: the file name without ``.gguf``).
+        threads: llama.cpp threads per process.
+        processes: Model copies in worker processes (1: in this process); a ``generate`` call
+            gives each a contiguous share of the prompts.
+        constrained: Enforce the four-line format with the GBNF grammar (``False``: the plain
+            one-at-a-time reference of the bench).
+        reuse_prefix: Keep the key/values of the previous prompt and evaluate only what
+            differs (llama.cpp's longest-common-prefix reuse); ``False`` for the reference.
+        seed: Seed of the sampled retries.
+        n_ctx: Context length in tokens.
+        repeat_penalty: llama.cpp's repeat penalty (1.0: off).
+    """
+
+    def __init__(self, model_file: str | Path, model_id: str | None = None, threads: int = 2,
+                 processes: int = 1, constrained: bool = True, reuse_prefix: bool = True,
+                 seed: int = 0, n_ctx: int = 1024, repeat_penalty: float = 1.0) -> None:
+        self.model_file = Path(model_file)
+        self.model_id = f"llama.cpp:{model_id or self.model_file.stem}"
+        self.threads, self.processes = threads, processes
+        self.constrained, self.reuse_prefix = constrained, reuse_prefix
+        args = (str(self.model_file), threads, seed, n_ctx, repeat_penalty)
+        self._session = _LlamaSession(*args) if processes == 1 else None
+        self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        if processes > 1:
+            self._start_workers(args)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+
+    def _start_workers(self, args: tuple) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.processes):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=_serve, args=(child, args), daemon=True)
+            process.start()
+            self._workers.append((process, parent))
+        for _, conn in self._workers:
+            reply = conn.recv()
+            if isinstance(reply, Exception):
+                _stop_workers(self._workers)
+                raise reply
+
+    def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
+        """Answer ``prompts``; with worker processes, each answers a contiguous share."""
+        job = (sample, self.constrained, self.reuse_prefix)
+        if self._session is not None:
+            return [self._session.answer(m, *job) for m in prompts]
+        shares = _split(prompts, len(self._workers))
+        busy = [(conn, share) for (_, conn), share in zip(self._workers, shares, strict=True)
+                if share]
+        for conn, share in busy:
+            conn.send((share, *job))
+        results: list[Generation] = []
+        for conn, _ in busy:
+            reply = conn.recv()
+            if isinstance(reply, Exception):
+                raise reply
+            results += reply
+        return results
+
+    def close(self) -> None:
+        """Stop the worker processes (also done when the backend is garbage-collected)."""
+        self._finalizer()
+
+
+def _split(items: list[T], parts: int) -> list[list[T]]:
+    """``items`` in ``parts`` contiguous, near-equal shares (in order).
+
+    >>> _split([1, 2, 3, 4, 5], 2)
+    [[1, 2, 3], [4, 5]]
+    """
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def _stop_workers(workers: list[tuple[multiprocessing.process.BaseProcess, Connection]]) -> None:
+    for _, conn in workers:
+        try:
+            conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+    for process, _ in workers:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.terminate()
+    workers.clear()
 
 
 class TransformersBackend:

@@ -1,12 +1,22 @@
-"""``dynllm bench profiles``: profile throughput and quality of the local model on real users.
+"""``dynllm bench profiles``: throughput and quality of the llama.cpp profile backend on real users.
 
-Measures, on the first ``users`` users of a dataset (profiles from their training-split history):
-profiles/minute (overall, per core, and the median over batches), tokens generated and prompt
-tokens per profile, grounding share, brand-facet precision (names in the brand facet that are
-brands of the history or co-buyers), first-answer parse failures and fallbacks, and the machine's
-load average before and after (the machine may be shared). In the same run it
-measures a reference: the same model and prompts one at a time (batch size 1), and the cache: the
-same users again (identical prompts, no generation).
+On the first ``users`` users of a dataset (profiles from their training-split history), in one
+run:
+
+- the backend as shipped: GBNF-constrained, prompt head reused across users, ``processes``
+  model copies with ``threads`` each, prompts in batches of ``batch_size``;
+- the **reference** on the same model and the first ``reference_users`` of the same prompts:
+  one prompt at a time, one process with all the cores, no grammar, no key/value reuse (how
+  llama-cpp-python is used out of the box);
+- quality of the shipped answers: grounding, brand-facet precision, first-answer failures and
+  fallbacks, and the share of profiles with a facet repeating another, household attributes
+  outside the crowd segment, or a phrase cut mid-way;
+- optionally (``signal_data``) the zero-shot facet signal: one profile per household of that
+  dataset at the end of its training split, scored by ``benchmarks/fusion_probes.py text``
+  (Recall@20 of the facet-item text cosine on validation purchases).
+
+Rates are per core: profiles per minute divided by ``threads * processes``. The load average
+before and after is recorded (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -15,32 +25,89 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from profiles.backends import TransformersBackend
-from profiles.batch import cutoff
+from profiles.backends import LlamaCppBackend
+from profiles.batch import build, cutoff
 from profiles.embed import FacetEmbedder
-from profiles.facets import brand_grounding
-from profiles.graph import PurchaseGraph
-from profiles.prompt import build_messages, render_context
-from profiles.store import ProfileStore
+from profiles.facets import (
+    brand_grounding,
+    cut_mid_phrase,
+    household_in_wrong_facet,
+    repeats_a_facet,
+)
+from profiles.graph import PurchaseGraph, UserContext
+from profiles.prompt import render_context
+from profiles.store import Profile, ProfileStore
 from profiles.writer import ProfileWriter
 from streaming.dataset import Dataset
+from streaming.errors import UsageError
+
+#: The probe that scores facets against item texts (one implementation, in the lab room).
+PROBE = Path(__file__).resolve().parent.parent / "benchmarks" / "fusion_probes.py"
 
 
 def _rate(profiles: int, seconds: float) -> float:
     return 60.0 * profiles / seconds if seconds > 0 else float("nan")
 
 
-def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8,
-        threads: int = 2, reference_users: int = 2, hops: int = 2,
-        int8: bool = False) -> dict[str, object]:
-    """Run the benchmark; returns the figures as a JSON-able dict."""
-    import torch
+def _share(flags: list[bool]) -> float:
+    return round(sum(flags) / len(flags), 3) if flags else float("nan")
 
-    torch.set_num_threads(threads)
+
+def _write_timed(writer: ProfileWriter, contexts: list[UserContext], batch_size: int,
+                 hops: int) -> tuple[list[Profile], list[float], float]:
+    """Profiles, per-batch rates and total seconds of writing ``contexts`` in batches."""
+    profiles, rates, start = [], [], time.perf_counter()
+    for i in range(0, len(contexts), batch_size):
+        t0 = time.perf_counter()
+        profiles += writer.write(contexts[i:i + batch_size], hops)
+        rates.append(_rate(len(contexts[i:i + batch_size]), time.perf_counter() - t0))
+    return profiles, rates, time.perf_counter() - start
+
+
+def _quality(profiles: list[Profile], contexts: list[UserContext]) -> dict[str, float]:
+    made = [(p, c) for p, c in zip(profiles, contexts, strict=True) if not p.facets.fallback]
+    found = [brand_grounding(p.facets, c) for p, c in made]
+    return {
+        "brand_facet_precision": round(sum(f for f, _ in found) / max(1, sum(n for _, n in found)),
+                                       3),
+        "facet_repeats_facet_rate": _share([repeats_a_facet(p.facets) for p, _ in made]),
+        "household_in_wrong_facet_rate": _share([household_in_wrong_facet(p.facets)
+                                                 for p, _ in made]),
+        "cut_mid_phrase_rate": _share([cut_mid_phrase(p.facets) for p, _ in made]),
+    }
+
+
+def facet_signal(signal_data: str | Path, writer: ProfileWriter, store: Path,
+                 batch_size: int, hops: int) -> dict[str, object]:
+    """Profiles for every household of ``signal_data`` (end of train), then the text probe."""
+    if not PROBE.exists():
+        raise UsageError(f"the facet-signal probe {PROBE} is not here (run from a checkout)")
+    dataset = Dataset.load(signal_data)
+    start = time.perf_counter()
+    written = build(dataset, writer, ProfileStore(store), "train", hops=hops,
+                    batch_size=batch_size, progress=False)
+    build_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "probe.json"
+        subprocess.run([sys.executable, str(PROBE), "text", "--data", str(signal_data),
+                        "--profiles", str(store), "--hops", str(hops), "--out", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        probe = json.loads(out.read_text())
+    return {"profiles": written, "build_seconds": round(build_s, 1), "store": str(store),
+            "probe": probe}
+
+
+def run(data: str | Path, model_file: Path, model_id: str | None = None, users: int = 24,
+        threads: int = 1, processes: int = 2, batch_size: int = 8, reference_users: int = 8,
+        hops: int = 2, signal_data: str | Path | None = None,
+        signal_store: Path | None = None) -> dict[str, object]:
+    """Run the benchmark; returns the figures as a JSON-able dict."""
     load_before = os.getloadavg()
     dataset = Dataset.load(data)
     graph = PurchaseGraph(dataset)
@@ -48,73 +115,72 @@ def run(data: str | Path, model_path: Path, users: int = 16, batch_size: int = 8
     chosen = [u for u in graph.users if len(graph.user_event_times(u)) and
               graph.user_event_times(u)[0] < until][:users]
     contexts = [graph.context(u, until - 1e-6, hops) for u in chosen]
-    start = time.perf_counter()
-    backend = TransformersBackend(model_path, batch_size=batch_size, int8=int8)
+    cores = threads * processes
     embedder = FacetEmbedder()
+    start = time.perf_counter()
+    backend = LlamaCppBackend(model_file, model_id, threads=threads, processes=processes)
     load_s = time.perf_counter() - start
-    prompt_tokens = [len(backend.tokenizer(backend._text(build_messages(c)))["input_ids"])
-                     for c in contexts]
-    one_hop_tokens = [len(backend.tokenizer(backend._text(build_messages(
-        graph.context(c.user_id, c.ts, 1))))["input_ids"]) for c in contexts]
+    reference = LlamaCppBackend(model_file, model_id, threads=cores, processes=1,
+                                constrained=False, reuse_prefix=False)
     with tempfile.TemporaryDirectory() as tmp:
         writer = ProfileWriter(backend, embedder, ProfileStore(Path(tmp) / "bench.sqlite"))
-        batch_rates, brands, start = [], [0, 0], time.perf_counter()
-        for i in range(0, len(contexts), batch_size):
-            t0 = time.perf_counter()
-            for ctx, p in zip(contexts[i:i + batch_size],
-                              writer.write(contexts[i:i + batch_size], hops), strict=True):
-                if not p.facets.fallback:
-                    found, named = brand_grounding(p.facets, ctx)
-                    brands = [brands[0] + found, brands[1] + named]
-            batch_rates.append(_rate(len(contexts[i:i + batch_size]), time.perf_counter() - t0))
-        total_s = time.perf_counter() - start
-        stats = dataclasses.replace(writer.stats)  # before the cached re-run adds to it
-        example = max(writer.store.export().user_ids.tolist(),
-                      key=lambda u: (graph.context(u, until - 1e-6).household is not None,
-                                     graph.context(u, until - 1e-6).n_events))
-        shown = writer.store.latest(example)
-        t0 = time.perf_counter()
-        writer.write(contexts, hops)  # identical prompts: cached (fallbacks are retried)
-        cached_s = time.perf_counter() - t0
-        backend.batch_size = 1
-        ref = ProfileWriter(backend, embedder, ProfileStore(Path(tmp) / "ref.sqlite"))
-        t0 = time.perf_counter()
-        for ctx in contexts[:reference_users]:
-            ref.write([ctx], hops)
-        ref_s = time.perf_counter() - t0
-    rate = _rate(len(contexts), total_s)
-    ref_rate = _rate(min(reference_users, len(contexts)), ref_s)
-    return {
+        profiles, batch_rates, total_s = _write_timed(writer, contexts, batch_size, hops)
+        stats = dataclasses.replace(writer.stats)
+        ref = ProfileWriter(reference, embedder, ProfileStore(Path(tmp) / "ref.sqlite"))
+        _, _, ref_s = _write_timed(ref, contexts[:reference_users], 1, hops)
+        signal = facet_signal(signal_data, writer, signal_store or Path(tmp) / "signal.sqlite",
+                              batch_size, hops) if signal_data else None
+    backend.close()
+    rate, ref_rate = _rate(len(contexts), total_s), _rate(ref.stats.profiles, ref_s)
+    example = max(range(len(contexts)), key=lambda i: (contexts[i].household is not None,
+                                                       contexts[i].n_events))
+    result: dict[str, object] = {
         "model_id": backend.model_id, "data": str(data), "users": len(contexts), "hops": hops,
         "load_average_1_5_15_before": [round(x, 2) for x in load_before],
-        "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
-        "threads": threads, "batch_size": batch_size, "load_seconds": round(load_s, 1),
-        "profiles_per_minute": round(rate, 2), "profiles_per_minute_per_core":
-            round(rate / threads, 2), "median_batch_profiles_per_minute":
-            round(statistics.median(batch_rates), 2),
+        "threads": threads, "processes": processes, "batch_size": batch_size,
+        "load_seconds": round(load_s, 1),
+        "profiles_per_minute": round(rate, 2),
+        "profiles_per_minute_per_core": round(rate / cores, 2),
+        "median_batch_profiles_per_minute_per_core": round(statistics.median(batch_rates) / cores,
+                                                           2),
+        "reference_users": ref.stats.profiles,
+        "reference_profiles_per_minute_per_core": round(ref_rate / cores, 2),
+        "speedup_vs_reference": round(rate / ref_rate, 2),
+        "reference_fallback_rate": round(ref.stats.fallbacks / max(1, ref.stats.generated), 3),
         "generated_tokens_per_profile": round(stats.new_tokens / max(1, stats.generated), 1),
-        "prompt_tokens_per_profile": round(statistics.mean(prompt_tokens), 1),
-        "prompt_tokens_per_profile_1hop": round(statistics.mean(one_hop_tokens), 1),
+        "reference_generated_tokens_per_profile":
+            round(ref.stats.new_tokens / max(1, ref.stats.generated), 1),
+        "prompt_tokens_per_profile": round(stats.prompt_tokens / max(1, stats.calls), 1),
+        "reused_prompt_share": round(stats.reused_tokens / max(1, stats.prompt_tokens), 3),
         "grounding_share": round(stats.grounding_share, 3),
-        "brand_facet_precision": round(brands[0] / max(1, brands[1]), 3),
+        **_quality(profiles, contexts),
         "first_answer_parse_failure_rate": round(stats.retried / max(1, stats.generated), 3),
         "fallback_rate": round(stats.fallbacks / max(1, stats.generated), 3),
-        "cached_rerun_seconds": round(cached_s, 3),
-        "reference_batch1_profiles_per_minute": round(ref_rate, 2),
-        "speedup_vs_batch1": round(rate / ref_rate, 2) if ref_rate == ref_rate else None,
-        "example": {"user_id": example, "prompt": render_context(graph.context(
-            example, until - 1e-6, hops)), "profile": shown.facets.render(),
-            "fallback": shown.facets.fallback, "grounded": f"{shown.grounded}/{shown.named}"},
+        "facet_signal_recall@20": None,
+        "example": {"user_id": contexts[example].user_id,
+                    "prompt": render_context(contexts[example]),
+                    "profile": profiles[example].facets.render(),
+                    "fallback": profiles[example].facets.fallback,
+                    "grounded": f"{profiles[example].grounded}/{profiles[example].named}"},
     }
+    if signal is not None:
+        probe = signal["probe"]
+        result["facet_signal_recall@20"] = round(probe["mean"]["recall@20"], 4)
+        result["facet_signal"] = signal
+    result["load_average_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
+    return result
 
 
-def main(data: str, model_path: Path, users: int, batch_size: int, threads: int,
-         reference_users: int, hops: int, json_out: str | None, int8: bool = False) -> int:
+def main(data: str, model_file: Path, model_id: str | None, users: int, threads: int,
+         processes: int, batch_size: int, reference_users: int, hops: int,
+         json_out: str | None, signal_data: str | None = None,
+         signal_store: str | None = None) -> int:
     """Run, print and optionally save the figures."""
-    result = run(data, model_path, users, batch_size, threads, reference_users, hops, int8)
+    result = run(data, model_file, model_id, users, threads, processes, batch_size,
+                 reference_users, hops, signal_data, Path(signal_store) if signal_store else None)
     for key, value in result.items():
-        if key != "example":
-            print(f"{key:>40}: {value}")
+        if key not in ("example", "facet_signal"):
+            print(f"{key:>42}: {value}")
     example = result["example"]
     print(f"\nexample, user {example['user_id']}:\n{example['prompt']}\n--\n{example['profile']}")
     if json_out:

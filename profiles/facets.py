@@ -61,9 +61,16 @@ def parse_facets(text: str) -> Facets | None:
 
 
 def _copies_placeholder(value: str) -> bool:
-    """True when a value is (the start of) a placeholder of the format, e.g. copied verbatim."""
-    value = value.lower()
-    return len(value) >= 8 and any(value in p for p in PLACEHOLDERS)
+    """True when a value copies a placeholder of the format: at least three words, and four in
+    five of them are words of one placeholder (reordered or cut copies count too).
+
+    >>> _copies_placeholder("Household type, budget, shopping style"), _copies_placeholder("baking")
+    (True, False)
+    """
+    words = re.findall(r"[a-z]+", value.lower())
+    return len(words) >= 3 and any(
+        sum(w in set(re.findall(r"[a-z]+", p)) for w in words) >= 0.8 * len(words)
+        for p in PLACEHOLDERS)
 
 
 def named_entities(facets: Facets, first: int = 2) -> list[str]:
@@ -115,3 +122,52 @@ def fallback_facets(ctx: UserContext) -> Facets:
         ),
         fallback=True,
     )
+
+
+# -- quality checks of written profiles (the bench's rates) -----------------------------------
+
+#: Words a finished phrase does not end on ("… with income between" was cut).
+_DANGLING = frozenset("a an and as at between but by for from in including into like of on or "
+                      "plus such than that the to who with".split())
+#: Household attributes (age band, income band, family, status) outside the crowd segment.
+_HOUSEHOLD = re.compile(r"\b(\d\d-\d\d|\d\d\+|\d+-\d+k|under \d+k|\d+k\+|income|age|married|"
+                        r"single|unknown|homeowner|renter|adults?|kids?|retired|seniors?)\b", re.I)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in _DANGLING}
+
+
+def repeats_a_facet(facets: Facets, share: float = 2 / 3) -> bool:
+    """True when a facet merely repeats another: ``share`` of its content words are in it.
+
+    >>> repeats_a_facet(Facets(("Soft Drinks, Cheese buyers", "snacking", "Soft Drinks, Cheese",
+    ...                         "M69 private label")))
+    True
+    >>> repeats_a_facet(Facets(("budget family", "baking", "Cheese, Soft Drinks", "M69")))
+    False
+    """
+    words = [_content_words(t) for t in facets.texts]
+    return any(a and b and len(a & b) >= share * min(len(a), len(b))
+               for i, a in enumerate(words) for b in words[i + 1:])
+
+
+def household_in_wrong_facet(facets: Facets) -> bool:
+    """True when interests, categories or brands state household attributes (age, income…).
+
+    >>> household_in_wrong_facet(Facets(("retired couple", "Income under 15K, Married",
+    ...                                   "Cheese", "M69 private label")))
+    True
+    """
+    return any(_HOUSEHOLD.search(t) for t in facets.texts[1:])
+
+
+def cut_mid_phrase(facets: Facets) -> bool:
+    """True when a facet, or an item of a list facet, ends on a word no phrase ends on.
+
+    >>> cut_mid_phrase(Facets(("Households aged 65+ with income between", "a", "b", "c")))
+    True
+    """
+    items = [facets.texts[0]] + [i for t in facets.texts[1:] for i in t.split(",")]
+    return any((_WORD.findall(i.lower()) or [""])[-1] in _DANGLING for i in items)

@@ -5,8 +5,10 @@ with the task and the answer format (identical for every user, so a local backen
 once and reuses its key/values; it also replaces the chat template's long default one), then a
 few bounded, most-bought-first lists without counts (digits cost one token each) and with product
 names cut before their pack-size noise (about 100 per-user tokens with the Qwen template, 2 hops).
-The answer is pre-filled with the first heading (``Crowd segment:``) so even a small model starts
-in the right format. Placeholders hold no example values: a 0.5B model copies them verbatim.
+The system message comes first and is the same for every user, so llama.cpp reuses its
+key/values from one prompt to the next: its length costs nothing per user. The answer is
+pre-filled with the first heading (``Crowd segment:``) so even a small model starts in the right
+format. Placeholders hold no example values: a 0.5B model copies them verbatim.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ FACETS = ("Crowd segment", "Personal interests", "Preferred categories", "Favore
 
 SYSTEM = ("You profile grocery shoppers from their purchase data (lists are most bought first)."
           " Answer in exactly four short lines:\n"
-          "Crowd segment: <household type and shopping style>\n"
-          "Personal interests: <two interests or habits>\n"
-          "Preferred categories: <two categories from the data>\n"
-          "Favored brands: <two brands from the data>")
+          "Crowd segment: <the household: type, budget, shopping style>\n"
+          "Personal interests: <two food tastes or habits>\n"
+          "Preferred categories: <two names from the Categories list>\n"
+          "Favored brands: <two names from the Brands list>\n"
+          "The first two lines describe the household in your own words, not category names;"
+          " age, income and family belong in the first line only.")
 
 #: The answer starts with this text (pre-filled for local models).
 PREFILL = f"{FACETS[0]}:"

@@ -43,6 +43,9 @@ class WriteStats:
     grounded: int = 0
     named: int = 0
     new_tokens: int = 0
+    calls: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
     llm_seconds: float = 0.0
 
     @property
@@ -72,6 +75,9 @@ class ProfileWriter:
         metrics.LLM_REQUEST_SECONDS.observe(elapsed)
         tokens = sum(g.new_tokens for g in gens)
         self.stats.new_tokens += tokens
+        self.stats.calls += len(gens)
+        self.stats.prompt_tokens += sum(g.prompt_tokens for g in gens)
+        self.stats.reused_tokens += sum(g.reused_tokens for g in gens)
         metrics.LLM_GENERATED_TOKENS.inc(tokens)
         return gens
 

@@ -79,13 +79,20 @@ def test_batch_build_resumes_without_repeating(dataset, tiny_llm, embedder, tmp_
     assert writer.stats.generated == 7 and writer.stats.retried == writer.stats.fallbacks == 0
 
 
-def test_bench_reports_consistent_figures(tiny_data, tiny_llm):
+@pytest.mark.llm
+@pytest.mark.slow
+def test_bench_reports_consistent_figures(tiny_data):
     from profiles import bench
+    from profiles.modelpack import DEFAULT_MODEL, packaged_gguf
 
-    result = bench.run(tiny_data, tiny_llm, users=3, batch_size=2, threads=1, reference_users=1)
-    assert result["users"] == 3 and result["profiles_per_minute"] > 0
-    # constrained decoding: even random weights write the four lines at the first attempt
-    assert result["fallback_rate"] == result["first_answer_parse_failure_rate"] == 0.0
-    longest = TransformersBackend(tiny_llm).vocab.max_tokens()
-    assert 0 < result["generated_tokens_per_profile"] <= longest
+    result = bench.run(tiny_data, packaged_gguf(), DEFAULT_MODEL.name, users=3, threads=1,
+                       processes=2, batch_size=2, reference_users=1)
+    assert result["users"] == 3 and result["reference_users"] == 1
+    assert result["profiles_per_minute_per_core"] > 0
+    assert result["reference_profiles_per_minute_per_core"] > 0
+    assert result["model_id"] == f"llama.cpp:{DEFAULT_MODEL.name}"
+    assert result["fallback_rate"] == 0.0  # the grammar keeps the format
+    assert 0.0 <= result["grounding_share"] <= 1.0
+    assert 0.0 < result["reused_prompt_share"] < 1.0  # the head was reused by later prompts
+    assert result["facet_signal_recall@20"] is None  # only with signal_data
     assert result["example"]["fallback"] is False
