@@ -75,7 +75,10 @@ class Recommender(Protocol):
     """What the evaluator needs: score a batch from the current state, then learn from it."""
 
     def score(self, batch: EventBatch) -> Tensor:
-        """Scores ``[B, num_items]`` (extra columns are ignored) for each event's user."""
+        """Scores ``[B, num_items]`` (extra columns are ignored) for each event's user.
+
+        A row depends on the event's user and time only (the repeat share is computed once
+        per user and time of a batch)."""
 
     def update(self, batch: EventBatch) -> None:
         """Apply the batch's events to the recommender's state."""
@@ -126,15 +129,62 @@ def tie_aware_ranks(scores: Tensor, target: Tensor, candidate: Tensor) -> Tensor
     tensor([1.5000], dtype=torch.float64)
     """
     # rank = 1 + greater + (equal - 1) / 2 = 1 + (C - 1 + Σ sign(s - s_target)) / 2 over the C
-    # candidates: one pass of sign() instead of two comparisons (bool sums are slow on CPU)
-    pos = scores.gather(1, target.unsqueeze(1))  # [B, 1]
-    columns, others = candidate.nonzero().squeeze(1), (~candidate).nonzero().squeeze(1)
-    if others.numel() <= columns.numel():  # all columns, minus the few non-candidates
-        sign = (scores - pos).sign_().sum(1) - (scores.index_select(1, others) - pos).sign_().sum(1)
-    else:
-        sign = (scores.index_select(1, columns) - pos).sign_().sum(1)
-    rank = 1 + (columns.numel() - 1 + sign.double()) / 2
+    # candidates
+    sign = candidate_sign_sums(scores, scores.gather(1, target.unsqueeze(1)), candidate)
+    rank = 1 + (int(candidate.sum()) - 1 + sign) / 2
     return rank.masked_fill(~candidate[target], math.inf)
+
+
+def candidate_sign_sums(scores: Tensor, pivot: Tensor, candidate: Tensor) -> Tensor:
+    """``Σ_{candidates} sign(scores - pivot)`` per row ``[B]`` (float64), for ``pivot [B, 1]``.
+
+    One pass of ``sign()`` instead of two comparisons (bool sums are slow on CPU); with few
+    non-candidates, over all columns minus theirs.
+
+    >>> candidate_sign_sums(torch.tensor([[3.0, 1.0, 3.0, 9.0]]), torch.tensor([[3.0]]),
+    ...                     torch.tensor([True, True, True, False]))
+    tensor([-1.], dtype=torch.float64)
+    """
+    columns, others = candidate.nonzero().squeeze(1), (~candidate).nonzero().squeeze(1)
+    if others.numel() <= columns.numel():
+        sign = (scores - pivot).sign_().sum(1) - \
+            (scores.index_select(1, others) - pivot).sign_().sum(1)
+    else:
+        sign = (scores.index_select(1, columns) - pivot).sign_().sum(1)
+    return sign.double()
+
+
+def top_candidate_scores(scores: Tensor, candidate: Tensor, width: int,
+                         block: int = 64) -> Tensor:
+    """The ``width`` best candidate scores of each row, descending ``[B, width]`` (exact).
+
+    A full-row ``topk`` costs as much as ranking; instead the row's maxima per ``block``
+    columns pick the ``2 · width`` best blocks, and only those (plus the columns past the last
+    whole block) are masked and searched. A row whose non-candidates leave the result below the
+    best block left out is redone over the whole masked row.
+
+    >>> top_candidate_scores(torch.tensor([[1.0, 7.0, 3.0, 9.0]]),
+    ...                      torch.tensor([True, True, True, False]), 2)
+    tensor([[7., 3.]])
+    """
+    b, n = scores.shape
+    blocks, spare = n // block, 2 * width
+    if blocks <= spare:
+        return scores.masked_fill(~candidate, -math.inf).topk(width, dim=1).values
+    whole = blocks * block
+    grid = scores[:, :whole].reshape(b, blocks, block)  # a view
+    best = grid.amax(2).topk(spare + 1, dim=1)  # [B, spare + 1] best block maxima
+    chosen = best.indices[:, :spare]
+    pool = grid.gather(1, chosen.unsqueeze(2).expand(b, spare, block))  # [B, spare, block]
+    keep = candidate[:whole].view(blocks, block)[chosen]
+    pool = torch.cat([torch.where(keep, pool, -math.inf).view(b, -1),
+                      scores[:, whole:].masked_fill(~candidate[whole:], -math.inf)], dim=1)
+    values = pool.topk(width, dim=1).values
+    # every element outside the pool is <= the best block left out
+    redo = (values[:, -1] < best.values[:, spare]).nonzero().squeeze(1)
+    if redo.numel():
+        values[redo] = scores[redo].masked_fill(~candidate, -math.inf).topk(width, dim=1).values
+    return values
 
 
 def repeat_share(scores: Tensor, candidate: Tensor, rows: Tensor, past: Tensor,
@@ -144,7 +194,8 @@ def repeat_share(scores: Tensor, candidate: Tensor, rows: Tensor, past: Tensor,
     Ties are counted by expectation under random tie-breaking: with ``a`` candidates scoring
     above the K-th best score and ``e`` tying with it, each tied item fills the last ``K - a``
     places with probability ``(K - a) / e``. With fewer than K candidates the list is all of
-    them. One ``topk`` over the row; a full pass only for rows whose tie straddles place K.
+    them. The K-th best scores come from :func:`top_candidate_scores`; a full pass only for
+    rows whose tie goes on past place K.
 
     Args:
         scores: ``[B, N]`` scores.
@@ -165,24 +216,22 @@ def repeat_share(scores: Tensor, candidate: Tensor, rows: Tensor, past: Tensor,
     out = torch.zeros(b, len(ks), dtype=torch.float64)
     if b == 0 or n_cand == 0:
         return out
-    width = min(max(ks) + 1, scores.size(1))
-    top = scores.topk(width, dim=1)
-    bad = (~candidate[top.indices]).any(1)  # a non-candidate among the top: redo those rows
-    values = top.values.clone()
-    if bad.any():
-        masked = scores[bad].masked_fill(~candidate, -math.inf)
-        values[bad] = masked.topk(width, dim=1).values
+    values = top_candidate_scores(scores, candidate, min(max(ks) + 1, n_cand))
     past_scores = scores[rows, past]  # [P]
+    counted = torch.full((b,), math.nan, dtype=values.dtype)  # tie counted over the row at
+    count = torch.zeros(b, dtype=torch.long)
     for j, k in enumerate(ks):
         k = min(k, n_cand)
         threshold = values[:, k - 1]  # [B] the k-th best candidate score
         above = (values[:, :k] > threshold.unsqueeze(1)).sum(1)
         tied = (values[:, :k] == threshold.unsqueeze(1)).sum(1)
         if k < n_cand:  # the tie may go on past place k: count it over the whole row
-            straddles = (values[:, k] == threshold).nonzero().squeeze(1)
-            if straddles.numel():
-                tied[straddles] = ((scores[straddles] == threshold[straddles].unsqueeze(1))
-                                   & candidate).sum(1)
+            on = (values[:, k] == threshold) & (counted != threshold)
+            if on.any():
+                sign = candidate_sign_sums(scores[on], threshold[on].unsqueeze(1), candidate)
+                count[on] = n_cand - 2 * above[on] + sign.long()  # C = above + below + equal
+                counted[on] = threshold[on]
+            tied = torch.where((values[:, k] == threshold), count, tied)
         past_above = torch.zeros(b, dtype=torch.float64).index_add_(
             0, rows, (past_scores > threshold[rows]).double())
         past_tied = torch.zeros(b, dtype=torch.float64).index_add_(
@@ -337,7 +386,11 @@ class Evaluator:
         candidate[:n] = self.seen_items
         self._ranks.append(tie_aware_ranks(scores, batch.items, candidate))
         self._repeat.append(self.bought_before(batch.users, batch.items))
-        self._share.append(repeat_share(scores, candidate, *self.past_items(batch.users), self.ks))
+        # rows of one user at one time score alike (scores are per event's user): one share
+        first, inverse = _first_of_each(batch.users, batch.t)
+        share = repeat_share(scores[first], candidate,
+                             *self.past_items(batch.users[first]), self.ks)  # [G, len(ks)]
+        self._share.append(share[inverse])
         self._recorded.append(batch)
         prior = self.prior_lines(batch.users)
         for name, chosen in self.slices.items():
@@ -429,3 +482,14 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
 def _grown(x: Tensor, size: int) -> Tensor:
     """``x [M]`` zero-padded to ``size`` entries (``x`` itself when long enough)."""
     return torch.cat([x, x.new_zeros(size - x.numel())]) if size > x.numel() else x
+
+
+def _first_of_each(users: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """First row ``[G]`` of each distinct (user, time) and each row's group ``[B]``.
+
+    >>> _first_of_each(torch.tensor([3, 3, 1, 3]), torch.tensor([1.0, 1.0, 1.0, 2.0]))
+    (tensor([2, 0, 3]), tensor([1, 1, 0, 2]))
+    """
+    pairs = np.stack([t.numpy().astype(np.float64), users.numpy().astype(np.float64)], axis=1)
+    _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+    return torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))

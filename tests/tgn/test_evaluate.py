@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from tgn.data import EventBatch
-from tgn.evaluate import HISTORY_SLICES, Evaluator, UserSet, basket_metrics, tie_aware_ranks
+from tgn.evaluate import (
+    HISTORY_SLICES,
+    Evaluator,
+    UserSet,
+    basket_metrics,
+    repeat_share,
+    tie_aware_ranks,
+    top_candidate_scores,
+)
 
 
 def _batch(users: list[int], items: list[int], t0: float = 0.0,
@@ -193,3 +201,27 @@ def test_basket_hits_are_capped_at_k_when_ties_straddle_it():
                          torch.tensor([0, 1, 2]), torch.tensor([2.0, 2.0, 2.0]), ks=[2])
     assert out["basket/recall@2"] == pytest.approx(2 / 3) and out["basket/ndcg@2"] == 1.0
     assert math.isnan(basket_metrics(*[torch.zeros(0)] * 4)["basket/recall@10"])
+
+
+def test_block_top_k_and_repeat_share_match_a_brute_force_on_wide_rows():
+    gen = torch.Generator().manual_seed(0)
+    n, ks = 3000, (3, 5)  # 46 blocks of 64: the block path, not the small-row fallback
+    scores = torch.cat([torch.randn(3, n, generator=gen),                      # no ties
+                        torch.randint(0, 3, (3, n), generator=gen).float()])   # huge ties
+    candidate = torch.rand(n, generator=gen) > 0.2
+    scores[2, ~candidate] = 100.0  # non-candidates on top: the row is redone in full
+    exact = scores.masked_fill(~candidate, -math.inf).topk(6, dim=1).values
+    assert torch.equal(top_candidate_scores(scores, candidate, 6), exact)
+    rows = torch.arange(6).repeat_interleave(40)
+    past = torch.stack([candidate.nonzero().squeeze(1)[torch.randperm(int(candidate.sum()),
+                                                                       generator=gen)[:40]]
+                        for _ in range(6)]).reshape(-1)
+    expected = torch.zeros(6, len(ks), dtype=torch.float64)
+    for r in range(6):
+        row, mine = scores[r, candidate], scores[r, past[rows == r]]
+        for j, k in enumerate(ks):
+            threshold = row.sort(descending=True).values[k - 1]
+            above, tied = int((row > threshold).sum()), int((row == threshold).sum())
+            hits = (mine > threshold).sum() + (mine == threshold).sum() * (k - above) / tied
+            expected[r, j] = hits / k
+    assert torch.allclose(repeat_share(scores, candidate, rows, past, ks), expected)
