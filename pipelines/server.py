@@ -146,10 +146,11 @@ class Recommender:
             vectors, item_ids = self._item_vectors[shard], self._item_ids[shard]
             model, t = self._models[shard]
         scores = vectors @ torch.from_numpy(embedding[row])  # [N] dot-product part
-        if user in model.users:  # + the repeat term of the user's own history (if any)
+        if user in model.users:  # mixed with the user's own history (if any)
             index = torch.from_numpy(model.users.encode([user], grow=False))
             with torch.no_grad():
-                model.add_repeat(scores.unsqueeze(0), index, torch.tensor([t], dtype=torch.float64))
+                scores = model.mix_history(scores.unsqueeze(0), index,
+                                           torch.tensor([t], dtype=torch.float64))[0]
         top = torch.topk(scores, min(k, scores.numel()))
         facet = weights[row] if weights.shape[1] else None
         return {

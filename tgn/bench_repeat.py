@@ -4,7 +4,7 @@ The history is warmed on the training events; then, on the first ``--events`` va
 in batches of ``--batch-size``, medians over ``--repeats`` rounds (after one warm-up round) of:
 
 * ``update``: :meth:`RepeatScore.update` (the per-event bookkeeping the stream pays),
-* ``score``: :meth:`RepeatScore.add_to` on a ``[B, num_items]`` score matrix (evaluation-style),
+* ``score``: :meth:`RepeatScore.mix` on a ``[B, num_items]`` score matrix (evaluation-style),
 * ``serve``: the term of one user (what ``/recommend`` adds per request),
 * ``tgn_step``: ``TGNRecommender.update`` without the term (memory + neighbours), for scale.
 
@@ -51,7 +51,7 @@ def bench_repeat(data_dir: str | Path, events: int = 20_000, batch_size: int = 2
     probe = model.encode(data.split("val"))[: events]
     model.apply_events(train)
     with torch.no_grad():  # a non-zero g, so scoring does real work (cost does not depend on it)
-        model.repeat.g[2].weight.fill_(0.1)
+        model.repeat.g[-1].weight.fill_(0.1)
     repeat, batches = model.repeat, list(probe.batches(batch_size))
     warm = repeat.get_extra_state()
 
@@ -65,9 +65,9 @@ def bench_repeat(data_dir: str | Path, events: int = 20_000, batch_size: int = 2
     num_items = len(model.items)
     big = probe[:2000]
     scores = torch.zeros(len(big), num_items)
-    score_s = _median_s(lambda: repeat.add_to(scores, big.users, big.t), repeats)
+    score_s = _median_s(lambda: repeat.mix(scores, big.users, big.t), repeats)
     users = probe.users[:200]
-    serve_s = _median_s(lambda: [repeat.add_to(scores[:1], u.view(1), big.t[:1]) for u in users],
+    serve_s = _median_s(lambda: [repeat.mix(scores[:1], u.view(1), big.t[:1]) for u in users],
                         repeats)
     plain = TGNRecommender(TGNConfig(repeat=False), model.users, model.items).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items()
@@ -76,10 +76,10 @@ def bench_repeat(data_dir: str | Path, events: int = 20_000, batch_size: int = 2
 
     tgn_us = 1e6 * _median_s(lambda: plain.apply_events(probe, batch_size), repeats,
                              lambda: plain.load_state_dict(state)) / len(probe)
-    pairs_per_user = repeat.size / max(1, len(repeat._slots))
+    pairs_per_user = repeat.size / max(1, len(repeat.signals.slots_of))
     report = {
         "dataset": str(data_dir), "events": len(probe), "batch_size": batch_size,
-        "threads": threads, "pairs": repeat.size, "users": len(repeat._slots),
+        "threads": threads, "pairs": repeat.size, "users": len(repeat.signals.slots_of),
         "pairs_per_user": pairs_per_user, "num_items": num_items,
         "update_us_per_event": update_us,
         "score_us_per_event_batch2000": 1e6 * score_s / len(big),

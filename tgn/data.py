@@ -115,3 +115,12 @@ def encode_events(table: pa.Table, users: IdMap, items: IdMap, grow: bool = True
     feats = event_features(table.column("price").to_numpy(), table.column("quantity").to_numpy())
     return EventBatch(torch.from_numpy(user_idx), torch.from_numpy(item_idx),
                       torch.from_numpy(ts), feats)
+
+
+def expand_rows(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows [Q, N]`` gathered by ``index [B]`` into ``[B, N]`` (``np.take``: several times
+    faster than ``index_select`` on wide float rows on CPU; rows that need a gradient are
+    indexed with torch)."""
+    if rows.requires_grad:
+        return rows[index]
+    return torch.from_numpy(np.take(rows.numpy(), index.numpy(), axis=0))

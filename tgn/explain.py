@@ -76,7 +76,7 @@ def explain_user(run_dir: str | Path, user_id: str, k: int = 10,
     t = float(model.memory.last_update.max()) + 1.0 if at is None else float(at)
     user = torch.tensor(model.users.encode([user_id], grow=False))
     when = torch.tensor([t], dtype=torch.float64)
-    scores = model.score_users(user, when)[0]  # dot product + repeat term, as evaluated
+    scores = model.score_users(user, when)[0]  # the full score, as evaluated
     head: DynLLMHead = model.user_head  # type: ignore[assignment]
     row = int(head.last_rows[0])
     relevance = head.last.relevance[0].tolist()

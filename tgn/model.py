@@ -45,18 +45,21 @@ class TGNConfig:
     neighbors: int = 5  # TGN uses 10, DynLLM 3: 5 halves the attention cost of 10
     aggregation: str = "last"  # TGN's best-performing aggregator
     msg_dim: int = MSG_DIM
-    #: add the learned repeat-purchase term (:mod:`tgn.repeat`) to the dot product; a saved
-    #: config without the field (checkpoints from before it) loads as ``False``
+    #: mix the dot product with the purchase history: the repeat/explore mixture of
+    #: :mod:`tgn.repeat`; a saved config without the field (older checkpoints) loads as ``False``
     repeat: bool = True
 
 
 class TGNRecommender(nn.Module):
-    """Scores every catalog item for a user by a dot product of temporal embeddings, plus,
-    with ``config.repeat``, a learned term for the items the user bought before.
+    """Scores every catalog item for a user by a dot product of temporal embeddings, and, with
+    ``config.repeat``, turns the dot products into a repeat/explore mixture over the purchase
+    history (:class:`~tgn.repeat.RepeatScore`).
 
-    The full score of user ``u`` and item ``i`` at time ``t`` is
-    ``<user_embeddings(u, t), item_embeddings(t)[i]> + repeat(u, i, t)``; the user embeddings
-    (what the pipeline emits) are only the dot-product part, see :meth:`score_users`.
+    With the mixture, the score of user ``u`` and item ``i`` at time ``t`` is a log-probability:
+    ``log P(repeat) + log softmax_history(g)`` for the user's own items, ``log P(explore) +
+    log softmax_others(prior + w·<user_embeddings(u, t), item_embeddings(t)[i]>)`` for the
+    others; the user embeddings (what the pipeline emits) are the dot-product part, see
+    :meth:`score_users`.
 
     Args:
         config: model sizes.
@@ -158,28 +161,23 @@ class TGNRecommender(nn.Module):
         return torch.cat(parts) if parts else self.memory.memory.new_zeros(0,
                                                                            self.config.embed_dim)
 
-    def repeat_term(self, user_index: Tensor, items: Tensor, t: Tensor) -> Tensor:
-        """Repeat term ``[N]`` of pairs ``(user_index [N], items [N])`` at ``t [N]`` (zeros
-        without ``config.repeat`` or without history; differentiable in its weights)."""
+    def mix_history(self, scores: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
+        """Final scores ``[B, N]`` from dot products ``scores [B, N]`` of users ``[B]`` at
+        ``t [B]``: the repeat/explore mixture (:meth:`~tgn.repeat.RepeatScore.mix`) with the dot
+        product as the explore logit; the dot products unchanged without ``config.repeat``."""
         if self.repeat is None:
-            return torch.zeros(user_index.numel())
-        return self.repeat.pair_scores(user_index, items, t)
-
-    def add_repeat(self, scores: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
-        """Add the repeat term to dot-product scores ``[B, N]`` of users ``[B]`` at ``t [B]``,
-        in place (no-op without ``config.repeat``); returns ``scores``."""
-        if self.repeat is not None:
-            self.repeat.add_to(scores, user_index, t)
-        return scores
+            return scores
+        return self.repeat.mix(scores, user_index, t)
 
     @torch.no_grad()
-    def score_users(self, user_index: Tensor, t: Tensor, item_time: float | Tensor | None = None
-                    ) -> Tensor:
+    def score_users(self, user_index: Tensor, t: Tensor, item_time: float | Tensor | None = None,
+                    mix: bool = True) -> Tensor:
         """Full scores ``[B, num_items]``: dot product of the users' embeddings at ``t [B]``
-        with every item's embedding at ``item_time`` (default ``t[0]``), plus the repeat term."""
+        with every item's embedding at ``item_time`` (default ``t[0]``), mixed with the
+        purchase history (:meth:`mix_history`)."""
         users = self.user_embeddings(user_index, t)
         scores = users @ self.item_embeddings(t[0] if item_time is None else item_time).T
-        return self.add_repeat(scores, user_index, t)
+        return self.mix_history(scores, user_index, t) if mix else scores
 
     @torch.no_grad()
     def score(self, batch: EventBatch) -> Tensor:

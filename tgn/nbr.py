@@ -31,7 +31,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from tgn.data import EventBatch
+from tgn.data import EventBatch, expand_rows
 
 
 class BasketWeighting(Protocol):
@@ -332,12 +332,6 @@ def _unique_rows(batch: EventBatch) -> tuple[Tensor, Tensor]:
     return torch.unique(batch.users, return_inverse=True)
 
 
-def _expand(scores: Tensor, rows: Tensor) -> Tensor:
-    """``scores [b, N]`` per distinct user → ``[B, N]`` per event (``np.take``: several times
-    faster than ``index_select`` on wide rows on CPU)."""
-    return torch.from_numpy(np.take(scores.numpy(), rows.numpy(), axis=0))
-
-
 class TIFUKNN:
     """TIFU-KNN, streaming: ``alpha * own + (1 - alpha) * mean of the k nearest users``.
 
@@ -371,7 +365,7 @@ class TIFUKNN:
         users, rows = _unique_rows(batch)
         own = self.vectors.dense(users)
         scores = self.alpha * own + (1 - self.alpha) * self.knn.neighbor_scores(users)
-        return _expand(scores, rows)
+        return expand_rows(scores, rows)
 
     def update(self, batch: EventBatch) -> None:
         """Add the batch's baskets."""
@@ -411,7 +405,7 @@ class UPCF:
     def score(self, batch: EventBatch) -> Tensor:
         """``[B, num_items]`` float32 from the state before the batch."""
         users, rows = _unique_rows(batch)
-        return _expand(self.knn.neighbor_scores(users), rows)
+        return expand_rows(self.knn.neighbor_scores(users), rows)
 
     def update(self, batch: EventBatch) -> None:
         """Add the batch's baskets."""

@@ -1,121 +1,108 @@
-"""A learned repeat-purchase score for (user, item) pairs with history.
+"""The repeat/explore mixture: how the model's final scores use the purchase history.
 
-Grocery purchases repeat: on Complete Journey the user's own purchase counts ("buy again") rank
-the next purchase far better than a dot product of temporal embeddings does. Repeat-aware
-recommenders (ReCANet, https://arxiv.org/abs/2204.12440; the repeat/explore split of
-RepeatNet, https://arxiv.org/abs/1812.02646) add a score for pairs the user bought before.
+Grocery purchases repeat: on Complete Journey a household's own purchase counts ("buy again")
+rank the next purchase better than a dot product of temporal embeddings does, while 56% of the
+purchases are items the household never bought. Following RepeatNet
+(https://arxiv.org/abs/1812.02646) and ReCANet (https://arxiv.org/abs/2204.12440), the score of
+item ``i`` for user ``u`` at time ``t`` is a log-probability of a two-way mixture::
 
-:class:`RepeatScore` keeps, for every (user, item) pair seen in the stream, its purchase count
-and last purchase time, and scores a pair with history by a tiny MLP::
+    P(i) = P(repeat | u, t) · softmax_{i ∈ history(u)}(g(pair features))
+         + P(explore | u, t) · softmax_{i ∉ history(u), bought by anyone}(prior(i) + w·dot(u, i))
 
-    g(log1p(count), log1p(days since the last purchase))  -> scalar
-
-Pairs without history score 0. The state is a nested dict ``user → item → slot`` into growable
-tensors (one dict lookup per event, no loop over the catalog), saved through
-:meth:`RepeatScore.get_extra_state` as one ``[P, 4]`` float64 tensor (a copy), so
-``state_dict()`` and ``torch.load(weights_only=True)`` carry it exactly.
+with ``g``, ``prior`` and the gate small MLPs over :class:`~tgn.signals.PurchaseSignals`
+features (counts, decayed counts, recency against the item's repurchase cycle, the user's
+repeat propensity, item popularity and first-time buyers), and ``dot`` the temporal model's
+dot product. Scores are comparable across the two parts, so a strong new item can outrank a
+weak old one. The weights are fitted by the negative log-likelihood of each purchase over the
+full catalog (:func:`tgn.train.fit_history`). The state (the statistics) is saved through
+:meth:`RepeatScore.get_extra_state` as one float64 tensor (a copy), so ``state_dict()`` and
+``torch.load(weights_only=True)`` carry it exactly.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from tgn.data import expand_rows
+from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSignals
 
 SECONDS_PER_DAY = 86_400.0
 #: Width of the hidden layer of ``g``.
-HIDDEN = 16
+HIDDEN = 32
 
 
 class RepeatScore(nn.Module):
-    """Purchase history per (user, item) pair and the learned score ``g`` of it.
+    """Purchase statistics (:class:`~tgn.signals.PurchaseSignals`) and the learned terms on them:
+
+    * ``g``: the repeat term of a (user, item) pair with history, an MLP over
+      :meth:`~tgn.signals.PurchaseSignals.pair_features` (counts, decayed counts, recency, the
+      item's repurchase cycle, the user's repeat propensity);
+    * ``prior``: an item prior shared by every user, an MLP over
+      :meth:`~tgn.signals.PurchaseSignals.item_features` (popularity, recent popularity,
+      first-time buyers, the item's re-buy rate).
+
+    Both last layers start at zero (the term starts as "nothing"); training grows them.
 
     Args:
-        hidden: hidden width of ``g``'s MLP.
+        hidden: hidden width of both MLPs.
     """
 
     def __init__(self, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.g = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-        with torch.no_grad():  # starts as "no repeat term"; training grows it from the data
-            self.g[2].weight.zero_()
-            self.g[2].bias.zero_()
-        self.reset_state()
+        self.g = nn.Sequential(nn.Linear(PAIR_FEATURES, hidden), nn.ReLU(),
+                               nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.prior = nn.Sequential(nn.Linear(ITEM_FEATURES, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, 1))
+        self.gate = nn.Sequential(nn.Linear(USER_FEATURES, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, 1))
+        self.explore_weight = nn.Parameter(torch.zeros(()))
+        with torch.no_grad():
+            for last in (self.g[-1], self.prior[-1], self.gate[-1]):
+                last.weight.zero_()
+                last.bias.zero_()
+        self.signals = PurchaseSignals()
 
     # -- state -------------------------------------------------------------------------------
 
     def reset_state(self) -> None:
-        """Forget every pair (counts and times); keeps the weights of ``g``."""
-        self._slots: dict[int, dict[int, int]] = {}  # user → item → slot
-        self.size = 0  # pairs in use
-        self._user = torch.zeros(0, dtype=torch.long)  # [capacity]
-        self._item = torch.zeros(0, dtype=torch.long)
-        self._count = torch.zeros(0, dtype=torch.float64)
-        self._last = torch.zeros(0, dtype=torch.float64)  # epoch seconds; -inf when unused
+        """Forget every event; keeps the weights."""
+        self.signals.reset_state()
 
-    def _reserve(self, size: int) -> None:
-        """Grow the pair tensors (capacity doubles) to hold ``size`` pairs."""
-        capacity = self._user.numel()
-        if size <= capacity:
-            return
-        extra = max(size, 2 * capacity, 1024) - capacity
-        self._user = torch.cat([self._user, self._user.new_zeros(extra)])
-        self._item = torch.cat([self._item, self._item.new_zeros(extra)])
-        self._count = torch.cat([self._count, self._count.new_zeros(extra)])
-        self._last = torch.cat([self._last, self._last.new_full((extra,), -torch.inf)])
+    @property
+    def size(self) -> int:
+        """Pairs with history."""
+        return self.signals.size
 
     def update(self, users: Tensor, items: Tensor, t: Tensor) -> None:
-        """Record purchases ``(users [B], items [B], t [B])`` (count += 1, last = max time)."""
-        slots, start = [], self.size
-        size = start
-        for user, item in zip(users.tolist(), items.tolist(), strict=True):
-            own = self._slots.get(user)
-            if own is None:
-                own = self._slots[user] = {}
-            slot = own.get(item)
-            if slot is None:
-                slot = own[item] = size
-                size += 1
-            slots.append(slot)
-        index = torch.tensor(slots, dtype=torch.long)
-        if size > start:
-            self._reserve(size)
-            new = index >= start
-            self._user[index[new]] = users[new]
-            self._item[index[new]] = items[new]
-            self.size = size
-        self._count.index_add_(0, index, torch.ones(index.numel(), dtype=torch.float64))
-        self._last.scatter_reduce_(0, index, t.to(torch.float64), "amax")
+        """Record purchases ``(users [B], items [B], t [B])``."""
+        self.signals.update(users, items, t)
 
     def slots(self, users: Tensor, items: Tensor) -> Tensor:
         """Slot of each pair ``(users [N], items [N])``, -1 for a pair without history."""
-        found = [self._slots.get(u, {}).get(i, -1)
-                 for u, i in zip(users.tolist(), items.tolist(), strict=True)]
-        return torch.tensor(found, dtype=torch.long)
+        return self.signals.slots(users, items)
 
     def history(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
         """``(count [N], last purchase time [N])`` of pairs; ``(0, -inf)`` without history."""
         slot = self.slots(users, items)
         has = slot >= 0
-        count = torch.where(has, self._count[slot.clamp_min(0)], 0.0)
-        last = torch.where(has, self._last[slot.clamp_min(0)], -torch.inf)
+        count = torch.where(has, self.signals.count[slot.clamp_min(0)], 0.0)
+        last = torch.where(has, self.signals.last[slot.clamp_min(0)], -torch.inf)
         return count, last
 
     def _pairs_of(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The pairs of ``users [Q]``, grouped by user (vectorized: no loop over users).
+        """The pairs of ``users [Q]``, grouped by user, from the ``user → item → slot`` dicts
+        (cost: the queried users' pairs only, not all pairs).
 
-        Returns ``(picked [S'], first [Q], lens [Q])``: slots sorted by user (stably, so in
-        first-purchase order), and where each queried user's run starts and how long it is
-        (0 for a user without history).
+        Returns ``(picked [S'], first [Q], lens [Q])``: slots query by query (each user's in
+        first-purchase order), and where each query's run starts and how long it is (0 for a
+        user without history).
         """
-        owner = self._user[: self.size]
-        wanted = torch.zeros(int(users.max()) + 1 if users.numel() else 0, dtype=torch.bool)
-        wanted[users] = True
-        picked = (owner < wanted.numel()).logical_and_(wanted[owner.clamp_max(wanted.numel() - 1)]
-                                                       ).nonzero().squeeze(1)
-        picked = picked[torch.argsort(owner[picked], stable=True)]
-        first = torch.searchsorted(owner[picked], users)  # [Q] the user's first pair
-        lens = torch.searchsorted(owner[picked], users, right=True) - first  # [Q]
-        return picked, first, lens
+        runs = [list(self.signals.slots_of.get(u, {}).values()) for u in users.tolist()]
+        lens = torch.tensor([len(r) for r in runs], dtype=torch.long)
+        picked = torch.tensor([s for r in runs for s in r], dtype=torch.long)
+        return picked, lens.cumsum(0) - lens, lens
 
     def sample_history(self, users: Tensor, exclude: Tensor,
                        generator: torch.Generator | None = None) -> Tensor:
@@ -141,31 +128,22 @@ class RepeatScore(nn.Module):
         last = picked.numel() - 1  # rows without history read some slot; masked at the end
         span = lens.clamp_min(1)
         idx = (first_u * span).long().clamp_max(span - 1)  # [N] position in the user's run
-        hit = self._item[picked[(first + idx).clamp_max(last)]] == exclude
+        hit = self.signals.pair_item[picked[(first + idx).clamp_max(last)]] == exclude
         # uniform over the other len-1 items: step 1..len-1 places on from the excluded one
         step = 1 + (other_u * (span - 1)).long().clamp_max((span - 2).clamp_min(0))
         idx = torch.where(hit, (idx + step) % span, idx)
-        items = self._item[picked[(first + idx).clamp_max(last)]]
+        items = self.signals.pair_item[picked[(first + idx).clamp_max(last)]]
         return torch.where((lens > 1) | ((lens == 1) & ~hit), items, -1)
 
     # -- scores ------------------------------------------------------------------------------
 
     def _g(self, slot: Tensor, t: Tensor) -> Tensor:
         """``g`` of pairs with history ``slot [M]`` (all >= 0) at times ``t [M]`` → ``[M]``."""
-        dtype = self.g[0].weight.dtype
-        days = (t.to(torch.float64) - self._last[slot]).clamp_min(0) / SECONDS_PER_DAY
-        x = torch.stack([torch.log1p(self._count[slot]), torch.log1p(days)], dim=1).to(dtype)
-        return self.g(x).squeeze(1)
+        return self.g(self.signals.pair_features(slot, t)).squeeze(1)
 
-    def pair_scores(self, users: Tensor, items: Tensor, t: Tensor) -> Tensor:
-        """Term ``[N]`` for pairs ``(users [N], items [N])`` at times ``t [N]``; 0 without
-        history. Differentiable in ``g``'s weights (BPR adds it to both sides)."""
-        slot = self.slots(users, items)
-        has = slot >= 0
-        out = torch.zeros(slot.numel(), dtype=self.g[0].weight.dtype)
-        if bool(has.any()):
-            out = out.index_put((has.nonzero().squeeze(1),), self._g(slot[has], t[has]))
-        return out
+    def item_prior(self, t: float, num_items: int) -> Tensor:
+        """The item prior ``[num_items]`` at time ``t`` (same for every user)."""
+        return self.prior(self.signals.item_features(t, num_items)).squeeze(1)
 
     def user_terms(self, users: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sparse term of every pair of each row's user: ``(rows [M], items [M], values [M])``.
@@ -190,45 +168,64 @@ class RepeatScore(nn.Module):
         row_start = (row_lens.cumsum(0) - row_lens).repeat_interleave(row_lens)
         q_start = offsets[inverse].repeat_interleave(row_lens)
         pos = q_start + torch.arange(rows.numel()) - row_start  # [M] entry in slot/values
-        return rows, self._item[slot[pos]], values[pos]
+        return rows, self.signals.pair_item[slot[pos]], values[pos]
 
-    def add_to(self, scores: Tensor, users: Tensor, t: Tensor) -> Tensor:
-        """Add the term to ``scores [B, N]`` in place (rows: ``users [B]`` at ``t [B]``)."""
+    def log_probs(self, explore: Tensor, users: Tensor, t: Tensor) -> Tensor:
+        """Mixture log-probabilities ``[Q, N]`` of every item for queries ``(users [Q], t [Q])``.
+
+        ``log P(i) = log P(repeat) + log softmax_{history}(g)_i`` for an item of the user's
+        history, ``log P(explore) + log softmax_{others}(prior + w·explore)_i`` for any other
+        item bought by anyone so far (the rest: -inf). ``explore [Q, N]``: a user-dependent
+        explore logit (the temporal model's dot product; zeros for none), ``w`` is learned.
+        A user without history explores with probability 1. Differentiable in the weights.
+        """
+        q, n = explore.shape
+        prior = self.item_prior(float(t.min()) if q else 0.0, n)  # [N]
         rows, items, values = self.user_terms(users, t)
-        keep = items < scores.size(1)
-        values = values[keep].to(scores.dtype)
-        if scores.is_contiguous():  # (row, item) entries are distinct: a flat index_add is exact
-            scores.view(-1).index_add_(0, rows[keep] * scores.size(1) + items[keep], values)
-        else:
-            scores.index_put_((rows[keep], items[keep]), values, accumulate=True)
-        return scores
+        keep = items < n
+        rows, items, values = rows[keep], items[keep], values[keep]
+        history = torch.zeros(q, n, dtype=torch.bool)
+        history[rows, items] = True
+        bought = self.signals.bought(n)  # [N]
+        others = (prior + self.explore_weight * explore).masked_fill(history | ~bought, -torch.inf)
+        repeat = torch.full((q, n), -torch.inf).index_put((rows, items), values)
+        has = history.any(1)
+        gate = self.gate(self.signals.user_features(users, t)).squeeze(1)  # [Q] logit
+        log_repeat = torch.where(has, F.logsigmoid(gate), -torch.inf)
+        log_explore = torch.where(has, F.logsigmoid(-gate), 0.0)
+        log_repeat_items = torch.log_softmax(repeat[has], 1)
+        out = (log_explore.unsqueeze(1) + torch.log_softmax(others, 1)).masked_fill(history, 0.0)
+        out = out.index_put((has.nonzero().squeeze(1),),
+                            torch.where(history[has], log_repeat[has].unsqueeze(1)
+                                        + log_repeat_items, out[has]))
+        return out.masked_fill(torch.isnan(out), -torch.inf)  # a row with nothing to explore
+
+    def mix(self, scores: Tensor, users: Tensor, t: Tensor) -> Tensor:
+        """The model's final scores ``[B, N]`` from dot products ``scores [B, N]`` of rows
+        ``(users [B], t [B])``: :meth:`log_probs` once per distinct ``(user, t)``, per row."""
+        if users.numel() == 0:
+            return scores
+        key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
+        queries, inverse = torch.unique(key, dim=0, return_inverse=True)
+        first = torch.full((queries.size(0),), users.numel()).scatter_reduce_(
+            0, inverse, torch.arange(users.numel()), "amin")
+        mixed = self.log_probs(scores[first], queries[:, 0].long(), queries[:, 1])
+        return expand_rows(mixed, inverse)
 
     def dense(self, users: Tensor, t: Tensor, num_items: int) -> Tensor:
-        """The term as a dense ``[B, num_items]`` matrix (0 for pairs without history)."""
-        return self.add_to(torch.zeros(users.numel(), num_items), users, t)
+        """:meth:`mix` without a temporal model (explore logits 0): ``[B, num_items]``."""
+        return self.mix(torch.zeros(users.numel(), num_items), users, t)
 
     # -- saving ------------------------------------------------------------------------------
 
     def get_extra_state(self) -> Tensor:
-        """A copy of the pairs as ``[P, 4]`` float64: user, item, count, last time (ids are
-        exact in float64 up to 2**53)."""
-        n = self.size
-        return torch.stack([self._user[:n].double(), self._item[:n].double(),
-                            self._count[:n].clone(), self._last[:n].clone()], dim=1)
+        """A copy of the purchase statistics as one 1-D float64 tensor
+        (:meth:`~tgn.signals.PurchaseSignals.packed`), so ``state_dict()`` stays tensors only."""
+        return self.signals.packed()
 
     def set_extra_state(self, state: Tensor) -> None:
-        """Restore pairs saved by :meth:`get_extra_state` (replaces the current ones)."""
-        self.reset_state()
-        n = state.size(0)
-        self._reserve(n)
-        self._user[:n] = state[:, 0].long()
-        self._item[:n] = state[:, 1].long()
-        self._count[:n] = state[:, 2]
-        self._last[:n] = state[:, 3]
-        self.size = n
-        for slot, (user, item) in enumerate(zip(self._user[:n].tolist(), self._item[:n].tolist(),
-                                                strict=True)):
-            self._slots.setdefault(user, {})[item] = slot
+        """Restore statistics saved by :meth:`get_extra_state` (replaces the current ones)."""
+        self.signals.load_packed(state)
 
 
 __all__ = ["RepeatScore"]

@@ -53,6 +53,13 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 2000  # validation scores the full catalog once per batch
     max_val_events: int | None = None  # validate on the first N events (smoke runs)
+    #: stage 2 (:func:`fit_history`): passes over the training events, learning rate, batch
+    #: size and the share of the training events that only builds state first (chosen on cj26
+    #: validation: docs/quality.md)
+    history_epochs: int = 2
+    history_lr: float = 3e-3
+    history_batch_size: int = 1000
+    history_warmup: float = 0.5
 
     def __post_init__(self) -> None:
         if self.negatives < 1:
@@ -68,6 +75,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_recall: float = -math.inf
+    history_losses: list[float] = field(default_factory=list)  # stage 2, per epoch
 
 
 def first_seen_order(items: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,19 +120,16 @@ def draw_negatives(model: TGNRecommender, batch: EventBatch, candidates: Tensor,
 
 
 def bpr_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Tensor:
-    """Mean ``-log σ(s(u, pos) - s(u, neg))`` over ``negatives [B, R]`` item indices.
-
-    ``s`` is the full score: dot product plus the model's repeat term (history before the batch).
-    """
+    """Mean ``-log σ(s(u, pos) - s(u, neg))`` over ``negatives [B, R]`` item indices, where
+    ``s`` is the dot product of the temporal embeddings (stage 1; the history mixture is fitted
+    afterwards by :func:`fit_history`)."""
     b, r = negatives.shape
     users = model.user_embeddings(batch.users, batch.t)  # [B, E]
     items = torch.cat([batch.items, negatives.reshape(-1)])  # [B + B·R]
     t = torch.cat([batch.t, batch.t.repeat_interleave(r)])
     z = model.item_embeddings(t, items)
-    owners = torch.cat([batch.users, batch.users.repeat_interleave(r)])
-    repeat = model.repeat_term(owners, items, t)  # [B + B·R]
-    pos = (users * z[:b]).sum(-1) + repeat[:b]  # [B]
-    neg = ((users.repeat_interleave(r, 0) * z[b:]).sum(-1) + repeat[b:]).view(b, r)
+    pos = (users * z[:b]).sum(-1)  # [B]
+    neg = (users.repeat_interleave(r, 0) * z[b:]).sum(-1).view(b, r)
     loss = -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
     extra = getattr(model.user_head, "extra_loss", None)
     return loss + extra() if callable(extra) else loss
@@ -157,12 +162,28 @@ def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: 
     return sum(losses) / max(1, len(losses))
 
 
+class DotProducts:
+    """The model's dot products alone as a :class:`~tgn.evaluate.Recommender` (stage 1's
+    validation: the history mixture is not fitted yet)."""
+
+    def __init__(self, model: TGNRecommender) -> None:
+        self.model = model
+
+    def score(self, batch: EventBatch) -> Tensor:
+        return self.model.score_users(batch.users, batch.t, mix=False)
+
+    def update(self, batch: EventBatch) -> None:
+        self.model.update(batch)
+
+
 def validate(model: TGNRecommender, val: EventBatch, config: TrainConfig,
-             progress: bool = True, seen: EventBatch | None = None) -> dict[str, float]:
+             progress: bool = True, seen: EventBatch | None = None,
+             mix: bool = True) -> dict[str, float]:
     """Test-then-update metrics on the validation events, continuing from the current state.
 
     ``seen`` (the training events) makes their items candidates from the first batch on, as in
     the test evaluation; without it the first ``eval_batch_size`` purchases can only miss.
+    ``mix=False`` scores the dot products alone (:class:`DotProducts`).
     """
     model.eval()
     if config.max_val_events is not None:
@@ -170,7 +191,52 @@ def validate(model: TGNRecommender, val: EventBatch, config: TrainConfig,
     evaluator = Evaluator()
     if seen is not None:
         evaluator.observe(seen)
-    return evaluator.run(model, val, batch_size=config.eval_batch_size, progress=progress)
+    return evaluator.run(model if mix else DotProducts(model), val,
+                         batch_size=config.eval_batch_size, progress=progress)
+
+
+def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
+                progress: bool = True) -> list[float]:
+    """Stage 2: fit the history mixture's weights (:class:`~tgn.repeat.RepeatScore`: ``g``,
+    the item prior, the gate, the explore weight) with the temporal model frozen.
+
+    Streams ``events`` in time order ``config.history_epochs`` times; the first
+    ``config.history_warmup`` share only builds state, then each batch (whole timestamps, so a
+    basket is scored from the state as of its start) scores its purchases by their mixture
+    log-probability over the full catalog (dot products from the frozen model), takes one Adam
+    step on the negative mean, and is applied. Returns the mean loss per epoch.
+    """
+    assert model.repeat is not None, "fit_history needs the history mixture (config.repeat)"
+    optimizer = torch.optim.Adam(model.repeat.parameters(), lr=config.history_lr)
+    warmup = int(config.history_warmup * len(events))
+    epochs = []
+    for _ in range(config.history_epochs):
+        model.eval()
+        model.reset_state()
+        seen, losses = 0, []
+        bar = tqdm(list(events.batches(config.history_batch_size, whole_times=True)),
+                   desc="history", disable=not progress)
+        for batch in bar:
+            if seen >= warmup:
+                key = torch.stack([batch.users.double(), batch.t], dim=1)
+                queries, inverse = torch.unique(key, dim=0, return_inverse=True)
+                users, t = queries[:, 0].long(), queries[:, 1]
+                with torch.no_grad():
+                    dot = model.score_users(users, t, item_time=float(batch.t[0]), mix=False)
+                logp = model.repeat.log_probs(dot, users, t)[inverse, batch.items]  # [B]
+                logp = logp[torch.isfinite(logp)]  # items nobody had bought yet: unrankable
+                if logp.numel():
+                    loss = -logp.mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            with torch.no_grad():
+                model.update(batch)
+            seen += len(batch)
+        epochs.append(sum(losses) / max(1, len(losses)))
+    return epochs
 
 
 def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatch,
@@ -192,7 +258,7 @@ def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatc
         started = time.perf_counter()
         loss = train_epoch(model, optimizer, train_events, config, generator, progress)
         trained = time.perf_counter()
-        metrics = validate(model, val_events, config, progress, seen=train_events)
+        metrics = validate(model, val_events, config, progress, seen=train_events, mix=False)
         result.history.append({
             "epoch": epoch, "loss": loss, "train_seconds": trained - started,
             "val_seconds": time.perf_counter() - trained, **{
@@ -208,4 +274,6 @@ def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatc
                 break
     if best_weights is not None:
         model.load_state_dict(best_weights)
+    if model.repeat is not None:
+        result.history_losses = fit_history(model, train_events, config, progress)
     return result

@@ -74,24 +74,24 @@ def test_parse_recommend_query_defaults_k():
         parse_recommend_query("user=&k=1")
 
 
-def test_recommend_serves_the_full_score_with_the_repeat_term(run_dir, one_shard_state):
-    """A user's own past items get the shard model's repeat term on top of the dot product."""
+def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
+    """Served scores are the shard model's history mixture over the stored dot products."""
     recommender = Recommender(run_dir, one_shard_state)
     user = str(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[0][0])
     model, t = recommender._models[0]
-    index = model.users.encode([user], grow=False)
-    own = torch.tensor(sorted({model.repeat._item[s].item()
-                               for s in model.repeat._slots[int(index[0])].values()}))
-    with torch.no_grad():  # a large constant for every pair with history
-        model.repeat.g[2].bias.fill_(1000.0)
+    index = torch.from_numpy(model.users.encode([user], grow=False))
+    own = torch.tensor(sorted(model.repeat.signals.slots_of[int(index[0])]))
+    with torch.no_grad():  # P(repeat) ≈ 1: the user's own items come first
+        model.repeat.gate[-1].bias.fill_(50.0)
     after = recommender.recommend(user, len(own))
     served = {item["item_id"] for item in after["items"]}
     assert served == set(model.items.decode(own.tolist()))
-    # the served scores are dot product + term: the term at the shard's time, recomputed here
-    term = model.repeat.dense(torch.from_numpy(index), torch.tensor([t], dtype=torch.float64),
-                              len(model.items))[0]
+    # the served scores, recomputed here from the stored embedding at the shard's time
     vectors = recommender._item_vectors[0]
     embedding = torch.from_numpy(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[3][0])
-    best = own[(vectors[own] @ embedding + term[own]).argmax()]
-    assert after["items"][0]["item_id"] == model.items.decode([int(best)])[0]
-    assert abs(after["items"][0]["score"] - float(vectors[best] @ embedding + term[best])) < 1e-3
+    with torch.no_grad():
+        full = model.mix_history((vectors @ embedding).unsqueeze(0), index,
+                                 torch.tensor([t], dtype=torch.float64))[0]
+    top = model.items.encode([after["items"][0]["item_id"]], grow=False)[0]
+    assert abs(after["items"][0]["score"] - float(full.max())) < 1e-3
+    assert abs(float(full[top]) - float(full.max())) < 1e-3  # the best item (or a tie of it)

@@ -79,18 +79,17 @@ def test_explain_prints_facets_weights_and_items(run_dir):
     assert "favored brands" in text and "top 5 recommendations" in text
 
 
-def test_explain_scores_are_the_full_score_with_the_repeat_term(run_dir):
+def test_explain_scores_are_the_models_full_score(run_dir):
     expl = explain_user(run_dir, "u3", k=20)
     model = load_dynllm(run_dir / "model.pt").eval()
     user, t = torch.tensor(model.users.encode(["u3"], grow=False)), torch.tensor([expl.t],
                                                                                 dtype=torch.float64)
     with torch.no_grad():
-        dot = (model.user_embeddings(user, t) @ model.item_embeddings(expl.t).T)[0]
-        term = model.repeat.dense(user, t, dot.numel())[0]
-    assert term.abs().max() > 0  # trained: u3's own items get a term
+        dot = model.user_embeddings(user, t) @ model.item_embeddings(expl.t).T
+        full = model.mix_history(dot, user, t)[0]
+    assert (full != dot[0]).all()  # the history mixture, not the bare dot product
     index = model.items.encode([item[0] for item in expl.items], grow=False)
-    torch.testing.assert_close(torch.tensor([item[1] for item in expl.items]),
-                               (dot + term)[index])
+    torch.testing.assert_close(torch.tensor([item[1] for item in expl.items]), full[index])
 
 
 def test_explain_before_any_profile_says_so(run_dir, tiny_dataset):

@@ -1,82 +1,76 @@
-"""The repeat-purchase term: history, score, save→load→continue, off switch, gradients."""
+"""The purchase statistics and the repeat/explore mixture: state, probabilities, save→load→
+continue, off switch, stage-2 fitting."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from tgn.data import EventBatch
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.repeat import RepeatScore
-from tgn.train import bpr_loss
+from tgn.signals import PurchaseSignals
+from tgn.train import TrainConfig, fit_history
 
 DAY = 86_400.0
 
 
-def _batch(users: list[int], items: list[int], t: list[float]) -> EventBatch:
-    return EventBatch(torch.tensor(users), torch.tensor(items),
-                      torch.tensor(t, dtype=torch.float64), torch.zeros(len(users), 2))
+def _t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
-def _readable_g(repeat: RepeatScore, a: float, b: float, c: float) -> None:
-    """Make ``g(x) = a·log1p(count) + b·log1p(days) + c`` (hidden units 0 and 1 pass x on)."""
+def test_statistics_of_a_hand_built_stream():
+    s = PurchaseSignals()
+    s.update(torch.tensor([0, 0, 1]), torch.tensor([3, 3, 5]), _t(0.0, 0.0, DAY))
+    s.update(torch.tensor([0, 0]), torch.tensor([3, 7]), _t(7 * DAY, 7 * DAY))
+    assert s.size == 3  # pairs (0, 3), (1, 5), (0, 7)
+    slot = s.slots(torch.tensor([0, 1, 0, 1]), torch.tensor([3, 5, 7, 3]))
+    assert slot[3] == -1
+    assert s.count[slot[:3]].tolist() == [3.0, 1.0, 1.0]
+    assert s.last[slot[:3]].tolist() == [7 * DAY, DAY, 7 * DAY]
+    # decayed count of (0, 3) at day 7, 7-day half-life: two lines a week ago count half each
+    assert math.isclose(float(s.decayed[slot[0], 0]), 1 + 2 * 0.5)
+    # users: lines, baskets (distinct times), repeat lines (pair seen in an earlier batch)
+    assert s.user_stats[0, :3].tolist() == [4.0, 2.0, 1.0]
+    assert s.user_stats[1, :3].tolist() == [1.0, 1.0, 0.0]
+    # items: purchases, first-time purchases, repeats; item 3 re-bought after 7 days
+    assert s.item_stats[3, :3].tolist() == [3.0, 1.0, 2.0]
+    assert s.item_stats[3, 4] == 1 and math.isclose(float(s.item_stats[3, 3]), math.log(7))
+    features = s.pair_features(slot[:3], _t(8 * DAY, 8 * DAY, 8 * DAY))
+    assert features.shape == (3, 10) and torch.isfinite(features).all()
+    assert math.isclose(float(features[0, 0]), math.log1p(3), rel_tol=1e-6)
+    assert math.isclose(float(features[1, 1]), math.log1p(7), rel_tol=1e-6)  # days since last
+    assert s.bought(9).tolist() == [i in (3, 5, 7) for i in range(9)]
+
+
+def test_mixture_is_a_distribution_over_bought_items():
+    repeat = RepeatScore()
+    torch.manual_seed(0)
     with torch.no_grad():
-        first, last = repeat.g[0], repeat.g[2]
-        first.weight.zero_()
-        first.bias.zero_()
-        first.weight[0, 0] = first.weight[1, 1] = 1.0
-        last.weight.zero_()
-        last.weight[0, 0], last.weight[0, 1] = a, b
-        last.bias.fill_(c)
+        for p in repeat.parameters():
+            p.normal_(0, 0.5)
+    repeat.update(torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 3, 4]), _t(0, 0, 0, 0))
+    explore = torch.randn(3, 8)
+    logp = repeat.log_probs(explore, torch.tensor([0, 1, 9]), _t(DAY, DAY, DAY))
+    assert logp.shape == (3, 8)
+    assert torch.isinf(logp[:, [0, 5, 6, 7]]).all()  # nobody bought them: not recommendable
+    torch.testing.assert_close(torch.logsumexp(logp, 1), torch.zeros(3), atol=1e-5, rtol=0)
+    # a user without history (9) explores only: his scores follow prior + w·explore
+    with torch.no_grad():
+        repeat.gate[-1].bias.fill_(50.0)  # P(repeat) ≈ 1 for users with history
+    logp = repeat.log_probs(explore[[0, 2]], torch.tensor([0, 9]), _t(DAY, DAY))
+    logp = logp.detach()
+    assert math.isclose(float(torch.logsumexp(logp[0, [1, 2]], 0)), 0.0, abs_tol=1e-5)
+    assert math.isclose(float(torch.logsumexp(logp[1, [1, 2, 3, 4]], 0)), 0.0, abs_tol=1e-5)
 
 
-def test_counts_last_times_and_the_score_term_of_a_hand_built_stream():
-    repeat = RepeatScore()
-    repeat.update(torch.tensor([0, 0, 1]), torch.tensor([3, 3, 5]),
-                  torch.tensor([10.0, 100.0, 200.0], dtype=torch.float64))
-    repeat.update(torch.tensor([0]), torch.tensor([7]), torch.tensor([2 * DAY + 100],
-                                                                     dtype=torch.float64))
-    count, last = repeat.history(torch.tensor([0, 1, 0, 1]), torch.tensor([3, 5, 7, 3]))
-    assert count.tolist() == [2.0, 1.0, 1.0, 0.0]
-    assert last.tolist() == [100.0, 200.0, 2 * DAY + 100, -math.inf]
-    assert repeat.size == 3  # three distinct pairs, one slot each
-
-    _readable_g(repeat, a=2.0, b=-1.0, c=0.5)
-    # rows: user 0 at day 3 (+100 s), user 0 again at day 9, user 1 at day 1, user 2 (no history)
-    t = torch.tensor([3 * DAY + 100, 9 * DAY + 100, DAY + 200, DAY], dtype=torch.float64)
-    dense = repeat.dense(torch.tensor([0, 0, 1, 2]), t, num_items=8)
-    expected = torch.zeros(4, 8)
-    expected[0, 3] = 2 * math.log1p(2) - math.log1p(3.0) + 0.5  # bought twice, 3 days ago
-    expected[0, 7] = 2 * math.log1p(1) - math.log1p(1.0) + 0.5  # once, 1 day ago
-    expected[1, 3] = 2 * math.log1p(2) - math.log1p(9.0) + 0.5
-    expected[1, 7] = 2 * math.log1p(1) - math.log1p(7.0) + 0.5
-    expected[2, 5] = 2 * math.log1p(1) - math.log1p(1.0) + 0.5
-    torch.testing.assert_close(dense, expected)
-    pairs = repeat.pair_scores(torch.tensor([0, 1, 2]), torch.tensor([3, 5, 3]), t[[0, 2, 3]])
-    torch.testing.assert_close(pairs, torch.stack([expected[0, 3], expected[2, 5],
-                                                   torch.tensor(0.0)]))
-
-
-def test_extra_state_is_a_copy_that_restores_exactly():
-    repeat = RepeatScore()
-    repeat.update(torch.tensor([4, 2, 4]), torch.tensor([1, 1, 1]),
-                  torch.tensor([5.0, 6.0, 7.0], dtype=torch.float64))
-    saved = repeat.state_dict()
-    repeat.update(torch.tensor([9]), torch.tensor([9]), torch.tensor([8.0], dtype=torch.float64))
-    # user, item, count, last time; untouched by the later event
-    assert saved["_extra_state"].tolist() == [[4, 1, 2, 7], [2, 1, 1, 6]]
-    other = RepeatScore()
-    other.load_state_dict(saved)
-    assert other.history(torch.tensor([4, 2, 9]), torch.tensor([1, 1, 9]))[0].tolist() == [2, 1, 0]
-    other.reset_state()
-    assert other.size == 0 and other.get_extra_state().shape == (0, 4)
-
-
-def test_save_load_continue_equals_uninterrupted_with_the_term(tmp_path, tiny_config, tiny_table):
+def test_save_load_continue_equals_uninterrupted(tmp_path, tiny_config, tiny_table):
     torch.manual_seed(0)
     model = TGNRecommender(tiny_config).eval()
-    _readable_g(model.repeat, a=1.0, b=-0.5, c=0.2)
+    with torch.no_grad():
+        model.repeat.g[-1].weight.normal_()
+        model.repeat.gate[-1].bias.fill_(1.0)
     events = model.encode(tiny_table)
     model.apply_events(events[:200], 50)
     payload = model.checkpoint_payload()
@@ -91,20 +85,16 @@ def test_save_load_continue_equals_uninterrupted_with_the_term(tmp_path, tiny_co
     for name, value in model.state_dict().items():
         assert torch.equal(value, restored.state_dict()[name]), name
     probe = events[-20:]
-    scores = model.score(probe)
-    assert torch.equal(scores, restored.score(probe))
-    assert model.repeat.dense(probe.users, probe.t, scores.size(1)).abs().sum() > 0
+    assert torch.equal(model.score(probe), restored.score(probe))
 
 
-def test_repeat_off_gives_the_dot_product_and_on_adds_exactly_the_term(tiny_config, tiny_table):
-    configs = {on: TGNConfig(**{**tiny_config.__dict__, "repeat": on}) for on in (False, True)}
+def test_repeat_off_gives_the_dot_product_and_on_mixes_it(tiny_config, tiny_table):
     models = {}
-    for on, config in configs.items():
+    for on in (False, True):
         torch.manual_seed(3)
-        models[on] = TGNRecommender(config).eval()
+        models[on] = TGNRecommender(TGNConfig(**{**tiny_config.__dict__, "repeat": on})).eval()
     off, on = models[False], models[True]
     assert off.repeat is None and "repeat._extra_state" not in off.state_dict()
-    _readable_g(on.repeat, a=1.5, b=-0.3, c=0.1)
     events = off.encode(tiny_table)
     on.encode(tiny_table)
     off.apply_events(events[:300], 50)
@@ -112,10 +102,9 @@ def test_repeat_off_gives_the_dot_product_and_on_adds_exactly_the_term(tiny_conf
     probe = events[300:320]
     with torch.no_grad():
         dot = off.user_embeddings(probe.users, probe.t) @ off.item_embeddings(probe.t[0]).T
-    assert torch.equal(off.score(probe), dot)  # the old score, untouched
-    term = on.repeat.dense(probe.users, probe.t, dot.size(1))
-    assert term.abs().sum() > 0
-    torch.testing.assert_close(on.score(probe), dot + term)
+    assert torch.equal(off.score(probe), dot)  # the plain dot product, untouched
+    torch.testing.assert_close(on.score(probe), on.repeat.mix(dot.clone(), probe.users, probe.t))
+    torch.testing.assert_close(on.score_users(probe.users, probe.t, mix=False), dot)
 
 
 def test_checkpoint_without_the_field_loads_with_the_term_off(tmp_path, tiny_config, tiny_table):
@@ -128,16 +117,27 @@ def test_checkpoint_without_the_field_loads_with_the_term_off(tmp_path, tiny_con
     assert loaded.config.repeat is False and loaded.repeat is None
 
 
-def test_bpr_gradient_reaches_the_repeat_weights(tiny_config, tiny_table):
+def test_fit_history_learns_that_favourites_repeat(tiny_config, tiny_table):
+    """Each tiny user cycles through 4 favourites: after stage 2 the next purchase is far more
+    likely than under the untrained mixture (uniform over history, gate at 1/2)."""
     torch.manual_seed(0)
     model = TGNRecommender(tiny_config)
     events = model.encode(tiny_table)
-    model.apply_events(events[:300], 50)  # history: the users' favourites repeat
-    batch = events[300:340]
-    negatives = torch.randint(20, (len(batch), 2), generator=torch.Generator().manual_seed(0))
-    model.train()
-    bpr_loss(model, batch, negatives).backward()
-    last = model.repeat.g[2]
-    assert last.weight.grad.abs().sum() > 0 and last.bias.grad is not None
-    # the positives all have history, so a larger repeat bias lowers the loss
-    assert float(last.bias.grad) < 0
+    train, probe = events[:300], events[300:]
+
+    def nll() -> float:  # test-then-update over the probe events
+        model.eval()
+        model.reset_state()
+        model.apply_events(train, 50)
+        losses = []
+        for b in probe.batches(12):
+            losses.append(-float(model.score(b)[torch.arange(len(b)), b.items].mean()))
+            model.update(b)
+        return float(np.mean(losses))
+
+    before = nll()
+    losses = fit_history(model, train, TrainConfig(history_epochs=3, history_batch_size=24,
+                                                   history_warmup=0.2, history_lr=3e-2),
+                         progress=False)
+    assert losses[-1] < losses[0]
+    assert nll() < before - 0.5

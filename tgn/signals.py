@@ -1,0 +1,260 @@
+"""Streaming purchase statistics: the features of the repeat term and of the item prior.
+
+What next-basket work exploits on grocery logs, kept incrementally so a stream can update it
+event by event (no pass over the log):
+
+* per (user, item) pair — count, last time, time-decayed counts (TIFU-KNN's decayed frequency,
+  https://arxiv.org/abs/2006.00556), the position in the item's repurchase cycle (time since the
+  last purchase against the item's typical interval: what TAIW and ReCANet use);
+* per user — purchase lines, baskets (distinct times) and repeat lines (repeat propensity);
+* per item — purchases, first-time purchases ("explore" buyers), repeat purchases, the mean log
+  repurchase interval, and time-decayed popularity of all purchases and of first-time purchases.
+
+:class:`PurchaseSignals` holds this state; :meth:`PurchaseSignals.pair_features` and
+:meth:`PurchaseSignals.item_features` turn it into model inputs at a query time. Everything is
+a function of the events applied so far, in order: replaying a log gives the same tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SECONDS_PER_DAY = 86_400.0
+#: Half-lives (days) of the decayed per-pair counts.
+PAIR_HALF_LIVES = (7.0, 30.0, 120.0)
+#: Half-lives (days) of the decayed item popularity (all purchases and first-time purchases).
+ITEM_HALF_LIVES = (3.0, 14.0)
+#: Width of :meth:`PurchaseSignals.pair_features`.
+PAIR_FEATURES = 7 + len(PAIR_HALF_LIVES)
+#: Width of :meth:`PurchaseSignals.user_features`.
+USER_FEATURES = 4
+#: Width of :meth:`PurchaseSignals.item_features`.
+ITEM_FEATURES = 3 + 2 * len(ITEM_HALF_LIVES)
+#: Prior strength (pseudo-events) of the shrunk rates and mean intervals.
+PRIOR = 5.0
+
+
+def _rates(tau_days: tuple[float, ...]) -> Tensor:
+    """Decay rates ``[H]`` (1/s) of half-lives in days."""
+    return torch.tensor([math.log(2) / (d * SECONDS_PER_DAY) for d in tau_days],
+                        dtype=torch.float64)
+
+
+def _grow(x: Tensor, size: int, fill: float = 0.0) -> Tensor:
+    """``x`` padded along dim 0 with ``fill`` to at least ``size`` rows (capacity doubles)."""
+    if size <= x.size(0):
+        return x
+    extra = max(size, 2 * x.size(0), 1024) - x.size(0)
+    return torch.cat([x, x.new_full((extra, *x.shape[1:]), fill)])
+
+
+def _logit(p: Tensor) -> Tensor:
+    return torch.log(p) - torch.log1p(-p)
+
+
+class PurchaseSignals:
+    """Pair, user and item purchase statistics, updated batch by batch.
+
+    Pairs are kept in slots (``user → item → slot`` dicts into growable tensors), users and
+    items by dense index. All times are float64 epoch seconds.
+    """
+
+    def __init__(self) -> None:
+        self.pair_rates, self.item_rates = _rates(PAIR_HALF_LIVES), _rates(ITEM_HALF_LIVES)
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Forget every event."""
+        self.slots_of: dict[int, dict[int, int]] = {}  # user → item → slot
+        self.size = 0
+        self.pair_user = torch.zeros(0, dtype=torch.long)
+        self.pair_item = torch.zeros(0, dtype=torch.long)
+        self.count = torch.zeros(0, dtype=torch.float64)
+        self.last = torch.zeros(0, dtype=torch.float64)
+        self.decayed = torch.zeros(0, len(PAIR_HALF_LIVES), dtype=torch.float64)  # at `last`
+        # users: lines, baskets, repeat lines, last time
+        self.user_stats = torch.zeros(0, 4, dtype=torch.float64)
+        # items: purchases, first-time purchases, repeats, Σ log interval days, intervals
+        self.item_stats = torch.zeros(0, 5, dtype=torch.float64)
+        self.item_pop = torch.zeros(0, 2 * len(ITEM_HALF_LIVES), dtype=torch.float64)
+        self.clock = -math.inf  # time the decayed item popularity refers to
+
+    # -- state -------------------------------------------------------------------------------
+
+    def slots(self, users: Tensor, items: Tensor) -> Tensor:
+        """Slot of each pair ``(users [N], items [N])``, -1 for a pair without history."""
+        found = [self.slots_of.get(u, {}).get(i, -1)
+                 for u, i in zip(users.tolist(), items.tolist(), strict=True)]
+        return torch.tensor(found, dtype=torch.long)
+
+    def update(self, users: Tensor, items: Tensor, t: Tensor) -> None:
+        """Apply purchases ``(users [B], items [B], t [B])`` (time-ordered)."""
+        if users.numel() == 0:
+            return
+        t = t.to(torch.float64)
+        before = self.slots(users, items)  # history before the batch
+        slots, size = [], self.size
+        for user, item in zip(users.tolist(), items.tolist(), strict=True):
+            own = self.slots_of.setdefault(user, {})
+            slot = own.get(item)
+            if slot is None:
+                slot = own[item] = size
+                size += 1
+            slots.append(slot)
+        index = torch.tensor(slots, dtype=torch.long)
+        if size > self.size:
+            self.pair_user, self.pair_item = _grow(self.pair_user, size), _grow(self.pair_item,
+                                                                                 size)
+            self.count, self.decayed = _grow(self.count, size), _grow(self.decayed, size)
+            self.last = _grow(self.last, size, -math.inf)
+            new = index >= self.size
+            self.pair_user[index[new]], self.pair_item[index[new]] = users[new], items[new]
+            self.size = size
+        self._update_items(users, items, t, before, index)
+        self._update_users(users, t, before)
+        # pairs: decay the stored values to the pair's newest time, add each event's share
+        touched, inverse = torch.unique(index, return_inverse=True)
+        old = self.last[touched]
+        newest = old.clone().scatter_reduce_(0, inverse, t, "amax")  # [T]
+        gap = torch.where(torch.isinf(old), 0.0, newest - old)
+        self.decayed[touched] *= torch.exp(-gap.unsqueeze(1) * self.pair_rates)
+        share = torch.exp(-(newest[inverse] - t).unsqueeze(1) * self.pair_rates)  # [B, H]
+        self.decayed.index_add_(0, index, share)
+        self.count.index_add_(0, index, torch.ones(index.numel(), dtype=torch.float64))
+        self.last[touched] = newest
+
+    def _update_users(self, users: Tensor, t: Tensor, before: Tensor) -> None:
+        top = int(users.max()) + 1
+        self.user_stats = _grow(self.user_stats, top)
+        stats = self.user_stats
+        # a basket = a distinct (user, time) not yet counted: newer than the user's last time
+        key = torch.stack([users.double(), t], 1)
+        uniq = torch.unique(key, dim=0)
+        uu = uniq[:, 0].long()
+        fresh = uniq[:, 1] > torch.where(stats[uu, 0] > 0, stats[uu, 3], -math.inf)
+        ones = torch.ones(users.numel(), dtype=torch.float64)
+        stats[:, 0].index_add_(0, users, ones)
+        stats[:, 1].index_add_(0, uu[fresh], torch.ones(int(fresh.sum()), dtype=torch.float64))
+        stats[:, 2].index_add_(0, users, (before >= 0).double())
+        stats[:, 3].scatter_reduce_(0, users, t, "amax")
+
+    def _update_items(self, users: Tensor, items: Tensor, t: Tensor, before: Tensor,
+                      index: Tensor) -> None:
+        top = int(items.max()) + 1
+        self.item_stats, self.item_pop = _grow(self.item_stats, top), _grow(self.item_pop, top)
+        repeat = before >= 0
+        # a pair first bought in this batch counts once as a first-time purchase
+        first = torch.zeros(items.numel(), dtype=torch.bool)
+        uniq, inv = torch.unique(index, return_inverse=True)
+        first_pos = torch.full((uniq.numel(),), items.numel()).scatter_reduce_(
+            0, inv, torch.arange(items.numel()), "amin")
+        first[first_pos] = True
+        first &= ~repeat
+        stats = self.item_stats
+        stats[:, 0].index_add_(0, items, torch.ones(items.numel(), dtype=torch.float64))
+        stats[:, 1].index_add_(0, items, first.double())
+        stats[:, 2].index_add_(0, items, (~first).double())
+        gap = (t - self.last[before.clamp_min(0)]) / SECONDS_PER_DAY
+        has_gap = repeat & (gap > 0.5)  # a re-buy at least half a day later
+        stats[:, 3].index_add_(0, items[has_gap], torch.log(gap[has_gap]))
+        stats[:, 4].index_add_(0, items[has_gap], torch.ones(int(has_gap.sum()),
+                                                             dtype=torch.float64))
+        now = float(t.max())
+        h = len(ITEM_HALF_LIVES)
+        if math.isfinite(self.clock):
+            self.item_pop *= torch.exp(-(now - self.clock) * self.item_rates).repeat(2)
+        share = torch.exp(-(now - t).unsqueeze(1) * self.item_rates)  # [B, H]
+        self.item_pop[:, :h].index_add_(0, items, share)
+        self.item_pop[:, h:].index_add_(0, items[first], share[first])
+        self.clock = now
+
+    # -- features ----------------------------------------------------------------------------
+
+    def pair_features(self, slot: Tensor, t: Tensor) -> Tensor:
+        """Features ``[M, PAIR_FEATURES]`` (float32) of pairs with history ``slot [M]`` at
+        times ``t [M]``: log count, log days since last, log decayed counts, log share of the
+        user's baskets, cycle position (log days since last − the item's mean log interval),
+        item re-buy rate (logit), user repeat propensity (logit), log user lines."""
+        t = t.to(torch.float64)
+        user, item = self.pair_user[slot], self.pair_item[slot]
+        elapsed = (t - self.last[slot]).clamp_min(0)
+        days = elapsed / SECONDS_PER_DAY
+        decayed = self.decayed[slot] * torch.exp(-elapsed.unsqueeze(1) * self.pair_rates)
+        ustats, istats = self.user_stats[user], self.item_stats[item]
+        count = self.count[slot]
+        mean_gap = self._mean_log_gap(istats)
+        rebuy = (istats[:, 2] + 1) / (istats[:, 0] + 2)
+        propensity = (ustats[:, 2] + 1) / (ustats[:, 0] + 2)
+        cols = [torch.log1p(count), torch.log1p(days), *torch.log1p(decayed).unbind(1),
+                torch.log(count / ustats[:, 1].clamp_min(1)).clamp_max(0),
+                (torch.log(days.clamp_min(0.5)) - mean_gap).clamp(-5, 5),
+                _logit(rebuy), _logit(propensity), torch.log1p(ustats[:, 0])]
+        return torch.stack(cols, 1).float()
+
+    def user_features(self, users: Tensor, t: Tensor) -> Tensor:
+        """Features ``[Q, USER_FEATURES]`` (float32) of users ``[Q]`` at times ``t [Q]``: log
+        lines, log baskets, repeat propensity (logit), log days since the user's last basket."""
+        stats = _grow(self.user_stats, int(users.max()) + 1 if users.numel() else 0)[users]
+        days = ((t.to(torch.float64) - stats[:, 3]) / SECONDS_PER_DAY).clamp(0, 365)
+        days = torch.where(stats[:, 0] > 0, days, 365.0)
+        propensity = (stats[:, 2] + 1) / (stats[:, 0] + 2)
+        return torch.stack([torch.log1p(stats[:, 0]), torch.log1p(stats[:, 1]),
+                            _logit(propensity), torch.log1p(days)], 1).float()
+
+    def bought(self, num_items: int) -> Tensor:
+        """``[num_items]`` bool: bought by anyone so far (the items a model may recommend)."""
+        return _grow(self.item_stats, num_items)[:num_items, 0] > 0
+
+    def _mean_log_gap(self, istats: Tensor) -> Tensor:
+        """Mean log repurchase interval (days) per item row, shrunk to the global mean."""
+        total = self.item_stats[:, 4].sum()
+        glob = self.item_stats[:, 3].sum() / total if total > 0 else torch.tensor(math.log(7.0))
+        return (istats[:, 3] + PRIOR * glob) / (istats[:, 4] + PRIOR)
+
+    def item_features(self, t: float, num_items: int) -> Tensor:
+        """Features ``[num_items, ITEM_FEATURES]`` (float32) of every item at time ``t``: log
+        purchases, log first-time buyers, re-buy rate (logit), log decayed popularity of all
+        purchases and of first-time purchases."""
+        stats = _grow(self.item_stats, num_items)[:num_items]
+        pop = _grow(self.item_pop, num_items)[:num_items]
+        if math.isfinite(self.clock):
+            pop = pop * torch.exp(-max(0.0, t - self.clock) * self.item_rates).repeat(2)
+        rebuy = (stats[:, 2] + 1) / (stats[:, 0] + 2)
+        cols = [torch.log1p(stats[:, 0]), torch.log1p(stats[:, 1]), _logit(rebuy),
+                *torch.log1p(pop).unbind(1)]
+        return torch.stack(cols, 1).float()
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def packed(self) -> Tensor:
+        """A copy of the whole state as one 1-D float64 tensor: the pair, user and item row
+        counts and the clock, then the ``[P, 4 + H]`` pairs (user, item, count, last, decayed),
+        ``[U, 4]`` user and ``[I, 5 + 2H']`` item rows, flattened (ids are exact in float64 up
+        to 2**53)."""
+        n, users, items = self.size, self.user_stats.size(0), self.item_stats.size(0)
+        pairs = torch.cat([self.pair_user[:n, None].double(), self.pair_item[:n, None].double(),
+                           self.count[:n, None], self.last[:n, None], self.decayed[:n]], 1)
+        head = torch.tensor([n, users, items, self.clock], dtype=torch.float64)
+        return torch.cat([head, pairs.flatten(), self.user_stats.flatten(),
+                          torch.cat([self.item_stats, self.item_pop[:items]], 1).flatten()])
+
+    def load_packed(self, state: Tensor) -> None:
+        """Restore what :meth:`packed` returned (replaces the current state)."""
+        self.reset_state()
+        n, users, items = (int(x) for x in state[:3].tolist())
+        self.clock = float(state[3])
+        h, w_item = len(PAIR_HALF_LIVES), 5 + 2 * len(ITEM_HALF_LIVES)
+        pairs, rest = state[4:4 + n * (4 + h)].view(n, 4 + h), state[4 + n * (4 + h):]
+        self.pair_user, self.pair_item = pairs[:, 0].long(), pairs[:, 1].long()
+        self.count, self.last = pairs[:, 2].clone(), pairs[:, 3].clone()
+        self.decayed = pairs[:, 4:].clone()
+        self.user_stats = rest[:users * 4].view(users, 4).clone()
+        item_rows = rest[users * 4:].view(items, w_item)
+        self.item_stats, self.item_pop = item_rows[:, :5].clone(), item_rows[:, 5:].clone()
+        self.size = n
+        for slot, (user, item) in enumerate(zip(self.pair_user.tolist(), self.pair_item.tolist(),
+                                                strict=True)):
+            self.slots_of.setdefault(user, {})[item] = slot
