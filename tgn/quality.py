@@ -173,11 +173,33 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``old``: other datasets kept, and within a dataset the other models' entries
+    (models run in parts); ``meta`` of the newest part, the others' under ``meta_parts``."""
+    out = dict(old)
+    for name, part in new.items():
+        before = old.get(name)
+        if before is None or before.get("meta", {}).get("split") != part["meta"]["split"]:
+            out[name] = part
+            continue
+        both = {"per_event": {**before["per_event"], **part["per_event"]},
+                "basket": {**before["basket"], **part["basket"]},
+                "slices": {s: {**before["slices"].get(s, {}), **part["slices"][s]}
+                           for s in part["slices"]},
+                "meta": part["meta"]}
+        others = set(before["per_event"]) - set(part["per_event"])  # from another part
+        both["meta_parts"] = [*before.get("meta_parts", []), *([before["meta"]] if others
+                                                               else [])]
+        out[name] = both
+    return out
+
+
 def save(result: dict[str, Any], path: str | Path, merge: bool = False) -> None:
-    """Write the JSON atomically; ``merge`` keeps other datasets already in the file."""
+    """Write the JSON atomically; ``merge`` keeps what the file holds for other datasets and
+    other models (:func:`merged`)."""
     path = Path(path)
     if merge and path.exists():
-        result = {**json.loads(path.read_text()), **result}
+        result = merged(json.loads(path.read_text()), result)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(path)

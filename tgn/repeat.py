@@ -7,16 +7,18 @@ purchases are items the household never bought. Following RepeatNet
 item ``i`` for user ``u`` at time ``t`` is a log-probability of a two-way mixture::
 
     P(i) = P(repeat | u, t) · softmax_{i ∈ history(u)}(g(pair features))
-         + P(explore | u, t) · softmax_{i ∉ history(u), bought by anyone}(prior(i) + w·dot(u, i))
+         + P(explore | u, t) · softmax_{i ∉ history(u), bought by anyone}(
+               prior(i) + w·dot(u, i) + v·knn(u, i))
 
 with ``g``, ``prior`` and the gate small MLPs over :class:`~tgn.signals.PurchaseSignals`
 features (counts, decayed counts, recency against the item's repurchase cycle, the user's
-repeat propensity, item popularity and first-time buyers), and ``dot`` the temporal model's
-dot product. Scores are comparable across the two parts, so a strong new item can outrank a
-weak old one. The weights are fitted by the negative log-likelihood of each purchase over the
-full catalog (:func:`tgn.train.fit_history`). The state (the statistics) is saved through
-:meth:`RepeatScore.get_extra_state` as one float64 tensor (a copy), so ``state_dict()`` and
-``torch.load(weights_only=True)`` carry it exactly.
+repeat propensity, item popularity and first-time buyers), ``dot`` the temporal model's
+dot product and ``knn`` the user-KNN score of the 2-hop neighbourhood
+(:meth:`~tgn.signals.PurchaseSignals.neighbor_scores`). Scores are comparable across the two
+parts, so a strong new item can outrank a weak old one. The weights are fitted by the negative
+log-likelihood of each purchase over the full catalog (:func:`tgn.train.fit_history`). The
+state (the statistics) is saved through :meth:`RepeatScore.get_extra_state` as one float64
+tensor (a copy), so ``state_dict()`` and ``torch.load(weights_only=True)`` carry it exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from tgn.data import expand_rows
 from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSignals
 
 SECONDS_PER_DAY = 86_400.0
+#: Scale of the user-KNN score inside its log feature (decayed counts of a neighbourhood mean
+#: are mostly far below 1).
+NEIGHBOR_SCALE = 100.0
 #: Width of the hidden layer of ``g``.
 HIDDEN = 32
 
@@ -58,6 +63,8 @@ class RepeatScore(nn.Module):
         self.gate = nn.Sequential(nn.Linear(USER_FEATURES, hidden), nn.ReLU(),
                                   nn.Linear(hidden, 1))
         self.explore_weight = nn.Parameter(torch.zeros(()))
+        #: weights of log1p(NEIGHBOR_SCALE · s) and [s > 0], s the user-KNN score of an item
+        self.neighbor_weight = nn.Parameter(torch.zeros(2))
         with torch.no_grad():
             for last in (self.g[-1], self.prior[-1], self.gate[-1]):
                 last.weight.zero_()
@@ -187,7 +194,11 @@ class RepeatScore(nn.Module):
         history = torch.zeros(q, n, dtype=torch.bool)
         history[rows, items] = True
         bought = self.signals.bought(n)  # [N]
-        others = (prior + self.explore_weight * explore).masked_fill(history | ~bought, -torch.inf)
+        near = self.signals.neighbor_scores(users, float(t.min()) if q else 0.0, n)  # [Q, N]
+        neighbor = (self.neighbor_weight[0] * torch.log1p(NEIGHBOR_SCALE * near)
+                    + self.neighbor_weight[1] * (near > 0).float())
+        others = (prior + self.explore_weight * explore + neighbor).masked_fill(
+            history | ~bought, -torch.inf)
         repeat = torch.full((q, n), -torch.inf).index_put((rows, items), values)
         has = history.any(1)
         gate = self.gate(self.signals.user_features(users, t)).squeeze(1)  # [Q] logit

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 
@@ -33,6 +35,8 @@ PAIR_FEATURES = 7 + len(PAIR_HALF_LIVES)
 USER_FEATURES = 4
 #: Width of :meth:`PurchaseSignals.item_features`.
 ITEM_FEATURES = 3 + 2 * len(ITEM_HALF_LIVES)
+#: Neighbours of :meth:`PurchaseSignals.neighbor_scores`.
+NEIGHBORS = 300
 #: Prior strength (pseudo-events) of the shrunk rates and mean intervals.
 PRIOR = 5.0
 
@@ -203,6 +207,36 @@ class PurchaseSignals:
         propensity = (stats[:, 2] + 1) / (stats[:, 0] + 2)
         return torch.stack([torch.log1p(stats[:, 0]), torch.log1p(stats[:, 1]),
                             _logit(propensity), torch.log1p(days)], 1).float()
+
+    def neighbor_scores(self, users: Tensor, t: float, num_items: int,
+                        k: int = NEIGHBORS) -> Tensor:
+        """User-KNN scores ``[Q, num_items]`` (float32) of ``users [Q]``: the mean of the ``k``
+        most similar users' item vectors (``log1p(count)``: no time scale, so it means the same
+        on logs of any pace), by cosine of the same vectors — the 2-hop neighbourhood (items of
+        users who bought what ``u`` bought), as in TIFU-KNN's neighbour part. The user is not
+        his own neighbour. ``t`` is the query time (the vectors hold only earlier events)."""
+        q = users.numel()
+        if self.size == 0 or q == 0:
+            return torch.zeros(q, num_items)
+        n = self.size
+        value = torch.log1p(self.count[:n]).numpy()
+        rows, cols = self.pair_user[:n].numpy(), self.pair_item[:n].numpy()
+        num_users = int(rows.max()) + 1
+        width = max(num_items, int(cols.max()) + 1)
+        matrix = sp.csr_matrix((value, (rows, cols)), shape=(num_users, width))
+        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(1)).ravel())
+        unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ matrix
+        idx = users.numpy()
+        known = idx < num_users
+        query = sp.diags(known.astype(np.float64)) @ unit[np.minimum(idx, num_users - 1)]
+        sims = torch.from_numpy((query @ unit.T).toarray())  # [Q, U]
+        sims[torch.from_numpy(np.flatnonzero(known)), torch.from_numpy(idx[known])] = -1.0
+        k = min(k, num_users)
+        top = sims.topk(k, dim=1)
+        weights = torch.zeros_like(sims).scatter_(1, top.indices, (top.values > 0).double())
+        weights /= weights.sum(1, keepdim=True).clamp_min(1)
+        out = (matrix.T @ weights.numpy().T).T  # [Q, width]
+        return torch.from_numpy(np.ascontiguousarray(out[:, :num_items], dtype=np.float32))
 
     def bought(self, num_items: int) -> Tensor:
         """``[num_items]`` bool: bought by anyone so far (the items a model may recommend)."""

@@ -53,10 +53,10 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 2000  # validation scores the full catalog once per batch
     max_val_events: int | None = None  # validate on the first N events (smoke runs)
-    #: stage 2 (:func:`fit_history`): passes over the training events, learning rate, batch
-    #: size and the share of the training events that only builds state first (chosen on cj26
-    #: validation: docs/quality.md)
-    history_epochs: int = 2
+    #: stage 2 (:func:`fit_history`): optimiser steps (whole passes over the training events
+    #: until reached), learning rate, batch size and the share of each pass that only builds
+    #: state first (chosen on cj26 validation: docs/quality.md)
+    history_steps: int = 500
     history_lr: float = 3e-3
     history_batch_size: int = 1000
     history_warmup: float = 0.5
@@ -200,17 +200,19 @@ def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
     """Stage 2: fit the history mixture's weights (:class:`~tgn.repeat.RepeatScore`: ``g``,
     the item prior, the gate, the explore weight) with the temporal model frozen.
 
-    Streams ``events`` in time order ``config.history_epochs`` times; the first
-    ``config.history_warmup`` share only builds state, then each batch (whole timestamps, so a
-    basket is scored from the state as of its start) scores its purchases by their mixture
-    log-probability over the full catalog (dot products from the frozen model), takes one Adam
-    step on the negative mean, and is applied. Returns the mean loss per epoch.
+    Streams ``events`` in time order until ``config.history_steps`` optimiser steps are taken
+    (whole passes; so a small log gets as many steps as a large one); the first
+    ``config.history_warmup`` share of each pass only builds state, then each batch (whole
+    timestamps, so a basket is scored from the state as of its start) scores its purchases by
+    their mixture log-probability over the full catalog (dot products from the frozen model),
+    takes one Adam step on the negative mean, and is applied. Returns the mean loss per pass.
     """
     assert model.repeat is not None, "fit_history needs the history mixture (config.repeat)"
     optimizer = torch.optim.Adam(model.repeat.parameters(), lr=config.history_lr)
     warmup = int(config.history_warmup * len(events))
-    epochs = []
-    for _ in range(config.history_epochs):
+    epochs: list[float] = []
+    steps = 0
+    while steps < config.history_steps:
         model.eval()
         model.reset_state()
         seen, losses = 0, []
@@ -231,11 +233,14 @@ def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
+                    steps += 1
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             with torch.no_grad():
                 model.update(batch)
             seen += len(batch)
-        epochs.append(sum(losses) / max(1, len(losses)))
+        if not losses:
+            break  # nothing to fit on (too few events after the warm-up share)
+        epochs.append(sum(losses) / len(losses))
     return epochs
 
 

@@ -39,6 +39,12 @@ def test_quality_json_has_every_part_and_seeds_differ(tmp_path, tiny_dataset, ti
     save({"other": {"per_event": {}}}, out)
     save(result, out, merge=True)
     assert set(json.loads(out.read_text())) == {"other", name}
+    # models run in parts land side by side
+    part2 = run_quality(tiny_dataset, ["buy_again"], seeds=[0], split="val", train_config=FAST,
+                        model_config=config, progress=False)
+    save(part2, out, merge=True)
+    both = json.loads(out.read_text())[name]
+    assert set(both["per_event"]) == {*models, "buy_again"} and len(both["meta_parts"]) == 1
 
 
 def test_dynllm_models_need_a_profile_store(tiny_dataset):

@@ -136,7 +136,7 @@ def test_fit_history_learns_that_favourites_repeat(tiny_config, tiny_table):
         return float(np.mean(losses))
 
     before = nll()
-    losses = fit_history(model, train, TrainConfig(history_epochs=3, history_batch_size=24,
+    losses = fit_history(model, train, TrainConfig(history_steps=30, history_batch_size=24,
                                                    history_warmup=0.2, history_lr=3e-2),
                          progress=False)
     assert losses[-1] < losses[0]
