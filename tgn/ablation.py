@@ -99,6 +99,20 @@ def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | No
     return model, splits
 
 
+def fit_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | None],
+                model_config: TGNConfig, train_config: TrainConfig, seed: int,
+                progress: bool = False) -> tuple[TGNRecommender, list[EventBatch],
+                                                 dict[str, float]]:
+    """:func:`build_variant` trained with ``seed`` (its ``train_config`` seed replaced), in
+    eval mode with its state reset; also returns ``best_epoch`` and ``epochs_run``."""
+    model, splits = build_variant(name, data, stores, model_config, seed)
+    result = train(model, splits[0], splits[1], replace(train_config, seed=seed), progress)
+    model.eval()
+    model.reset_state()
+    return model, splits, {"best_epoch": float(result.best_epoch),
+                           "epochs_run": float(len(result.history))}
+
+
 def profiled_users(data: Dataset, store: str | Path | None, config: TGNConfig) -> Tensor:
     """[num_users] bool: users with at least one hops=2 profile in ``store``."""
     model, _ = build_model(data, config, seed=0)  # only the id maps are read
@@ -134,12 +148,8 @@ def run_one(name: str, data: Dataset, stores: Mapping[str, str | Path | None], s
         recommender: Recommender = GlobalPopularity() if name == "popularity" else \
             BuyAgain("frequency", fallback_popularity=True)
     else:
-        model, (tr, va, test) = build_variant(name, data, stores, model_config, seed)
-        result = train(model, tr, va, replace(train_config, seed=seed), progress)
-        extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
-        model.eval()
-        model.reset_state()
-        recommender = model
+        recommender, (tr, va, test), extra = fit_variant(name, data, stores, model_config,
+                                                         train_config, seed, progress)
     trained = time.perf_counter()
     profiled = UserSet(profiled_users(data, stores.get("llm"), model_config))
     evaluator = Evaluator(slices={**HISTORY_SLICES, "profiled": profiled})

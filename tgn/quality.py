@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,14 @@ import torch
 from tqdm import tqdm
 
 from streaming.dataset import Dataset
-from tgn.ablation import build_variant
+from tgn.ablation import fit_variant
 from tgn.baselines import BuyAgain, GlobalPopularity, RecentPopularity
 from tgn.data import EventBatch
 from tgn.evaluate import HISTORY_SLICES, Evaluator, Recommender
 from tgn.experiment import build_model
 from tgn.model import TGNConfig
 from tgn.nbr import TIFUKNN, UPCF
-from tgn.train import TrainConfig, train
+from tgn.train import TrainConfig
 
 #: Heuristic baselines by name (fresh state each call).
 HEURISTICS: Mapping[str, Callable[[], Recommender]] = {
@@ -80,12 +80,9 @@ def evaluate_one(name: str, data: Dataset, seed: int, split: str, profiles: str 
         _, (tr, va, test) = build_model(data, model_config, seed)
         recommender = HEURISTICS[name]()
     else:
-        model, (tr, va, test) = build_variant(name, data, {"llm": profiles}, model_config, seed)
-        result = train(model, tr, va, replace(train_config, seed=seed), progress)
-        extra = {"best_epoch": float(result.best_epoch), "epochs_run": float(len(result.history))}
-        model.eval()
-        model.reset_state()
-        recommender = model
+        recommender, (tr, va, test), extra = fit_variant(name, data, {"llm": profiles},
+                                                         model_config, train_config, seed,
+                                                         progress)
     trained = time.perf_counter()
     scored, history = (test, EventBatch.cat([tr, va])) if split == "test" else (va, tr)
     metrics = Evaluator().run(recommender, scored, history, train_config.eval_batch_size,
