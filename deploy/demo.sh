@@ -50,7 +50,7 @@ $BIN/dynllm profiles build --data $DATA --users "$USERS" --until-split val --thr
 
 step "4. train TGN + DynLLM fusion (1 epoch; cached in $RUN)"
 [ -f $RUN/model.pt ] || $BIN/dynllm train --data $DATA --model dynllm \
-    --profiles $DATA/profiles.sqlite --out $RUN --epochs 1 --max-val-events 5000 -q
+    --profiles $DATA/profiles.sqlite --out $RUN --epochs 1 --max-val-events 5000 --history-steps 100 -q
 
 step "5. broker :$PORT, pipeline, profile worker, server; stream the test split live"
 $BIN/dynllm broker --port $PORT >/dev/null & pids+=($!)

@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
     from tgn.train import TrainConfig
 
     model_config = TGNConfig(repeat=not args.no_repeat)
-    sampling = {k: getattr(args, k) for k in ("negatives", "history_negatives")
+    sampling = {k: getattr(args, k) for k in ("negatives", "history_negatives", "history_steps")
                 if getattr(args, k) is not None}  # unset: TrainConfig's defaults
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, patience=args.patience,
@@ -103,7 +103,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--no-gate", action="store_true",
                        help="dynllm: drop the distillation gate (ablation)")
     train.add_argument("--no-repeat", action="store_true",
-                       help="leave out the learned repeat-purchase term (dot product only)")
+                       help="leave out the repeat/explore mixture (dot product only)")
     train.add_argument("--out", required=True, help="run directory to write")
     train.add_argument("--epochs", type=positive_int, default=10)
     train.add_argument("--batch-size", type=positive_int, default=200)
@@ -115,6 +115,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="share of the negatives drawn from the user's own earlier purchases, "
                             "the rest uniform over the items seen so far (0-1; default: "
                             "TrainConfig's)")
+    train.add_argument("--history-steps", type=positive_int,
+                       help="optimiser steps of stage 2, the history mixture's fit "
+                            "(default: TrainConfig's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-val-events", type=positive_int,
                        help="validate on the first N validation events only (smoke runs)")
