@@ -45,8 +45,8 @@ print(",".join([u for u, _ in past.most_common() if u in live][:4]))
 EOF
 )
 
-step "3. LLM profiles for households $USERS (first run converts the packaged model: ~2 min)"
-$BIN/dynllm profiles build --data $DATA --users "$USERS" --until-split val --threads 2
+step "3. LLM profiles for households $USERS (llama.cpp, 2 processes x 1 thread)"
+$BIN/dynllm profiles build --data $DATA --users "$USERS" --until-split val --threads 1
 
 step "4. train TGN + DynLLM fusion (1 epoch; cached in $RUN)"
 [ -f $RUN/model.pt ] || $BIN/dynllm train --data $DATA --model dynllm \
