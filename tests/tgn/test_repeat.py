@@ -141,3 +141,16 @@ def test_fit_history_learns_that_favourites_repeat(tiny_config, tiny_table):
                          progress=False)
     assert losses[-1] < losses[0]
     assert nll() < before - 0.5
+
+
+def test_neighbor_scores_come_from_similar_users_only():
+    s = PurchaseSignals()
+    s.update(torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([1, 2, 1, 2, 3, 7]),
+             _t(0, 0, 0, 0, 0, 0))
+    near = s.neighbor_scores(torch.tensor([0, 2, 5]), DAY, 9, k=2)
+    assert near.shape == (3, 9)
+    assert near[0, 3] > 0 and near[0, 7] == 0  # user 1 is like user 0, user 2 is not
+    assert near[1].sum() == 0  # nobody shares an item with user 2
+    assert near[2].sum() == 0  # an unknown user has no neighbours
+    # user 0's neighbour (user 1) holds log1p(1) of each of his items
+    assert math.isclose(float(near[0, 3]), math.log1p(1), rel_tol=1e-6)
