@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from tgn.data import expand_rows
 from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSignals
 
-SECONDS_PER_DAY = 86_400.0
 #: Scale of the user-KNN score inside its log feature (decayed counts of a neighbourhood mean
 #: are mostly far below 1).
 NEIGHBOR_SCALE = 100.0
@@ -89,14 +88,6 @@ class RepeatScore(nn.Module):
     def slots(self, users: Tensor, items: Tensor) -> Tensor:
         """Slot of each pair ``(users [N], items [N])``, -1 for a pair without history."""
         return self.signals.slots(users, items)
-
-    def history(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
-        """``(count [N], last purchase time [N])`` of pairs; ``(0, -inf)`` without history."""
-        slot = self.slots(users, items)
-        has = slot >= 0
-        count = torch.where(has, self.signals.count[slot.clamp_min(0)], 0.0)
-        last = torch.where(has, self.signals.last[slot.clamp_min(0)], -torch.inf)
-        return count, last
 
     def _pairs_of(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The pairs of ``users [Q]``, grouped by user, from the ``user → item → slot`` dicts
