@@ -108,17 +108,22 @@ def _serve(args: argparse.Namespace) -> int:
     _check_run(args.run)
     torch.set_num_threads(args.threads)
     metrics.process_info("server", model_id=str(Path(args.run).resolve()))
-    server = make_server(Recommender(args.run, args.state_dir, args.data), args.host, args.port)
+    recommender = Recommender(args.run, args.state_dir, args.data, args.bootstrap_servers,
+                              args.topic).start()
+    server = make_server(recommender, args.host, args.port)
     # shutdown() waits for serve_forever() to return: call it off the main thread
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    log.info("serving http://%s:%d/recommend?user=ID&k=10 (and /healthz, /metrics)",
-             args.host, server.server_port)
+    log.info("serving http://%s:%d/recommend?user=ID&k=10 (and /healthz, /metrics, "
+             "/openapi.json)%s", args.host, server.server_port,
+             f"; following {args.topic} on {args.bootstrap_servers}"
+             if args.bootstrap_servers else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        recommender.close()
     return 0
 
 
@@ -165,6 +170,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (8080)")
     serve.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
+    serve.add_argument("--bootstrap-servers",
+                       help="Kafka host:port: follow the user-embeddings changelog (answers "
+                            "~1 s behind the pipeline; without it, as of the last checkpoint)")
+    serve.add_argument("--topic", default="user-embeddings",
+                       help="the changelog topic (user-embeddings)")
     serve.set_defaults(func=_serve)
 
 

@@ -122,6 +122,12 @@ class UserStates:
         embedding: ``[U, E]`` float32 final embeddings (set by ``FuseEmbeddings``).
         facet_weights: ``[U, F]`` float32 facet relevance, or ``None`` without fusion.
         has_profile: ``[U]`` bool, a valid profile was fused.
+        event_user: ``[B']`` int64 position in ``user_ids`` of each applied event, in the order
+            applied (event time); with ``event_items`` and ``event_ts`` what the
+            ``user-embeddings`` changelog publishes, so a consumer can keep the purchase
+            statistics of the served score (docs/pipeline.md, "Serving contract").
+        event_items: ``B'`` item ids of the applied events.
+        event_ts: ``[B']`` float64 event times of the applied events.
     """
 
     shard: int
@@ -137,6 +143,9 @@ class UserStates:
     embedding: np.ndarray | None = None
     facet_weights: np.ndarray | None = None
     has_profile: np.ndarray | None = None
+    event_user: np.ndarray | None = None
+    event_items: list[str] | None = None
+    event_ts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)

@@ -1,9 +1,13 @@
 """``WriteEmbeddings``: user embeddings to the ``user-embeddings`` topic and an on-disk store.
 
-Each message is JSON ``{user_id, ts, version, embedding, facet_weights}`` keyed by user id
-(``facet_weights`` is ``null`` without a profile model). The store keeps each user's latest
+Each message is JSON ``{user_id, ts, version, embedding, facet_weights, events}`` keyed by user
+id (``facet_weights`` is ``null`` without a profile model; ``events`` is ``[[item_id, ts], ...]``,
+the user's events this update applied, in the order applied, so ``version - len(events)`` events
+of the user came before). The topic is a changelog: ``dynllm serve`` follows it, keeping each
+user's newest embedding and replaying ``events`` into its own copy of the purchase statistics
+(the contract is in docs/pipeline.md, "Serving contract"). The store keeps each user's latest
 embedding per shard in ``STATE_DIR/embeddings-shard-K-of-N.npz``, rewritten atomically at every
-checkpoint, which is what ``dynllm serve`` reads.
+checkpoint: what ``dynllm serve`` starts from (and all it reads without a broker).
 
 Shapes: ``U`` users, ``E`` embedding width, ``F`` facets.
 """
@@ -84,13 +88,37 @@ def load_store(path: str | Path) -> tuple[np.ndarray, ...]:
                                        "facet_weights"))
 
 
-def embedding_message(states: UserStates, i: int) -> dict[str, object]:
-    """The ``user-embeddings`` message of user ``i`` of a batch."""
+def user_events(states: UserStates) -> list[list[list[object]]]:
+    """Per user of a batch, its applied events ``[[item_id, ts], ...]`` in the order applied.
+
+    >>> from pipelines.elements import Span
+    >>> states = UserStates(0, Span.of(0, 0, 3), ["a", "b"], np.zeros(2), np.zeros(2),
+    ...                     np.zeros(2), np.zeros(2), np.zeros((2, 1)), np.zeros(3), np.zeros(2),
+    ...                     event_user=np.array([1, 0, 1]), event_items=["x", "y", "z"],
+    ...                     event_ts=np.array([1.0, 2.0, 3.0]))
+    >>> user_events(states)
+    [[['y', 2.0]], [['x', 1.0], ['z', 3.0]]]
+    """
+    out: list[list[list[object]]] = [[] for _ in states.user_ids]
+    if states.event_user is None:
+        return out
+    ts = states.event_ts.tolist()
+    for row, (user, item) in enumerate(zip(states.event_user.tolist(), states.event_items,
+                                           strict=True)):
+        out[user].append([item, ts[row]])
+    return out
+
+
+def embedding_message(states: UserStates, i: int,
+                      events: list[list[object]] | None = None) -> dict[str, object]:
+    """The ``user-embeddings`` message of user ``i`` of a batch (``events``: its applied
+    events, from :func:`user_events`)."""
     weights = states.facet_weights
     return {"user_id": states.user_ids[i], "ts": float(states.ts[i]),
             "version": int(states.version[i]),
             "embedding": np.round(states.embedding[i], 6).tolist(),
-            "facet_weights": None if weights is None else np.round(weights[i], 6).tolist()}
+            "facet_weights": None if weights is None else np.round(weights[i], 6).tolist(),
+            "events": events or []}
 
 
 class _WriteFn(beam.DoFn):
@@ -130,8 +158,10 @@ class _WriteFn(beam.DoFn):
             store = self._stores[shard] = EmbeddingStore(path)
         store.put(states)
         if self._producer is not None:
+            events = user_events(states)
             for i, user in enumerate(states.user_ids):
-                self._producer.send(self.topic, key=user, value=embedding_message(states, i))
+                self._producer.send(self.topic, key=user,
+                                    value=embedding_message(states, i, events[i]))
         emitted = time.time()
         for seconds in emitted - states.first_produced_at:  # per embedding, its oldest event
             metrics.EVENT_TO_EMBEDDING_SECONDS.observe(seconds)

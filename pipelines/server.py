@@ -1,42 +1,54 @@
-"""``dynllm serve``: top-K recommendations over HTTP from the pipeline's state.
+"""``dynllm serve``: top-K recommendations over HTTP (Starlette on uvicorn) from the pipeline's
+state, about a second behind it.
 
-Routes (JSON unless noted):
+Routes (JSON unless noted; the schema is served at ``/openapi.json``, :data:`OPENAPI`):
 
-* ``GET /recommend?user=ID&k=10`` — the user's top-K items with scores and item text, and the
-  user's facet weights. Unknown user: 404; missing or bad ``k``/``user``: 400.
-* ``GET /healthz`` — ``{"status": "ok", "users": …, "shards": …, "checkpoint_age_s": …}``.
+* ``GET /recommend?user=ID&k=10`` — the user's top-K items with scores and item text, the
+  user's ``version`` (events applied) and facet weights, and ``scored_at`` (the event time the
+  score refers to). Items the score gives probability 0 (never bought by anyone) are left out,
+  so fewer than ``k`` can come back. Unknown user: 404; missing or bad ``k``/``user``: 400.
+* ``GET /healthz`` — ``{"status": "ok", "users": …, "shards": …, "checkpoint_age_s": …,
+  "changelog": …}``.
 * ``GET /metrics`` — Prometheus text exposition.
 
-Other methods (``POST``, ``PUT``, ``DELETE``, ``PATCH``, ``OPTIONS``, ``HEAD``) get 405 with
-``Allow: GET``; a method http.server does not know gets its 501 (RFC 9110 §15.6.2). Any error a
-request should never cause is logged with its traceback and answered with a JSON 500.
+Other methods get 405 with ``Allow: GET``; unknown routes 404; a request target longer than
+:data:`MAX_TARGET_BYTES` 414 and a body over :data:`MAX_BODY_BYTES` 413, all with JSON errors.
+Any error a request should never cause is logged with its traceback and answered with a JSON 500.
+The bind address is loopback unless ``--host`` says otherwise.
 
-A user's embedding comes from the embedding store of the user's shard and is scored against the
-item embeddings of that same shard's model (the state the embedding was computed with), so a
-multi-shard pipeline serves consistent scores. The stored embeddings are only the dot-product
-part of the score: when the model has the repeat term (``TGNConfig.repeat``), the shard model's
-term for the user's own purchase history, at the shard's latest event time, is added, so what is
-served is the full score that ``dynllm evaluate`` measures. State files are re-read when they
-change.
+Where the state comes from (:mod:`pipelines.serving`): each shard's checkpoint (model, item
+vectors, purchase statistics) and embedding store, re-read when they change; with a broker, the
+``user-embeddings`` changelog on top of them (newest embedding per user, the events it applied
+replayed into the statistics). A user's score is the dot product of its embedding with its
+shard's item vectors, mixed with its purchase history (``TGNRecommender.mix_history``) at the
+latest event time the shard has seen: the full score ``dynllm evaluate`` measures.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from pipelines.outputs import load_store, store_path
-from pipelines.state import checkpoint_path, load_run_model
+from pipelines.outputs import EMBEDDING_TOPIC, load_store, store_path
+from pipelines.serving import KNN_REFRESH_S, ServingShard, UserRow, follow
+from pipelines.state import checkpoint_path, load_run_model, shard_of
 from streaming import metrics
 from streaming.errors import UsageError
 from tgn.fusion import FACETS
@@ -48,6 +60,62 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 #: Seconds between checks for newer state files.
 RELOAD_EVERY_S = 2.0
+#: Longest request target (path and query) answered; longer ones get 414.
+MAX_TARGET_BYTES = 16_384
+#: Largest request body accepted (the API reads none; bigger ones get 413).
+MAX_BODY_BYTES = 1024
+#: The routes and the label each gets in the HTTP metrics.
+ROUTES = ("/recommend", "/healthz", "/metrics", "/openapi.json")
+#: Methods every route answers (GET; the others with 405).
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"]
+
+_ERROR = {"type": "object", "required": ["error"],
+          "properties": {"error": {"type": "string"}}}
+_ERRORS = {str(code): {"description": text, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/Error"}}}}
+    for code, text in ((400, "bad user or k"), (404, "unknown user"), (405, "not GET"),
+                       (413, "body too large"), (414, "target too long"))}
+
+#: The OpenAPI 3.0 document of the API (served at ``/openapi.json``; the fuzz test generates
+#: requests from it).
+OPENAPI: dict[str, object] = {
+    "openapi": "3.0.3",
+    "info": {"title": "dynllm serve", "version": "1"},
+    "paths": {
+        "/recommend": {"get": {
+            "summary": "top-k items for a user",
+            "parameters": [
+                {"name": "user", "in": "query", "required": True,
+                 "schema": {"type": "string", "minLength": 1}},
+                {"name": "k", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}}],
+            "responses": {"200": {"description": "recommendations", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Recommendation"}}
+            }}, **_ERRORS}}},
+        "/healthz": {"get": {"summary": "liveness and state age", "responses": {
+            "200": {"description": "ok", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["status", "users", "shards"]}}}}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+            "200": {"description": "text exposition", "content": {"text/plain": {
+                "schema": {"type": "string"}}}}}}},
+    },
+    "components": {"schemas": {
+        "Error": _ERROR,
+        "Recommendation": {
+            "type": "object",
+            "required": ["user_id", "ts", "version", "scored_at", "facet_weights", "items"],
+            "properties": {
+                "user_id": {"type": "string"}, "ts": {"type": "number"},
+                "version": {"type": "integer"}, "scored_at": {"type": "number"},
+                "facet_weights": {"type": "object", "nullable": True,
+                                  "additionalProperties": {"type": "number"}},
+                "items": {"type": "array", "items": {
+                    "type": "object", "required": ["item_id", "score"],
+                    "properties": {"item_id": {"type": "string"}, "score": {"type": "number"},
+                                   "title": {"type": "string", "nullable": True},
+                                   "category": {"type": "string", "nullable": True},
+                                   "brand": {"type": "string", "nullable": True}}}}}}}},
+}
 
 
 class BadRequest(Exception):
@@ -59,28 +127,39 @@ class BadRequest(Exception):
 
 
 class Recommender:
-    """Scores items for users from the pipeline's shard checkpoints and embedding stores.
+    """Scores items for users from the pipeline's shard checkpoints and embedding stores, and,
+    with ``bootstrap_servers``, from the ``user-embeddings`` changelog (:meth:`start`).
 
     Args:
         run_dir: trained run (``model.pt``, ``config.json`` naming the dataset).
         state_dir: the pipeline's ``--state-dir``.
         data_dir: dataset for item text (default: the one in the run's ``config.json``).
+        bootstrap_servers: Kafka ``host:port`` to follow the changelog from (``None``: the
+            state files only, fresh to a checkpoint interval).
+        topic: the changelog topic.
+
+    Attributes:
+        users: user id → its newest :class:`~pipelines.serving.UserRow`.
+        shards: per shard, its :class:`~pipelines.serving.ServingShard`.
     """
 
     def __init__(self, run_dir: str | Path, state_dir: str | Path,
-                 data_dir: str | Path | None = None) -> None:
+                 data_dir: str | Path | None = None, bootstrap_servers: str | None = None,
+                 topic: str = EMBEDDING_TOPIC) -> None:
         self.run_dir, self.state_dir = Path(run_dir), Path(state_dir)
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.items = self._item_text(data_dir)
         self.num_shards = self._shard_count()
         self._lock = threading.Lock()
         self._stamp: tuple = ()
         self._checked = 0.0
-        self.users: dict[str, tuple[int, int]] = {}  # user → (shard, row)
-        self._stores: list[tuple[np.ndarray, ...]] = []
-        self._item_ids: list[list[str]] = []
-        self._item_vectors: list[torch.Tensor] = []
-        self._models: list[tuple[TGNRecommender, float]] = []  # per shard: model, its time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refreshed = 0.0
+        self.users: dict[str, UserRow] = {}
+        self.shards: list[ServingShard] = []
         self.checkpoint_time = 0.0
+        self.changelog = {"records": 0, "events_applied": 0, "last_record_at": None}
         self.reload()
 
     def _item_text(self, data_dir: str | Path | None) -> dict[str, dict[str, object]]:
@@ -103,34 +182,53 @@ class Recommender:
         return [f(self.state_dir, s, n) for s in range(n) for f in (checkpoint_path, store_path)]
 
     def reload(self) -> None:
-        """Re-read state files whose modification times changed (cheap when none did)."""
+        """Re-read state files whose modification times changed (cheap when none did).
+
+        The first load (and every load without a changelog) takes each shard's model,
+        statistics and stored embeddings; with a changelog, a later checkpoint only brings its
+        item vectors and any stored embedding newer than the one served (the changelog keeps
+        the statistics).
+        """
         files = self._files()
         stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in files)
         if stamp == self._stamp:
             return
         base = load_run_model(self.run_dir)
-        stores, item_ids, item_vectors, models, users, newest = [], [], [], [], {}, 0.0
+        keep = bool(self.shards) and self.bootstrap_servers is not None
+        models, rows, newest = [], {}, 0.0
         for shard in range(self.num_shards):
             ckpt = checkpoint_path(self.state_dir, shard, self.num_shards)
             store = store_path(self.state_dir, shard, self.num_shards)
-            if not (ckpt.exists() and store.exists()):
-                continue
-            model = TGNRecommender.load(ckpt, user_head=base.user_head).eval()
-            newest = max(newest, model.checkpoint_extra.get("saved_at", 0.0))
-            with torch.no_grad():
-                t = float(model.memory.last_update.max()) if model.num_nodes else 0.0
-                item_vectors.append(model.item_embeddings(t))
-            models.append((model, t))
-            item_ids.append(model.items.to_list())
-            stores.append(load_store(store))
-            users.update({str(u): (len(stores) - 1, row) for row, u in enumerate(stores[-1][0])})
+            if ckpt.exists():
+                model = TGNRecommender.load(ckpt, user_head=base.user_head).eval()
+                newest = max(newest, model.checkpoint_extra.get("saved_at", 0.0))
+            else:  # before the first checkpoint the pipeline runs the run's model
+                model = load_run_model(self.run_dir).eval()
+            models.append(model)
+            if store.exists():
+                for user, ts, version, vector, weights in zip(*load_store(store), strict=True):
+                    rows[str(user)] = UserRow(shard, float(ts), int(version), vector,
+                                              None if np.isnan(weights).all() else weights)
+        shards = self.shards if keep else [ServingShard(m) for m in models]
+        if keep:
+            for shard, model in zip(shards, models, strict=True):
+                shard.set_items(model)
         with self._lock:
-            self._stores, self._item_ids, self._item_vectors = stores, item_ids, item_vectors
-            self._models = models
-            self.users, self._stamp, self.checkpoint_time = users, stamp, newest
-        metrics.EMBEDDING_STORE_USERS.set(len(users))
+            self.shards = shards
+            if not keep:
+                self.users = rows
+            else:
+                for user, row in rows.items():
+                    if user not in self.users or self.users[user].version < row.version:
+                        self.users[user] = row
+            self._stamp, self.checkpoint_time = stamp, newest
+            for shard in shards:
+                shard.warm()
+        for shard in shards:
+            shard.refresh_neighbors(self._lock)
+        metrics.EMBEDDING_STORE_USERS.set(len(self.users))
         metrics.CHECKPOINT_TIMESTAMP.set(newest)
-        log.info("loaded %d users from %d shard(s)", len(users), len(stores))
+        log.info("loaded %d users from %d shard(s)", len(self.users), len(shards))
 
     def maybe_reload(self) -> None:
         """:meth:`reload` at most every :data:`RELOAD_EVERY_S` seconds."""
@@ -138,29 +236,94 @@ class Recommender:
             self._checked = time.monotonic()
             self.reload()
 
+    # -- the changelog -----------------------------------------------------------------------
+
+    def apply_changelog(self, messages: list[dict], received_at: float | None = None) -> None:
+        """Take ``user-embeddings`` messages: each user's newest embedding, and the events
+        they applied into the shard's statistics; then refresh the caches if due."""
+        if messages:
+            ids = [str(m["user_id"]) for m in messages]
+            owner = shard_of(ids, self.num_shards).tolist()
+            applied = 0
+            with self._lock:
+                for shard, part in enumerate(self.shards):
+                    applied += part.apply(m for m, s in zip(messages, owner, strict=True)
+                                          if s == shard)
+                for user, shard, m in zip(ids, owner, messages, strict=True):
+                    row = self.users.get(user)
+                    if row is None or row.version <= int(m["version"]):
+                        weights = m.get("facet_weights")
+                        self.users[user] = UserRow(
+                            shard, float(m["ts"]), int(m["version"]),
+                            np.asarray(m["embedding"], np.float32),
+                            None if weights is None else np.asarray(weights, np.float32))
+                for part in self.shards:
+                    part.warm()
+            self.changelog["records"] += len(messages)
+            self.changelog["events_applied"] += applied
+            self.changelog["last_record_at"] = received_at or time.time()
+            metrics.EMBEDDING_STORE_USERS.set(len(self.users))
+        if time.monotonic() - self._refreshed >= KNN_REFRESH_S:
+            self._refreshed = time.monotonic()
+            for part in self.shards:
+                part.refresh_neighbors(self._lock)
+
+    def start(self) -> Recommender:
+        """Follow the changelog on a background thread (no-op without a broker)."""
+        if self.bootstrap_servers is None or self._thread is not None:
+            return self
+        from streaming.kafka_io import TopicReader, create_topics
+
+        create_topics(self.bootstrap_servers, [self.topic])
+        reader = TopicReader(self.bootstrap_servers, self.topic, max_batch=5000,
+                             check_crcs=False)
+
+        def run() -> None:
+            try:
+                follow(reader, self.apply_changelog, self._stop)
+            except Exception:  # the server keeps answering from what it has
+                log.exception("changelog follower stopped")
+            finally:
+                reader.close()
+
+        self._thread = threading.Thread(target=run, name="changelog", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop following the changelog."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- answers -----------------------------------------------------------------------------
+
     def recommend(self, user: str, k: int) -> dict[str, object]:
         """The top-``k`` items for ``user``; :class:`KeyError` if the user has no embedding."""
         with self._lock:
-            shard, row = self.users[user]
-            user_ids, ts, version, embedding, weights = self._stores[shard]
-            vectors, item_ids = self._item_vectors[shard], self._item_ids[shard]
-            model, t = self._models[shard]
-        scores = vectors @ torch.from_numpy(embedding[row])  # [N] dot-product part
-        if user in model.users:  # mixed with the user's own history (if any)
-            index = torch.from_numpy(model.users.encode([user], grow=False))
-            with torch.no_grad():
-                scores = model.mix_history(scores.unsqueeze(0), index,
-                                           torch.tensor([t], dtype=torch.float64))[0]
-        top = torch.topk(scores, min(k, scores.numel()))
-        facet = weights[row] if weights.shape[1] else None
+            row = self.users[user]
+            shard = self.shards[row.shard]
+            scores = shard.score(row.embedding, user)
+            item_ids, t = shard.item_ids, shard.t
+        values, indices = torch.topk(scores, min(k, scores.numel()))
+        finite = torch.isfinite(values)  # -inf: probability 0 (e.g. never bought by anyone)
+        values, indices = values[finite], indices[finite]
+        facet = row.facet_weights
         return {
-            "user_id": user, "ts": float(ts[row]), "version": int(version[row]),
+            "user_id": user, "ts": row.ts, "version": row.version, "scored_at": t,
             "facet_weights": None if facet is None or np.isnan(facet).all()
             else dict(zip(FACETS, np.round(facet, 4).tolist(), strict=True)),
             "items": [{"item_id": item_ids[i], "score": round(float(s), 4),
                        **self.items.get(item_ids[i], {})}
-                      for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)],
+                      for s, i in zip(values.tolist(), indices.tolist(), strict=True)],
         }
+
+    def health(self) -> dict[str, object]:
+        """The ``/healthz`` answer."""
+        age = time.time() - self.checkpoint_time if self.checkpoint_time else None
+        return {"status": "ok", "users": len(self.users), "shards": self.num_shards,
+                "checkpoint_age_s": age,
+                "changelog": dict(self.changelog) if self.bootstrap_servers else None}
 
 
 def parse_recommend_query(query: str) -> tuple[str, int]:
@@ -183,77 +346,129 @@ def parse_recommend_query(query: str) -> tuple[str, int]:
     return users[0], k
 
 
-class _Handler(BaseHTTPRequestHandler):
-    recommender: Recommender  # set on the subclass made by make_server
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
-        log.debug("%s " + format, self.address_string(), *args)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, route: str,
-              started: float, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        metrics.HTTP_REQUESTS.labels(route, str(int(status))).inc()
-        metrics.HTTP_REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+class _Limits:
+    """ASGI middleware: 414 for a request target over :data:`MAX_TARGET_BYTES`, 413 for a
+    declared body over :data:`MAX_BODY_BYTES`, before any route runs."""
 
-    def _json(self, status: HTTPStatus, payload: object, route: str, started: float) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", route, started)
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        started = time.perf_counter()
-        url = urlsplit(self.path)
-        route = url.path if url.path in ("/recommend", "/healthz", "/metrics") else "other"
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            target = len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+            length = dict(scope["headers"]).get(b"content-length", b"0")
+            response = None
+            if target > MAX_TARGET_BYTES:
+                response = _error(414, f"request target over {MAX_TARGET_BYTES} bytes")
+            elif not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                response = _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+            if response is not None:
+                metrics.HTTP_REQUESTS.labels("other", str(response.status_code)).inc()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def make_app(recommender: Recommender) -> Starlette:
+    """The ASGI application answering from ``recommender``."""
+
+    def recommend(request: Request) -> Response:
+        user, k = parse_recommend_query(request.url.query)
+        recommender.maybe_reload()
         try:
-            if route == "/metrics":
-                body, content_type = metrics.exposition()
-                self._send(HTTPStatus.OK, body, content_type, route, started)
-            elif route == "/healthz":
-                self._json(HTTPStatus.OK, self._health(), route, started)
-            elif route == "/recommend":
-                self._json(HTTPStatus.OK, self._recommend(url.query), route, started)
-            else:
-                raise BadRequest(HTTPStatus.NOT_FOUND, f"no route {url.path}")
-        except BadRequest as exc:
-            self._json(exc.status, {"error": str(exc)}, route, started)
-        except Exception:  # a bug, never the client's fault: log it, answer 500, keep serving
-            log.exception("unexpected error answering GET %r", self.path)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}, route,
-                       started)
-
-    def _not_allowed(self) -> None:
-        """405 with ``Allow: GET`` and a JSON error (headers only for ``HEAD``)."""
-        body = json.dumps({"error": f"method {self.command} not allowed; use GET"}).encode()
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, "application/json", "other",
-                   time.perf_counter(), {"Allow": "GET"})
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed  # noqa: N815
-
-    def _health(self) -> dict[str, object]:
-        rec = self.recommender
-        age = time.time() - rec.checkpoint_time if rec.checkpoint_time else None
-        return {"status": "ok", "users": len(rec.users), "shards": rec.num_shards,
-                "checkpoint_age_s": age}
-
-    def _recommend(self, query: str) -> dict[str, object]:
-        user, k = parse_recommend_query(query)
-        self.recommender.maybe_reload()
-        try:
-            return self.recommender.recommend(user, k)
+            return JSONResponse(recommender.recommend(user, k))
         except KeyError:
             raise BadRequest(HTTPStatus.NOT_FOUND, f"unknown user {user!r}") from None
 
+    def exposition(_request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    handlers = {"/recommend": recommend,
+                "/healthz": lambda _r: JSONResponse(recommender.health()),
+                "/metrics": exposition,
+                "/openapi.json": lambda _r: JSONResponse(OPENAPI)}
+
+    def route(path: str):
+        handler = handlers[path]
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            if request.method != "GET":
+                response = _error(405, f"method {request.method} not allowed; use GET",
+                                  {"Allow": "GET"})
+            else:
+                try:
+                    response = handler(request)
+                except BadRequest as exc:
+                    response = _error(int(exc.status), str(exc))
+                except Exception:  # a bug, never the client's fault: log it, answer 500
+                    log.exception("unexpected error answering GET %r", str(request.url))
+                    response = _error(500, "internal error")
+            metrics.HTTP_REQUESTS.labels(path, str(response.status_code)).inc()
+            metrics.HTTP_REQUEST_SECONDS.labels(path).observe(time.perf_counter() - started)
+            return response
+
+        return Route(path, endpoint, methods=METHODS)
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        metrics.HTTP_REQUESTS.labels("other", str(exc.status_code)).inc()
+        headers = {"Allow": "GET"} if exc.status_code == 405 else None
+        return _error(exc.status_code, f"no route {request.url.path}"
+                      if exc.status_code == 404 else str(exc.detail), headers)
+
+    app = Starlette(routes=[route(p) for p in ROUTES],
+                    exception_handlers={HTTPException: not_found})
+    app.router.redirect_slashes = False  # "/recommend/" is an unknown route (404), as before
+    app.add_middleware(_Limits)
+    return app
+
+
+class Server:
+    """uvicorn serving :func:`make_app` on a socket bound at construction (port 0 picks one).
+
+    Args:
+        recommender: what to answer from.
+        host: bind address.
+        port: port.
+    """
+
+    def __init__(self, recommender: Recommender, host: str = "127.0.0.1",
+                 port: int = metrics.SERVER_PORT) -> None:
+        self.socket = socket.create_server((host, port), reuse_port=False)
+        self.server_port = self.socket.getsockname()[1]
+        config = uvicorn.Config(make_app(recommender), http="h11", log_level="warning",
+                                access_log=False, lifespan="off",
+                                h11_max_incomplete_event_size=MAX_TARGET_BYTES + 4096)
+        self._server = uvicorn.Server(config)
+        self._done = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` (blocks)."""
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._done.set()
+
+    def shutdown(self) -> None:
+        """Ask :meth:`serve_forever` to return, and wait for it."""
+        self._server.should_exit = True
+        self._done.wait(30)
+
+    def server_close(self) -> None:
+        """Close the listening socket."""
+        self.socket.close()
+
 
 def make_server(recommender: Recommender, host: str = "127.0.0.1",
-                port: int = metrics.SERVER_PORT) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) answering from ``recommender``; port 0 picks one."""
-    handler = type("Handler", (_Handler,), {"recommender": recommender})
-    return ThreadingHTTPServer((host, port), handler)
+                port: int = metrics.SERVER_PORT) -> Server:
+    """A :class:`Server` (not yet serving) answering from ``recommender``; port 0 picks one."""
+    return Server(recommender, host, port)
 
 
-__all__ = ["BadRequest", "Recommender", "make_server", "parse_recommend_query"]
+__all__ = ["OPENAPI", "BadRequest", "Recommender", "Server", "make_app", "make_server",
+           "parse_recommend_query"]

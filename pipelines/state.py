@@ -213,7 +213,9 @@ class ShardState:
             user_ids=model.users.decode(users),
             user_index=users, ts=ts, version=model.neighbors.count[nodes].numpy(),
             events_before=before[first], temporal=z.numpy().astype(np.float32),
-            produced_at=batch.produced_at, first_produced_at=first_produced)
+            produced_at=batch.produced_at, first_produced_at=first_produced,
+            event_user=inverse.astype(np.int64), event_items=events.column("item_id").to_pylist(),
+            event_ts=encoded.t.numpy())
 
     def _empty(self, batch: EventsBatch) -> UserStates:
         none = np.zeros(0, np.int64)

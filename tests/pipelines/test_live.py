@@ -85,8 +85,13 @@ def test_live_pipeline_metrics_dlq_outputs_and_restart(kafka_broker, prometheus,
     assert sorted(d["reason"] for d in letters) == ["bad_json", "bad_price", "missing_field"]
     embeddings = [json.loads(v) for v in _read_all(kafka_broker, "user-embeddings")]
     assert embeddings and set(embeddings[0]) == {"user_id", "ts", "version", "embedding",
-                                                 "facet_weights"}
+                                                 "facet_weights", "events"}
     assert len(embeddings[0]["embedding"]) == 100
+    # the changelog carries every applied event once, each in its user's message
+    assert sum(len(m["events"]) for m in embeddings) == sum(
+        m["version"] - max((p["version"] for p in embeddings[:i] if p["user_id"] == m["user_id"]),
+                           default=m["version"] - len(m["events"]))
+        for i, m in enumerate(embeddings))
     requests = [json.loads(v) for v in _read_all(kafka_broker, "profile-requests")]
     assert requests and all(r["events"] >= 5 for r in requests)
 

@@ -78,7 +78,7 @@ def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
     """Served scores are the shard model's history mixture over the stored dot products."""
     recommender = Recommender(run_dir, one_shard_state)
     user = str(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[0][0])
-    model, t = recommender._models[0]
+    model, t = recommender.shards[0].model, recommender.shards[0].t
     index = torch.from_numpy(model.users.encode([user], grow=False))
     own = torch.tensor(sorted(model.repeat.signals.slots_of[int(index[0])]))
     with torch.no_grad():  # P(repeat) ≈ 1: the user's own items come first
@@ -87,7 +87,7 @@ def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
     served = {item["item_id"] for item in after["items"]}
     assert served == set(model.items.decode(own.tolist()))
     # the served scores, recomputed here from the stored embedding at the shard's time
-    vectors = recommender._item_vectors[0]
+    vectors = recommender.shards[0].item_vectors
     embedding = torch.from_numpy(load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[3][0])
     with torch.no_grad():
         full = model.mix_history((vectors @ embedding).unsqueeze(0), index,
