@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from profiles.modelpack import PACKS
 from streaming.arg_types import positive_int
 from streaming.errors import UsageError
+
+if TYPE_CHECKING:
+    from streaming.dataset import Dataset
 
 
 def _add_model_options(group: argparse._ArgumentGroup) -> None:
@@ -127,16 +131,26 @@ def _worker(args: argparse.Namespace) -> int:
     from profiles.worker import ProfileWorker, TriggerPolicy
     from streaming import metrics
 
-    graph = PurchaseGraph(_dataset(args.data))
+    dataset = _dataset(args.data)
+    graph = PurchaseGraph(dataset, until=_seed_end(dataset, args.seed_until))
     writer = _writer(args, args.store)
     metrics.process_info("worker", model_id=writer.backend.model_id)
     if args.metrics_port is not None:
         metrics.start_metrics_server(args.metrics_port)
     policy = TriggerPolicy(args.min_new_events, args.max_age_days * 86400.0)
     worker = ProfileWorker(args.bootstrap_servers, graph, writer, policy, args.hops,
-                           args.batch_size, args.max_queue)
+                           args.batch_size, args.max_queue, purchases_topic=args.purchases_topic)
     worker.run(args.idle_exit)
     return 0
+
+
+def _seed_end(dataset: Dataset, split: str) -> float | None:
+    """Where the worker's seed history ends: ``None`` for every event of the dataset."""
+    if split == "all":
+        return None
+    if split == "none":
+        return float("-inf")
+    return float(dataset.meta["split"][f"{split}_end"])
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -155,7 +169,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     worker = commands.add_parser("worker", help="async LLM profile worker (Kafka)")
     worker.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
-    worker.add_argument("--data", required=True, help="dataset directory (purchase history)")
+    worker.add_argument("--data", required=True,
+                        help="dataset directory: the catalog, household attributes and the "
+                             "history the purchase graph starts from (then: --purchases-topic)")
+    worker.add_argument("--seed-until", choices=("all", "val", "train", "none"), default="all",
+                        help="seed the graph with the dataset's events up to the end of this "
+                             "split (none: catalog only, all history from the topic)")
+    worker.add_argument("--purchases-topic", default="purchases",
+                        help="purchases topic the graph follows (default purchases)")
     worker.add_argument("--store", default="profiles.sqlite", help="profile store file")
     worker.add_argument("--min-new-events", type=positive_int, default=1,
                         help="regenerate after N new purchase lines (1: every request that is "

@@ -10,6 +10,7 @@ name), and bounded (top-k lists), so the prompt stays short and a profile never 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,56 +101,155 @@ def _top(codes: np.ndarray, names: np.ndarray, k: int) -> list[tuple[str, int]]:
 
 
 class PurchaseGraph:
-    """The bipartite user-item purchase graph of a dataset, indexed for context look-ups.
+    """The bipartite user-item purchase graph, indexed for context look-ups, growing live.
+
+    The catalog (items and their category, brand and price band) and the household attributes
+    come from a dataset; the purchase history starts with the dataset's events before ``until``
+    (the seed) and grows with :meth:`add` (the worker feeds it the ``purchases`` topic, see
+    :mod:`profiles.follow`). A context reads only events with ``ts <= t`` in event-time order,
+    whatever order they were added in, so a graph seeded with part of a log and fed the rest
+    gives the same contexts as one built from the whole log.
 
     Args:
-        dataset: A loaded :class:`streaming.dataset.Dataset`.
+        dataset: A loaded :class:`streaming.dataset.Dataset` (catalog, households, seed events).
         top_k: Length of every top list in a context (bounds the prompt).
         max_neighbours: Co-buyers kept per user, those sharing the most items first.
+        until: Seed with the events with ``ts < until`` only; ``None`` seeds every event.
+
+    Attributes:
+        seed_end: Events before this time are the seed's: a live event older than it is
+            already in the graph (or belongs to history the seed left out) and is not added.
     """
 
-    def __init__(self, dataset: Dataset, top_k: int = 3, max_neighbours: int = 50) -> None:
+    def __init__(self, dataset: Dataset, top_k: int = 3, max_neighbours: int = 50,
+                 until: float | None = None) -> None:
         self.top_k = top_k
         self.max_neighbours = max_neighbours
         items = dataset.items.to_pandas().set_index("item_id")
-        events = dataset.events.select(["user_id", "item_id", "ts", "quantity"]).to_pandas()
         self._item_codes = {item: i for i, item in enumerate(items.index)}
         levels = [_category_levels(c) for c in items["category"]]
-        self._cat_names, cat_codes = np.unique([lv[0] for lv in levels], return_inverse=True)
-        self._type_names, type_codes = np.unique([lv[1] for lv in levels], return_inverse=True)
-        self._brand_names, brand_codes = np.unique(
+        self._cat_names, self._item_cat = np.unique([lv[0] for lv in levels],
+                                                    return_inverse=True)
+        self._type_names, self._item_type = np.unique([lv[1] for lv in levels],
+                                                      return_inverse=True)
+        self._brand_names, self._item_brand = np.unique(
             [short_brand(b) for b in items["brand"]], return_inverse=True)
-        item = events["item_id"].map(self._item_codes)
-        if item.isna().any():
-            missing = events.loc[item.isna(), "item_id"].iloc[0]
-            raise ValueError(f"event item {missing!r} is not in the items table")
-        self.item = item.to_numpy(np.int64)  # (E,) item code per event, time order
-        self.ts = events["ts"].to_numpy(np.float64)  # (E,)
-        self.quantity = events["quantity"].to_numpy(np.float64)  # (E,)
-        self.band = _price_bands(items["price"].to_numpy(np.float64), cat_codes)[self.item]
-        self.cat, self.type, self.brand = cat_codes[self.item], type_codes[self.item], \
-            brand_codes[self.item]
-        self._user_codes, self.user = np.unique(events["user_id"].to_numpy(), return_inverse=True)
-        self._user_index = {u: i for i, u in enumerate(self._user_codes)}
-        self._user_events = pd.Series(np.arange(len(self.ts))).groupby(self.user).agg(list)
-        self._item_events = pd.Series(np.arange(len(self.ts))).groupby(self.item).agg(list)
+        self._item_band = _price_bands(items["price"].to_numpy(np.float64), self._item_cat)
         self._households = _household_texts(dataset)
+        # per event, in insertion order (the first ``_n`` rows of growable arrays)
+        self._n = 0
+        self._item = np.zeros(0, np.int64)  # (E,) item code
+        self._ts = np.zeros(0, np.float64)  # (E,) event time
+        self._quantity = np.zeros(0, np.float64)  # (E,)
+        self._user = np.zeros(0, np.int64)  # (E,) user code
+        self._user_index: dict[str, int] = {}
+        self._user_names: list[str] = []
+        self._user_events: list[list[int]] = []  # per user code: its event rows
+        self._item_events: list[list[int]] = [[] for _ in range(len(items))]
+        self._user_last_ts: list[float] = []  # per user code: newest event time
+        events = dataset.events.select(["user_id", "item_id", "ts", "quantity"])
+        ts = events.column("ts").to_numpy()
+        if until is not None:
+            events = events.filter(ts < until)
+            self.seed_end = float(until)
+        else:
+            self.seed_end = float(np.nextafter(ts.max(), np.inf)) if len(ts) else -np.inf
+        frame = events.to_pandas()
+        self.add(frame["user_id"].to_numpy(), frame["item_id"].to_numpy(),
+                 frame["ts"].to_numpy(np.float64), frame["quantity"].to_numpy(np.float64))
+
+    def has_item(self, item_id: str) -> bool:
+        """Whether the catalog knows ``item_id`` (only known items can be added)."""
+        return item_id in self._item_codes
+
+    @property
+    def catalog(self) -> Collection[str]:
+        """The catalog's item ids (a set-like view)."""
+        return self._item_codes.keys()
+
+    def add(self, user_ids: Sequence[str], item_ids: Sequence[str], ts: np.ndarray,
+            quantity: np.ndarray) -> None:
+        """Add purchase lines, in any order.
+
+        Args:
+            user_ids: ``(B,)`` buyers.
+            item_ids: ``(B,)`` items, all in the catalog.
+            ts: ``(B,)`` float64 event times.
+            quantity: ``(B,)`` float64 quantities.
+
+        Raises:
+            ValueError: an item is not in the catalog (nothing is added).
+        """
+        if len(user_ids) == 0:
+            return
+        codes = self._item_codes
+        try:
+            item = np.fromiter((codes[i] for i in item_ids), np.int64, len(item_ids))
+        except KeyError as missing:
+            raise ValueError(f"event item {missing.args[0]!r} is not in the items table") \
+                from None
+        names, inverse = np.unique(np.asarray(user_ids, dtype=object).astype(str),
+                                   return_inverse=True)
+        for name in names.tolist():
+            if name not in self._user_index:
+                self._user_index[name] = len(self._user_names)
+                self._user_names.append(name)
+                self._user_events.append([])
+                self._user_last_ts.append(-np.inf)
+        user = np.array([self._user_index[n] for n in names.tolist()], np.int64)[inverse]
+        rows = self._append(item, np.asarray(ts, np.float64), np.asarray(quantity, np.float64),
+                            user)
+        for code, members in _groups(user, rows):
+            self._user_events[code].extend(members)
+            self._user_last_ts[code] = max(self._user_last_ts[code],
+                                           float(self._ts[members].max()))
+        for code, members in _groups(item, rows):
+            self._item_events[code].extend(members)
+
+    def _append(self, item: np.ndarray, ts: np.ndarray, quantity: np.ndarray,
+                user: np.ndarray) -> np.ndarray:
+        """Store ``(B,)`` columns after the current rows (capacity doubles); their row numbers."""
+        n, m = self._n, len(item)
+        if n + m > len(self._item):
+            size = max(n + m, 2 * len(self._item), 1024)
+            for name in ("_item", "_ts", "_quantity", "_user"):
+                grown = np.zeros(size, getattr(self, name).dtype)
+                grown[:n] = getattr(self, name)[:n]
+                setattr(self, name, grown)
+        self._item[n:n + m], self._ts[n:n + m] = item, ts
+        self._quantity[n:n + m], self._user[n:n + m] = quantity, user
+        self._n = n + m
+        return np.arange(n, n + m)
+
+    def __len__(self) -> int:
+        """Purchase lines in the graph."""
+        return self._n
 
     @property
     def users(self) -> list[str]:
         """All user ids with at least one event, sorted."""
-        return [str(u) for u in self._user_codes]
+        return sorted(self._user_names)
+
+    def latest_ts(self, user_id: str) -> float:
+        """Time of the user's newest event in the graph (``-inf`` if none)."""
+        code = self._user_index.get(user_id)
+        return -np.inf if code is None else self._user_last_ts[code]
 
     def user_event_times(self, user_id: str) -> np.ndarray:
         """Timestamps ``(n,)`` of the user's events, in time order."""
-        return self.ts[self._events_of(user_id, np.inf)]
+        return self._ts[self._events_of(user_id, np.inf)]
 
     def _events_of(self, user_id: str, t: float) -> np.ndarray:
+        """Rows ``(n,)`` of the user's events with ``ts <= t``, in event-time order."""
         code = self._user_index.get(user_id)
         if code is None:
             return np.zeros(0, np.int64)
+        return self._events_of_code(code, t)
+
+    def _events_of_code(self, code: int, t: float) -> np.ndarray:
         idx = np.asarray(self._user_events[code], np.int64)
-        return idx[self.ts[idx] <= t]
+        idx = idx[self._ts[idx] <= t]
+        return idx[np.argsort(self._ts[idx], kind="stable")]  # ties: insertion order
 
     def context(self, user_id: str, t: float, hops: int = 2) -> UserContext:
         """The context of ``user_id`` from events with ``ts <= t``.
@@ -165,44 +265,57 @@ class PurchaseGraph:
         own = self._events_of(user_id, t)
         if len(own) == 0:
             raise KeyError(f"user {user_id!r} has no events up to t={t}")
-        k = self.top_k
-        last_ts = float(self.ts[own[-1]])
-        recent = list(dict.fromkeys(str(self._type_names[c]) for c in self.type[own[::-1][:12]]))
+        k, items = self.top_k, self._item[own]
+        cat, kind, brand = self._item_cat[items], self._item_type[items], self._item_brand[items]
+        band = self._item_band[items]
+        last_ts = float(self._ts[own[-1]])
+        recent = list(dict.fromkeys(str(self._type_names[c]) for c in kind[::-1][:12]))
         ctx = UserContext(
             user_id=user_id, ts=last_ts, n_events=len(own),
             household=self._households.get(user_id),
-            categories=_top(self.cat[own], self._cat_names, k),
-            types=_top(self.type[own], self._type_names, k),
-            brands=_top(self.brand[own], self._brand_names, k),
+            categories=_top(cat, self._cat_names, k),
+            types=_top(kind, self._type_names, k),
+            brands=_top(brand, self._brand_names, k),
             recent=recent[:3],
-            days_active=(last_ts - float(self.ts[own[0]])) / 86400.0,
-            units=float(np.minimum(self.quantity[own], MAX_LINE_UNITS).sum()),
-            budget_share=float(np.mean(self.band[own] == 0)),
-            premium_share=float(np.mean(self.band[own] == 2)),
+            days_active=(last_ts - float(self._ts[own[0]])) / 86400.0,
+            units=float(np.minimum(self._quantity[own], MAX_LINE_UNITS).sum()),
+            budget_share=float(np.mean(band == 0)),
+            premium_share=float(np.mean(band == 2)),
         )
         ctx.known = {str(n).lower() for n in np.concatenate([
-            self._cat_names[np.unique(self.cat[own])], self._type_names[np.unique(self.type[own])],
-            self._brand_names[np.unique(self.brand[own])]])}
-        ctx.known_brands = {str(n).lower() for n in self._brand_names[np.unique(self.brand[own])]}
+            self._cat_names[np.unique(cat)], self._type_names[np.unique(kind)],
+            self._brand_names[np.unique(brand)]])}
+        ctx.known_brands = {str(n).lower() for n in self._brand_names[np.unique(brand)]}
         if hops >= 2:
             self._add_neighbourhood(ctx, own, t)
         return ctx
 
     def _add_neighbourhood(self, ctx: UserContext, own: np.ndarray, t: float) -> None:
-        me = self.user[own[0]]
+        me = self._user[own[0]]
         co = np.concatenate([np.asarray(self._item_events[i], np.int64)
-                             for i in np.unique(self.item[own])])
-        co = co[(self.ts[co] <= t) & (self.user[co] != me)]
+                             for i in np.unique(self._item[own])])
+        co = co[(self._ts[co] <= t) & (self._user[co] != me)]
         if len(co) == 0:
             return
-        users, shared = np.unique(self.user[co], return_counts=True)
-        keep = users[np.lexsort((users, -shared))[: self.max_neighbours]]
-        their = np.concatenate([self._events_of(str(self._user_codes[u]), t) for u in keep])
+        # co-buyers by shared lines, ties by user id (as the sorted ids of a whole-log build)
+        users, shared = np.unique(self._user[co], return_counts=True)
+        names = np.array([self._user_names[u] for u in users])
+        keep = users[np.lexsort((names, -shared))[: self.max_neighbours]]
+        their = self._item[np.concatenate([self._events_of_code(int(u), t) for u in keep])]
         ctx.neighbours = len(keep)
-        ctx.crowd_categories = _top(self.cat[their], self._cat_names, self.top_k)
-        ctx.crowd_brands = _top(self.brand[their], self._brand_names, self.top_k)
+        ctx.crowd_categories = _top(self._item_cat[their], self._cat_names, self.top_k)
+        ctx.crowd_brands = _top(self._item_brand[their], self._brand_names, self.top_k)
         ctx.known |= {n.lower() for n, _ in ctx.crowd_categories + ctx.crowd_brands}
         ctx.known_brands |= {n.lower() for n, _ in ctx.crowd_brands}
+
+
+def _groups(keys: np.ndarray, rows: np.ndarray) -> list[tuple[int, list[int]]]:
+    """``(key, rows with that key in their order)`` for each distinct key of ``(B,)`` keys."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    cuts = np.flatnonzero(np.diff(sorted_keys)) + 1
+    return [(int(sorted_keys[part[0]]), rows[order[part]].tolist())
+            for part in np.split(np.arange(len(keys)), cuts)]
 
 
 def _price_bands(price: np.ndarray, category: np.ndarray) -> np.ndarray:

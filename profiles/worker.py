@@ -1,5 +1,10 @@
 """The asynchronous profile worker: ``profile-requests`` → profiles → ``profile-updates``.
 
+Prompts come from the live graph: the worker follows the ``purchases`` topic into its own
+:class:`~profiles.graph.PurchaseGraph` (seeded from a dataset, :mod:`profiles.follow`), and
+before each batch it reads that topic up to the purchases the requests are about, so a purchase
+the pipeline has seen is in the next profile of its household.
+
 A request is a JSON message ``{"user_id": "u7", "ts": 1483272000.0, "new_events": 1}``: the user
 bought ``new_events`` lines (default 1), the newest at event time ``ts``; other fields, such as
 the pipeline's ``events`` and ``requested_at``, are ignored. The :class:`TriggerPolicy` decides
@@ -35,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from profiles.backends import BackendError
+from profiles.follow import PURCHASES_TOPIC, PurchaseFollower
 from profiles.graph import PurchaseGraph
 from profiles.store import ProfileStore
 from profiles.writer import ProfileWriter
@@ -112,7 +118,8 @@ class ProfileWorker:
 
     Args:
         bootstrap_servers: Kafka ``host:port``.
-        graph: The purchase history the prompts are built from.
+        graph: The purchase history the prompts are built from (seeded); it grows with every
+            valid event of ``purchases_topic``.
         writer: Model + embedder + store.
         policy: The trigger policy.
         hops: 2 for graph-aware prompts, 1 for own history only.
@@ -120,17 +127,23 @@ class ProfileWorker:
         max_queue: Most queued users (backpressure bound).
         backoff_s: First pause after a batch failed on the backend; doubles per failure.
         max_backoff_s: Longest pause between tries of a failing batch.
+        purchases_topic: The purchases topic the graph follows.
+        sync_timeout_s: Longest wait, per batch, for the purchases its requests are about to
+            reach the graph (they are on the topic before the request; this covers read lag).
     """
 
     def __init__(self, bootstrap_servers: str, graph: PurchaseGraph, writer: ProfileWriter,
                  policy: TriggerPolicy, hops: int = 2, batch_size: int = 8,
-                 max_queue: int = 64, backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+                 max_queue: int = 64, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
+                 purchases_topic: str = PURCHASES_TOPIC, sync_timeout_s: float = 2.0) -> None:
         self.graph, self.writer, self.store = graph, writer, writer.store
+        self.sync_timeout_s = sync_timeout_s
         self.policy, self.hops = policy, hops
         self.batch_size, self.max_queue = batch_size, max_queue
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self._failures = 0  # consecutive batches the backend failed
         create_topics(bootstrap_servers, [REQUESTS_TOPIC, UPDATES_TOPIC])
+        self.follower = PurchaseFollower(bootstrap_servers, graph, purchases_topic)
         self.reader = TopicReader(bootstrap_servers, REQUESTS_TOPIC,
                                   offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue)
         self.producer = json_producer(bootstrap_servers)
@@ -153,9 +166,15 @@ class ProfileWorker:
 
     def _process_batch(self) -> None:
         users = list(self.queue)[: self.batch_size]
+        self.follower.catch_up()
+        deadline = time.monotonic() + self.sync_timeout_s
         contexts = []
         for user in users:
             request = self.queue[user]
+            if not self.follower.wait_for(user, request.ts,
+                                          max(0.0, deadline - time.monotonic())):
+                log.warning("purchase of user %s at %s not on %s yet; profiling what is there",
+                            user, request.ts, self.follower.reader.topic)
             try:
                 contexts.append(self.graph.context(user, request.ts, self.hops))
             except KeyError:
@@ -215,6 +234,7 @@ class ProfileWorker:
         last_work = time.monotonic()
         while not self.stopping:
             records = self.reader.poll(0.5)
+            self.follower.catch_up()  # keep the graph current while idle, too
             self._enqueue(records)
             while self.queue and not self.stopping:  # drain before reading more (backpressure)
                 self._process_batch()
@@ -230,3 +250,4 @@ class ProfileWorker:
         self.producer.flush()
         self.producer.close()
         self.reader.close()
+        self.follower.close()

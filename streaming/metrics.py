@@ -131,6 +131,11 @@ PROFILE_REQUESTS_QUEUED = Counter(
 PROFILE_QUEUE_LENGTH = Gauge(
     "dynllm_profile_queue_length", "Profile requests waiting in the worker's queue. "
     "Profile worker.")
+PROFILE_GRAPH_EVENTS = Counter(
+    "dynllm_profile_graph_events", "Records of the purchases topic read by the worker into its "
+    "purchase graph, by outcome: added, in_seed (older than the seed dataset's end), or the "
+    "dead-letter reason it was skipped for (the pipeline dead-letters those). Profile worker.",
+    ["outcome"])
 PROFILES_GENERATED = Counter(
     "dynllm_profiles_generated", "Profiles written by the LLM and published. Profile worker.")
 PROFILES_FAILED = Counter(

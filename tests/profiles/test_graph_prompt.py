@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from profiles.facets import Facets, brand_grounding, fallback_facets, grounding, parse_facets
@@ -41,6 +44,50 @@ def test_two_hops_adds_co_buyers_and_one_hop_does_not(graph):
     assert "soft drinks" not in one.known
     lonely = graph.context("u4", 13 * DAY)  # bread: nobody else buys it
     assert lonely.neighbours == 0
+
+
+def test_graph_grown_live_equals_the_whole_log(tiny_data, cj_small):
+    """Seeded with the first part of a log and fed the rest (per-user order kept, users
+    interleaved as partitions deliver them, in several batches), the graph gives the same
+    context as one built from the whole log, at every cut time."""
+    for path, cut_share in ((tiny_data, 0.5), (cj_small, 0.6)):
+        data = Dataset.load(path)
+        whole = PurchaseGraph(data)
+        events = data.events.to_pandas()
+        until = float(events["ts"].quantile(cut_share))
+        grown = PurchaseGraph(data, until=until)
+        assert grown.seed_end == until and len(grown) == int((events["ts"] < until).sum())
+        rest = events[events["ts"] >= until]
+        rest = rest.assign(row=np.arange(len(rest))).sort_values(["user_id", "row"])
+        for part in np.array_split(np.arange(len(rest)), 5):
+            chunk = rest.iloc[part]
+            grown.add(chunk["user_id"].to_numpy(), chunk["item_id"].to_numpy(),
+                      chunk["ts"].to_numpy(), chunk["quantity"].to_numpy())
+        assert len(grown) == len(whole) and grown.users == whole.users
+        users = whole.users[:: max(1, len(whole.users) // 40)]
+        for user in users:
+            times = whole.user_event_times(user)
+            assert np.array_equal(grown.user_event_times(user), times)
+            assert grown.latest_ts(user) == times[-1]
+            for t in {times[0], times[len(times) // 2], times[-1], until}:
+                if t >= times[0]:
+                    assert dataclasses.astuple(grown.context(user, t)) == \
+                        dataclasses.astuple(whole.context(user, t)), (path, user, t)
+
+
+def test_live_purchase_changes_the_context_and_unknown_items_are_refused(tiny_data):
+    graph = PurchaseGraph(Dataset.load(tiny_data), until=10 * DAY)  # u4's day-13 bread cut
+    assert graph.latest_ts("u4") == 9 * DAY and graph.context("u4", 20 * DAY).neighbours == 0
+    graph.add(["u4"], ["i1"], np.array([20 * DAY]), np.array([2.0]))  # cheese, live
+    ctx = graph.context("u4", 20 * DAY)
+    assert (ctx.n_events, ctx.ts, ctx.units) == (2, 20 * DAY, 3.0)
+    assert [n for n, _ in ctx.categories] == ["Bread", "Cheese"] and ctx.neighbours == 2
+    assert graph.context("u4", 19 * DAY).n_events == 1  # the cut still holds
+    with pytest.raises(ValueError, match="no-such-item"):
+        graph.add(["u4", "u4"], ["i2", "no-such-item"], np.array([21 * DAY] * 2), np.ones(2))
+    assert graph.latest_ts("u4") == 20 * DAY  # nothing of the refused batch was added
+    graph.add(["new"], ["i5"], np.array([22 * DAY]), np.ones(1))  # a household born live
+    assert "new" in graph.users and graph.context("new", 22 * DAY).neighbours == 1
 
 
 def test_prompt_is_deterministic_and_bounded(graph):

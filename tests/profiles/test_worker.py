@@ -1,4 +1,5 @@
-"""The async worker against a real Tansu broker: trigger policy, dedupe, kill and restart."""
+"""The async worker against a real Tansu broker: trigger policy, dedupe, kill and restart, and
+prompts from purchases that arrive live on the purchases topic."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from profiles.backends import HttpBackend
+from profiles.follow import PURCHASES_TOPIC
 from profiles.graph import PurchaseGraph
 from profiles.store import ProfileStore
 from profiles.worker import (
@@ -37,6 +39,26 @@ def _produce(bootstrap: str, messages: list) -> None:
                       value=m)
     producer.flush()
     producer.close()
+
+
+def _purchases(bootstrap: str, values: list) -> None:
+    create_topics(bootstrap, [PURCHASES_TOPIC])
+    producer = json_producer(bootstrap)
+    for v in values:
+        producer.send(PURCHASES_TOPIC, key=v.get("user_id") if isinstance(v, dict) else None,
+                      value=v)
+    producer.flush()
+    producer.close()
+
+
+def _buy(event_id: str, user: str, item: str, day: float) -> dict:
+    return {"event_id": event_id, "user_id": user, "item_id": item, "ts": day * DAY,
+            "quantity": 1.0, "price": 1.0}
+
+
+def _graph_events(outcome: str) -> float:
+    return REGISTRY.get_sample_value("dynllm_profile_graph_events_total",
+                                     {"outcome": outcome}) or 0.0
 
 
 def _updates(bootstrap: str) -> list[dict]:
@@ -143,3 +165,40 @@ def test_sigterm_mid_batch_stops_at_once_and_loses_nothing(kafka_broker, tiny_da
     assert second.returncode == 0, second.stderr[-2000:]
     assert {u["user_id"] for u in _updates(kafka_broker)} == {"u1", "u2"}
     assert sum(store.offsets(REQUESTS_TOPIC).values()) == 2
+
+
+@pytest.mark.kafka
+def test_live_purchases_reach_the_next_prompt(kafka_broker, tiny_data, chat_peer, embedder,
+                                              tmp_path):
+    """u4 bought only bread (seed, days 9 and 13); cheese bought live on day 20 must be in its
+    next prompt, with the co-buyers cheese brings (u1, u2); then soda on day 21 in the one after,
+    read by a restarted worker (which re-reads the topic from its beginning)."""
+    outcomes = ("added", "in_seed", "duplicate_event_id", "unknown_item", "bad_json")
+    before = {o: _graph_events(o) for o in outcomes}
+    store = ProfileStore(tmp_path / "p.sqlite")
+    writer = ProfileWriter(HttpBackend(chat_peer.url), embedder, store)
+    data = Dataset.load(tiny_data)
+
+    def run_worker() -> str:
+        """One worker run until idle; the user message of the last prompt it sent."""
+        worker = ProfileWorker(kafka_broker, PurchaseGraph(data), writer,
+                               TriggerPolicy(min_new_events=1))
+        worker.run(idle_exit_s=1.0)
+        return chat_peer.requests[-1]["messages"][-1]["content"]
+
+    live = _buy("live-1", "u4", "i1", 20)  # cheese
+    _purchases(kafka_broker, [live, live, _buy("old", "u4", "i4", 3),  # a repeat; seed time
+                              _buy("x", "u4", "no-such-item", 20), b"{not json"])
+    _produce(kafka_broker, [{"user_id": "u4", "ts": 20 * DAY}])
+    prompt = run_worker()
+    assert "Categories: Bread, Cheese" in prompt and "3 lines" in prompt
+    assert "2 co-buyers also buy" in prompt  # u1 and u2 bought cheese; bread alone had none
+    assert store.latest("u4").ts == 20 * DAY
+    assert {o: _graph_events(o) - before[o] for o in outcomes} == {
+        "added": 1, "in_seed": 1, "duplicate_event_id": 1, "unknown_item": 1, "bad_json": 1}
+
+    _purchases(kafka_broker, [_buy("live-2", "u4", "i3", 21)])  # soda
+    _produce(kafka_broker, [{"user_id": "u4", "ts": 21 * DAY}])
+    prompt = run_worker()
+    assert "Soft Drinks" in prompt.split("co-buyers")[0] and "4 lines" in prompt
+    assert [p["ts"] for p in _updates(kafka_broker)] == [20 * DAY, 21 * DAY]
