@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from streaming.kafka_io import install_log_filters
+
+    install_log_filters()  # kafka-python's close race logs a traceback for a closed socket
     try:
         return int(args.func(args) or 0)
     except (UsageError, FileNotFoundError) as exc:

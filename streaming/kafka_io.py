@@ -14,6 +14,7 @@ produce, so readers count what they read instead of trusting ``end_offsets``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -30,6 +31,38 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "linger_ms": 20,  # gather sends into larger requests (+20% here over 5 ms)
     "batch_size": 256 * 1024,
 }
+
+
+class ClosedTransportRecvFilter(logging.Filter):
+    """Drops kafka-python's receive-error record for a connection that was already closed.
+
+    kafka-python 3.0.12 (and its master as of this writing) closes a client's connections on
+    the caller's thread (``KafkaAdminClient.close`` → ``Manager.close`` → ``conn.close``), which
+    sets the transport's socket to ``None``, while the client's IO thread can be between its
+    ``wait_read`` and ``recv`` in ``_read_from_sock``; that ``recv`` then fails with
+    ``AttributeError: 'NoneType' object has no attribute 'recv'`` and is logged with a
+    traceback ("Error receiving network data closing socket"), although the connection was
+    closed on purpose. Only that record is dropped, and only when its transport is closing:
+    a receive error on an open connection is still logged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the receive-error record of a closed transport."""
+        if not str(record.msg).startswith("%s: Error receiving network data"):
+            return True
+        transport = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        is_closing = getattr(transport, "is_closing", None)
+        return not (callable(is_closing) and is_closing())
+
+
+def install_log_filters() -> None:
+    """Add :class:`ClosedTransportRecvFilter` to kafka-python's transport logger (once).
+
+    Called by the ``dynllm`` entry point, which owns the process's logging set-up.
+    """
+    logger = logging.getLogger("kafka.net.transport")
+    if not any(isinstance(f, ClosedTransportRecvFilter) for f in logger.filters):
+        logger.addFilter(ClosedTransportRecvFilter())
 
 
 class Record(NamedTuple):
