@@ -134,8 +134,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                     help="also evaluate popularity, recent popularity and buy-again (no value or "
                          "'heuristics'), the weekly GConvGRU snapshot baseline ('snapshot'; "
                          "needs the snapshot extra) or both ('all')")
-    ev.add_argument("--batch-size", type=positive_int, default=2000,
-                    help="events scored from one state (default 2000)")
+    ev.add_argument("--batch-size", type=positive_int, default=200,
+                    help="events scored from one state (default %(default)s)")
     ev.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
     ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_evaluate)

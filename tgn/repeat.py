@@ -8,17 +8,19 @@ item ``i`` for user ``u`` at time ``t`` is a log-probability of a two-way mixtur
 
     P(i) = P(repeat | u, t) · softmax_{i ∈ history(u)}(g(pair features))
          + P(explore | u, t) · softmax_{i ∉ history(u), bought by anyone}(
-               prior(i) + w·dot(u, i) + v·knn(u, i))
+               prior(i) + w·dot(u, i) + v·knn(u, i) + x·near(u, i))
 
 with ``g``, ``prior`` and the gate small MLPs over :class:`~tgn.signals.PurchaseSignals`
 features (counts, decayed counts, recency against the item's repurchase cycle, the user's
 repeat propensity, item popularity and first-time buyers), ``dot`` the temporal model's
-dot product and ``knn`` the user-KNN score of the 2-hop neighbourhood
-(:meth:`~tgn.signals.PurchaseSignals.neighbor_scores`). Scores are comparable across the two
-parts, so a strong new item can outrank a weak old one. The weights are fitted by the negative
-log-likelihood of each purchase over the full catalog (:func:`tgn.train.fit_history`). The
-state (the statistics) is saved through :meth:`RepeatScore.get_extra_state` as one float64
-tensor (a copy), so ``state_dict()`` and ``torch.load(weights_only=True)`` carry it exactly.
+dot product, ``knn`` the user-KNN score of the 2-hop neighbourhood
+(:meth:`~tgn.signals.PurchaseSignals.neighbor_scores`) and ``near`` the item-KNN score of the
+user's newest items (:meth:`~tgn.signals.PurchaseSignals.item_scores`). Scores are comparable
+across the two parts, so a strong new item can outrank a weak old one. The weights are fitted
+by the negative log-likelihood of each purchase over the full catalog
+(:func:`tgn.train.fit_history`). The state (the statistics) is saved through
+:meth:`RepeatScore.get_extra_state` as one float64 tensor (a copy), so ``state_dict()`` and
+``torch.load(weights_only=True)`` carry it exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSig
 NEIGHBOR_SCALE = 100.0
 #: Width of the hidden layer of ``g``.
 HIDDEN = 32
+
+
+def _scaled(weight: Tensor, score: Tensor) -> Tensor:
+    """``weight [2]`` applied to ``[log1p(NEIGHBOR_SCALE · score), score > 0]`` → like
+    ``score [Q, N]``."""
+    return weight[0] * torch.log1p(NEIGHBOR_SCALE * score) + weight[1] * (score > 0).float()
 
 
 class RepeatScore(nn.Module):
@@ -64,6 +72,8 @@ class RepeatScore(nn.Module):
         self.explore_weight = nn.Parameter(torch.zeros(()))
         #: weights of log1p(NEIGHBOR_SCALE · s) and [s > 0], s the user-KNN score of an item
         self.neighbor_weight = nn.Parameter(torch.zeros(2))
+        #: weights of log1p(NEIGHBOR_SCALE · s) and [s > 0], s the item-KNN score of an item
+        self.item_weight = nn.Parameter(torch.zeros(2))
         with torch.no_grad():
             for last in (self.g[-1], self.prior[-1], self.gate[-1]):
                 last.weight.zero_()
@@ -186,8 +196,8 @@ class RepeatScore(nn.Module):
         history[rows, items] = True
         bought = self.signals.bought(n)  # [N]
         near = self.signals.neighbor_scores(users, float(t.min()) if q else 0.0, n)  # [Q, N]
-        neighbor = (self.neighbor_weight[0] * torch.log1p(NEIGHBOR_SCALE * near)
-                    + self.neighbor_weight[1] * (near > 0).float())
+        similar = self.signals.item_scores(users, n)  # [Q, N]
+        neighbor = (_scaled(self.neighbor_weight, near) + _scaled(self.item_weight, similar))
         others = (prior + self.explore_weight * explore + neighbor).masked_fill(
             history | ~bought, -torch.inf)
         repeat = torch.full((q, n), -torch.inf).index_put((rows, items), values)

@@ -51,14 +51,17 @@ class TrainConfig:
     history_negatives: float = 0.0
     patience: int = 2  # epochs without a better validation Recall@10 before stopping
     seed: int = 0
-    eval_batch_size: int = 2000  # validation scores the full catalog once per batch
+    #: events scored from one state in validation and evaluation: TGN's batch size, so a
+    #: score is at most 200 events behind the stream (2,000 hid most of a MovieLens session
+    #: from its own next events: docs/quality.md, "Evaluation batch")
+    eval_batch_size: int = 200
     max_val_events: int | None = None  # validate on the first N events (smoke runs)
     #: stage 2 (:func:`fit_history`): optimiser steps (whole passes over the training events
     #: until reached), learning rate, batch size and the share of each pass that only builds
     #: state first (chosen on cj26 validation: docs/quality.md)
     history_steps: int = 500
     history_lr: float = 3e-3
-    history_batch_size: int = 1000
+    history_batch_size: int = 200
     history_warmup: float = 0.5
 
     def __post_init__(self) -> None:

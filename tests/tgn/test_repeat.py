@@ -154,3 +154,29 @@ def test_neighbor_scores_come_from_similar_users_only():
     assert near[2].sum() == 0  # an unknown user has no neighbours
     # user 0's neighbour (user 1) holds log1p(1) of each of his items
     assert math.isclose(float(near[0, 3]), math.log1p(1), rel_tol=1e-6)
+
+
+def test_recent_items_rank_by_last_purchase():
+    s = PurchaseSignals()
+    s.update(torch.tensor([0, 0, 0]), torch.tensor([4, 5, 6]), _t(0, DAY, 2 * DAY))
+    s.update(torch.tensor([0]), torch.tensor([4]), _t(3 * DAY))  # 4 is the newest again
+    rows, items, rank = s.recent_items(torch.tensor([9, 0]), recent=2)
+    assert rows.tolist() == [1, 1]  # user 9 has no history
+    assert items.tolist() == [4, 6] and rank.tolist() == [0, 1]
+
+
+def test_item_scores_follow_the_newest_items_co_buyers():
+    """User 0 last bought item 2, earlier item 1. Users 1–2 bought 2 with 8, user 3 bought 1
+    with 9: 8 is nearer than 9, items nobody co-bought score 0, a user without history too."""
+    s = PurchaseSignals()
+    s.update(torch.tensor([0, 1, 1, 2, 2, 3, 3]), torch.tensor([1, 2, 8, 2, 8, 1, 9]),
+             _t(0, 0, 0, 0, 0, 0, 0))
+    s.update(torch.tensor([0]), torch.tensor([2]), _t(DAY))
+    near = s.item_scores(torch.tensor([0, 7]), 12)
+    assert near.shape == (2, 12)
+    assert near[0, 8] > near[0, 9] > 0
+    assert near[0, 5] == 0 and near[0, 11] == 0
+    assert near[1].sum() == 0
+    assert float(near[0].max()) == 1.0
+    # only the newest item counts with recent=1: 9 (a co-buy of the older item 1) drops out
+    assert s.item_scores(torch.tensor([0]), 12, recent=1)[0, 9] == 0
