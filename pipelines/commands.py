@@ -179,9 +179,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def register_bench(bench_targets: argparse._SubParsersAction) -> None:
-    """Add ``bench pipeline`` and ``bench load``."""
-    from pipelines import load_bench
+    """Add ``bench pipeline``, ``bench load`` and ``bench serving``."""
+    from pipelines import load_bench, serving_bench
     from pipelines.bench import add_bench_arguments
 
     add_bench_arguments(bench_targets)
     load_bench.add_bench_arguments(bench_targets)
+    serving_bench.add_bench_arguments(bench_targets)

@@ -222,10 +222,8 @@ class Recommender:
                     if user not in self.users or self.users[user].version < row.version:
                         self.users[user] = row
             self._stamp, self.checkpoint_time = stamp, newest
-            for shard in shards:
-                shard.warm()
         for shard in shards:
-            shard.refresh_neighbors(self._lock)
+            shard.refresh(self._lock)
         metrics.EMBEDDING_STORE_USERS.set(len(self.users))
         metrics.CHECKPOINT_TIMESTAMP.set(newest)
         log.info("loaded %d users from %d shard(s)", len(self.users), len(shards))
@@ -257,8 +255,6 @@ class Recommender:
                             shard, float(m["ts"]), int(m["version"]),
                             np.asarray(m["embedding"], np.float32),
                             None if weights is None else np.asarray(weights, np.float32))
-                for part in self.shards:
-                    part.warm()
             self.changelog["records"] += len(messages)
             self.changelog["events_applied"] += applied
             self.changelog["last_record_at"] = received_at or time.time()
@@ -266,7 +262,7 @@ class Recommender:
         if time.monotonic() - self._refreshed >= KNN_REFRESH_S:
             self._refreshed = time.monotonic()
             for part in self.shards:
-                part.refresh_neighbors(self._lock)
+                part.refresh(self._lock)
 
     def start(self) -> Recommender:
         """Follow the changelog on a background thread (no-op without a broker)."""

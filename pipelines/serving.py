@@ -16,9 +16,10 @@ pipeline's statistics up to float rounding: every statistic of :class:`tgn.signa
 .PurchaseSignals` is either per (user, item) pair, per user, or a sum over events (item counts,
 decayed popularity), and a user's events of one pipeline update arrive in one message.
 
-Whole-catalogue work is cached (:class:`ServedSignals`): the item features per statistics
-generation and time, and the user-KNN neighbour matrix (:class:`NeighborIndex`), rebuilt at most
-every :data:`KNN_REFRESH_S` from a copy of the pairs, outside the request path. Shapes: ``U``
+Whole-catalogue work is cached (:class:`ServedRepeatScore`, :class:`ServedSignals`): the item
+prior, and the user-KNN and item-KNN matrices (:class:`NeighborIndex`), refreshed at most every
+:data:`KNN_REFRESH_S` (the matrices built from a copy of the pairs, outside the lock requests
+take). Shapes: ``U``
 users, ``I`` items, ``P`` (user, item) pairs.
 """
 
@@ -36,21 +37,26 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from tgn.repeat import RepeatScore
 from tgn.signals import NEIGHBORS, PurchaseSignals
 
 log = logging.getLogger(__name__)
 
-#: Most seconds the user-KNN neighbour matrix lags the statistics it is used with.
-KNN_REFRESH_S = 0.5
+#: Most seconds the cached whole-catalogue parts of the score (item prior, user-KNN and
+#: item-KNN matrices) lag the statistics they are used with.
+KNN_REFRESH_S = 1.0
+#: Seconds the changelog follower gathers records before applying them in one go.
+APPLY_EVERY_S = 0.1
 
 
 class NeighborIndex:
     """The user-KNN term of :meth:`tgn.signals.PurchaseSignals.neighbor_scores`, with the
     ``log1p(count)`` user × item matrix built once and queried per user.
 
-    Same definition as the reference (mean item vector of the ``k`` most cosine-similar users
-    with positive similarity, the user excluded); built from a copy of the pairs, so it can be
-    built on another thread while requests use the previous one.
+    Same definition and arithmetic as the reference (mean item vector of the ``k`` most
+    cosine-similar users with positive similarity, the user excluded); built from a copy of the
+    pairs, so it can be built on another thread while requests use the previous one. A user
+    whose pairs changed since the build is queried with his current row.
 
     Args:
         users: pair users ``[P]``.
@@ -62,23 +68,35 @@ class NeighborIndex:
     def __init__(self, users: np.ndarray, items: np.ndarray, counts: np.ndarray,
                  num_items: int) -> None:
         self.num_items = num_items
-        self.num_users = n_users = int(users.max()) + 1 if users.size else 0
+        self.num_users = int(users.max()) + 1 if users.size else 0
         width = max(num_items, int(items.max()) + 1 if items.size else 0)
-        users, items = users.astype(np.int64), items.astype(np.int64)
-        value = np.log1p(counts)
-        norms = np.sqrt(np.bincount(users, value * value, minlength=n_users))
-        # pairs are distinct, so the compressed layouts come from one sort each (numpy sorts
-        # without holding the GIL, so requests go on while another thread builds)
-        by_user = np.argsort(users * width + items)
-        self.matrix = sp.csr_matrix(
-            (value[by_user], items[by_user], _indptr(users, n_users)), shape=(n_users, width))
-        by_item = np.argsort(items * max(n_users, 1) + users)
-        unit = value / np.maximum(norms, 1e-12)[users]
-        #: unit rows, item-major: the similarity of a query touches only its items' columns
-        self.unit_by_item = sp.csc_matrix(
-            (unit[by_item], users[by_item], _indptr(items, width)), shape=(n_users, width))
+        # the reference's own expressions, so similarities (and ties between neighbours) come
+        # out bit for bit the same
+        self.matrix = sp.csr_matrix((np.log1p(counts), (users, items)),
+                                    shape=(self.num_users, width))
+        norms = np.sqrt(np.asarray(self.matrix.multiply(self.matrix).sum(1)).ravel())
+        self.unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ self.matrix
+        #: the transposed unit rows, row-major: a query touches only its items' rows
+        self.unit_t = self.unit.T.tocsr()
+        # item-KNN (PurchaseSignals.item_scores): pair entries 1/sqrt(buyers of the item)
+        buyers = np.bincount(items, minlength=width).astype(np.float64)
+        self.buyers = sp.csr_matrix((1 / np.sqrt(np.maximum(buyers, 1))[items], (users, items)),
+                                    shape=(self.num_users, width))
+        self.buyers_t = self.buyers.T.tocsr()
 
-    def scores(self, items: np.ndarray, counts: np.ndarray, own: int,
+    def item_scores(self, rows: np.ndarray, items: np.ndarray, weights: np.ndarray,
+                    queries: int) -> np.ndarray:
+        """Item-KNN scores ``[queries, num_items]`` of the reference
+        (:meth:`tgn.signals.PurchaseSignals.item_scores`) for query entries ``(rows [M],
+        items [M], weights [M])``: the same expressions, on the cached buyer matrix."""
+        width = self.buyers.shape[1]
+        query = sp.csr_matrix((weights, (rows, items)), shape=(queries, width))
+        through = np.asarray((query @ self.buyers_t).todense())  # [Q, U]
+        out = np.asarray(self.buyers.T @ through.T).T[:, :self.num_items]
+        out /= np.maximum(out.max(1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def scores(self, items: np.ndarray, counts: np.ndarray, own: int, current: bool,
                k: int = NEIGHBORS) -> np.ndarray:
         """Scores ``[num_items]`` (float32) for a user with pairs ``(items, counts)``.
 
@@ -86,27 +104,28 @@ class NeighborIndex:
             items: the user's items ``[M]``.
             counts: their purchase counts ``[M]``.
             own: the user's row (not his own neighbour).
+            current: the index holds the user's pairs as they are (then its row is used).
             k: neighbours.
         """
         if self.num_users == 0 or items.size == 0:
             return np.zeros(self.num_items, np.float32)
-        inside = items < self.unit_by_item.shape[1]
-        value = np.log1p(counts[inside])
-        value = value / max(float(np.sqrt((value ** 2).sum())), 1e-12)
-        sims = torch.from_numpy(self.unit_by_item[:, items[inside]] @ value)  # [U]
+        if current and own < self.num_users:
+            query = self.unit[[own]]
+        else:  # pairs newer than the index: the user's row as it is now
+            inside = items < self.unit.shape[1]
+            value = np.log1p(counts[inside])
+            value = value / max(float(np.sqrt((value * value).sum())), 1e-12)
+            query = sp.csr_matrix((value, (np.zeros(value.size, np.int64), items[inside])),
+                                  shape=(1, self.unit.shape[1]))
+        sims = torch.from_numpy((query @ self.unit_t).toarray())  # [1, U]
         if own < self.num_users:
-            sims[own] = -1.0
-        top = sims.topk(min(k, self.num_users))
-        chosen = top.indices[top.values > 0].numpy()
+            sims[0, own] = -1.0
+        top = sims.topk(min(k, self.num_users), dim=1)
+        chosen = np.sort(top.indices[top.values > 0].numpy())
         if chosen.size == 0:
             return np.zeros(self.num_items, np.float32)
-        mean = np.asarray(self.matrix[chosen].sum(0)).ravel() / chosen.size
+        mean = self.matrix[chosen].T @ np.full(chosen.size, 1 / chosen.size)
         return mean[:self.num_items].astype(np.float32)
-
-
-def _indptr(keys: np.ndarray, size: int) -> np.ndarray:
-    """Compressed-axis pointer ``[size + 1]`` of sorted ``keys``."""
-    return np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=size))])
 
 
 class ServedSignals(PurchaseSignals):
@@ -126,13 +145,6 @@ class ServedSignals(PurchaseSignals):
         self.neighbors_generation = -1
         self._features: tuple[tuple[int, float, int], Tensor] | None = None
         super().__init__()
-
-    @classmethod
-    def copy_of(cls, signals: PurchaseSignals) -> ServedSignals:
-        """A served copy of ``signals`` (through the packed state, exact)."""
-        served = cls()
-        served.load_packed(signals.packed())
-        return served
 
     def reset_state(self) -> None:
         super().reset_state()
@@ -161,13 +173,59 @@ class ServedSignals(PurchaseSignals):
         return (self.pair_user[:n].numpy().copy(), self.pair_item[:n].numpy().copy(),
                 self.count[:n].numpy().copy())
 
+    def item_scores(self, users: Tensor, num_items: int, *args, **kwargs) -> Tensor:
+        """The reference's item-KNN scores with the buyer matrix of :attr:`neighbors` (the
+        defaults only; other arguments take the reference computation)."""
+        from tgn import signals as reference
+
+        index = self.neighbors
+        fits = (index is not None and index.num_items == num_items and not args and not kwargs
+                and index.buyers.shape[0] > 0)
+        if not fits or users.numel() == 0:
+            return super().item_scores(users, num_items, *args, **kwargs)
+        rows, items, rank = (x.numpy() for x in self.recent_items(users))
+        inside = items < index.buyers.shape[1]
+        weights = reference.RECENT_DECAY ** rank.astype(np.float64)
+        return torch.from_numpy(index.item_scores(rows[inside], items[inside], weights[inside],
+                                                  users.numel()))
+
     def neighbor_scores(self, users: Tensor, t: float, num_items: int,
                         k: int = NEIGHBORS) -> Tensor:
         index = self.neighbors
         if index is None or index.num_items != num_items:
             return super().neighbor_scores(users, t, num_items, k)
-        rows = [index.scores(*self.user_pairs(u), own=u, k=k) for u in users.tolist()]
+        current = self.neighbors_generation == self.generation
+        rows = [index.scores(*self.user_pairs(u), own=u, current=current, k=k)
+                for u in users.tolist()]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, num_items)
+
+
+class ServedRepeatScore(RepeatScore):
+    """:class:`~tgn.repeat.RepeatScore` on :class:`ServedSignals`, its item prior cached per
+    statistics generation and time (the MLP over the whole catalogue, ~6 ms on cj26)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__(hidden)
+        self.signals = ServedSignals()
+        self._prior: tuple[int, Tensor] | None = None
+
+    @classmethod
+    def copy_of(cls, repeat: RepeatScore) -> ServedRepeatScore:
+        """A served copy of ``repeat``: its weights and statistics (exact)."""
+        served = cls(repeat.g[0].out_features)
+        served.load_state_dict(repeat.state_dict())
+        return served.eval()
+
+    def refresh_prior(self, t: float, num_items: int) -> None:
+        """Compute the item prior at ``t`` that :meth:`item_prior` answers until the next
+        refresh."""
+        with torch.no_grad():
+            self._prior = (num_items, super().item_prior(t, num_items))
+
+    def item_prior(self, t: float, num_items: int) -> Tensor:
+        if self._prior is not None and self._prior[0] == num_items:
+            return self._prior[1]
+        return super().item_prior(t, num_items)
 
 
 @dataclass
@@ -211,8 +269,8 @@ class ServingShard:
         self.t = self.base_t
         self.signals: ServedSignals | None = None
         if model.repeat is not None:
-            self.signals = ServedSignals.copy_of(model.repeat.signals)
-            model.repeat.signals = self.signals
+            model.repeat = ServedRepeatScore.copy_of(model.repeat)
+            self.signals = model.repeat.signals
         counts = model.neighbors.count[model.user_node].tolist()
         self.applied: dict[int, int] = dict(enumerate(counts))
 
@@ -223,6 +281,8 @@ class ServingShard:
             vectors = model.item_embeddings(t)
         self.item_ids, self.item_vectors = model.items.to_list(), vectors
         self.t = max(self.t, t)
+        if self.signals is not None:  # the next refresh rebuilds for the new catalogue width
+            self.signals.neighbors_generation = -1
 
     def apply(self, messages: Iterable[dict]) -> int:
         """Replay the events of ``user-embeddings`` messages not yet in the statistics;
@@ -263,9 +323,10 @@ class ServingShard:
         self.t = max(self.t, float(t.max()))
         return len(batch)
 
-    def refresh_neighbors(self, lock: threading.Lock) -> bool:
-        """Rebuild the neighbour index if the statistics moved since the last build (pairs
-        copied under ``lock``, the index built outside it); whether it rebuilt."""
+    def refresh(self, lock: threading.Lock) -> bool:
+        """Bring the cached parts up to the statistics if they moved since the last refresh:
+        the item prior at :attr:`t` and a copy of the pairs under ``lock``, the neighbour index
+        built from the copy outside it; whether it refreshed."""
         signals = self.signals
         if signals is None:
             return False
@@ -273,8 +334,10 @@ class ServingShard:
             generation = signals.generation
             if generation == signals.neighbors_generation:
                 return False
-            pairs = signals.pair_copy()
             num_items = len(self.item_ids)
+            if math.isfinite(self.t):
+                self.model.repeat.refresh_prior(self.t, num_items)
+            pairs = signals.pair_copy()
         index = NeighborIndex(*pairs, num_items)
         with lock:
             signals.neighbors, signals.neighbors_generation = index, generation
@@ -292,28 +355,22 @@ class ServingShard:
             return model.mix_history(scores.unsqueeze(0), index,
                                      torch.tensor([self.t], dtype=torch.float64))[0]
 
-    def warm(self) -> None:
-        """Compute the cached item features for the current time (off the request path)."""
-        if self.signals is not None and math.isfinite(self.t):
-            self.signals.item_features(self.t, len(self.item_ids))
-
-
-def follow(topic_reader, handle, stop: threading.Event, idle_s: float = 0.05) -> None:
-    """Poll ``topic_reader`` until ``stop``, passing each non-empty batch of decoded JSON
-    values to ``handle`` (the changelog loop of :class:`pipelines.server.Recommender`)."""
+def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_EVERY_S) -> None:
+    """Poll ``topic_reader`` until ``stop``; every ``every_s`` pass the JSON values gathered
+    (possibly none) to ``handle(values, received_at)`` (the changelog loop of
+    :class:`pipelines.server.Recommender`)."""
     import json
 
     while not stop.is_set():
-        records = topic_reader.poll(idle_s)
-        if records:
-            values = []
-            for record in records:
+        values, until = [], time.monotonic() + every_s
+        while (left := until - time.monotonic()) > 0:
+            for record in topic_reader.poll(left):
                 try:
                     values.append(json.loads(record.value))
                 except (TypeError, ValueError):
                     log.warning("skipping a %s record that is not JSON", topic_reader.topic)
-            handle(values, time.time())
+        handle(values, time.time())
 
 
-__all__ = ["KNN_REFRESH_S", "NeighborIndex", "ServedSignals", "ServingShard", "UserRow",
-           "follow"]
+__all__ = ["APPLY_EVERY_S", "KNN_REFRESH_S", "NeighborIndex", "ServedRepeatScore",
+           "ServedSignals", "ServingShard", "UserRow", "follow"]

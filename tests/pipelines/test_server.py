@@ -7,6 +7,8 @@ import threading
 import urllib.error
 import urllib.request
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -95,3 +97,120 @@ def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
     top = model.items.encode([after["items"][0]["item_id"]], grow=False)[0]
     assert abs(after["items"][0]["score"] - float(full.max())) < 1e-3
     assert abs(float(full[top]) - float(full.max())) < 1e-3  # the best item (or a tie of it)
+
+
+def test_neighbor_index_equals_the_reference_user_knn(run_dir, one_shard_state):
+    """The cached user-KNN index gives ``PurchaseSignals.neighbor_scores`` (≤ 1e-6)."""
+    from pipelines.serving import ServedSignals
+    from tgn.signals import PurchaseSignals
+
+    recommender = Recommender(run_dir, one_shard_state)
+    shard = recommender.shards[0]
+    served = shard.signals
+    assert isinstance(served, ServedSignals) and served.neighbors is not None
+    assert served.neighbors_generation == served.generation  # built for these statistics
+    reference = PurchaseSignals()
+    reference.load_packed(served.packed())
+    users = torch.tensor(sorted(served.slots_of)[:25] + [10**6])  # + one without history
+    for k in (5, 300):
+        np.testing.assert_allclose(
+            served.neighbor_scores(users, shard.t, len(shard.item_ids), k).numpy(),
+            reference.neighbor_scores(users, shard.t, len(shard.item_ids), k).numpy(),
+            rtol=1e-6, atol=1e-7)
+    if hasattr(reference, "item_scores"):  # the item-KNN term, where tgn/signals has it
+        np.testing.assert_allclose(served.item_scores(users, len(shard.item_ids)).numpy(),
+                                   reference.item_scores(users, len(shard.item_ids)).numpy(),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def _signals_by_pair(signals) -> dict[tuple[int, int], tuple[float, ...]]:
+    n = signals.size
+    return {(u, i): (c, last, *d) for u, i, c, last, d in zip(
+        signals.pair_user[:n].tolist(), signals.pair_item[:n].tolist(),
+        signals.count[:n].tolist(), signals.last[:n].tolist(), signals.decayed[:n].tolist(),
+        strict=True)}
+
+
+def _assert_same_statistics(served, model, t: float, num_items: int) -> None:
+    """Same pairs, user and item statistics (up to float rounding) as ``model``'s."""
+    signals = model.repeat.signals
+    ours, theirs = _signals_by_pair(served), _signals_by_pair(signals)
+    assert ours.keys() == theirs.keys()
+    np.testing.assert_allclose(np.array([ours[key] for key in theirs]),
+                               np.array(list(theirs.values())), rtol=1e-9)
+    users = signals.user_stats.size(0)
+    np.testing.assert_allclose(served.user_stats[:users].numpy(), signals.user_stats.numpy())
+    np.testing.assert_allclose(served.item_features(t, num_items).numpy(),
+                               signals.item_features(t, num_items).numpy(), rtol=1e-5)
+
+
+@pytest.mark.kafka
+def test_served_state_follows_the_changelog(kafka_broker, run_dir, cj_small, tmp_path):
+    """Live: the server's statistics, replayed from ``user-embeddings``, are the pipeline's; a
+    new purchase reaches ``/recommend`` (its version and its history) within seconds; and a
+    server restarted on the checkpoint does not count the changelog's events twice."""
+    import time
+
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+    from pipelines.sources import StopFlag
+    from streaming.kafka_io import create_topics, json_producer
+    from streaming.producer import event_messages
+    from tgn.model import TGNRecommender
+
+    events = pq.read_table(cj_small / "events.parquet").slice(0, 900)
+    create_topics(kafka_broker, ["purchases"], partitions=2)
+    producer = json_producer(kafka_broker)
+    for _key, value, _ts in event_messages(events.slice(0, 800)):
+        producer.send("purchases", value=value)
+    producer.flush()
+    stop = StopFlag()
+    config = PipelineConfig(run_dir=str(run_dir), state_dir=str(tmp_path),
+                            bootstrap_servers=kafka_broker, max_batch=200,
+                            request_profiles=False, checkpoint_events=10**9,
+                            checkpoint_seconds=3600.0)
+    pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
+    pipeline.start()
+    recommender = Recommender(run_dir, tmp_path, bootstrap_servers=kafka_broker).start()
+    try:
+        deadline = time.monotonic() + 120
+        while recommender.changelog["events_applied"] < 800:
+            assert time.monotonic() < deadline, recommender.changelog
+            time.sleep(0.1)
+        # one more purchase of a known user, of an item new to them
+        user = str(events.column("user_id")[0])
+        shard = recommender.shards[0]
+        index = int(shard.model.users.encode([user], grow=False)[0])
+        own = set(shard.model.items.decode(list(shard.signals.slots_of[index])))
+        item = next(i for i in events.column("item_id").to_pylist() if i not in own)
+        before = recommender.recommend(user, 5)["version"]
+        row = {**events.slice(0, 1).to_pylist()[0], "event_id": "fresh-1", "item_id": item,
+               "ts": float(events.column("ts")[799]) + 60.0}
+        producer.send("purchases", value={k: v for k, v in row.items() if v is not None})
+        producer.flush()
+        sent = time.monotonic()
+        while recommender.recommend(user, 5)["version"] == before:
+            assert time.monotonic() - sent < 30, "the new purchase never reached the server"
+            time.sleep(0.01)
+        answer = recommender.recommend(user, 5)
+        assert answer["version"] == before + 1 and answer["scored_at"] == row["ts"]
+        assert item in shard.model.items.decode(list(shard.signals.slots_of[index]))
+    finally:
+        stop.set()
+        pipeline.join(60)
+        recommender.close()
+    producer.close()
+    model = TGNRecommender.load(tmp_path / "shard-0-of-1.pt")  # saved at the stop
+    num_items = len(shard.item_ids)
+    _assert_same_statistics(shard.signals, model, shard.t, num_items)
+    # a server started on that checkpoint reads the whole changelog again: nothing twice
+    again = Recommender(run_dir, tmp_path, bootstrap_servers=kafka_broker).start()
+    try:
+        deadline = time.monotonic() + 60
+        while again.changelog["records"] < recommender.changelog["records"]:
+            assert time.monotonic() < deadline, again.changelog
+            time.sleep(0.1)
+        assert again.changelog["events_applied"] == 0
+        _assert_same_statistics(again.shards[0].signals, model, shard.t, num_items)
+        assert again.recommend(user, 5)["version"] == before + 1
+    finally:
+        again.close()
