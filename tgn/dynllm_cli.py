@@ -111,9 +111,19 @@ def _bench_quality(args: argparse.Namespace) -> int:
     from tgn import quality
     from tgn.train import TrainConfig
 
+    out = Path(args.json)
+    if args.render:
+        if not out.exists():
+            raise UsageError(f"--render needs an existing --json file: {out} does not exist")
+        result = json.loads(out.read_text())
+        print(quality.markdown_table(result))
+        if args.readme:
+            quality.write_readme(result, args.readme)
+        return 0
+    if args.data is None:
+        raise UsageError("--data is required (unless --render)")
     torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs)
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         result = quality.run_quality(args.data, args.models, args.seeds, args.split,
@@ -123,6 +133,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     quality.save(result, out, merge=True)
     print(quality.markdown_table(result))
+    if args.readme:
+        quality.write_readme(json.loads(out.read_text()), args.readme)
     return 0
 
 
@@ -171,7 +183,7 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
 
     qu = bench_targets.add_parser("quality", help="the shipped model vs every baseline: "
                                                   "per event, last basket, history slices")
-    qu.add_argument("--data", required=True, help="dataset directory")
+    qu.add_argument("--data", help="dataset directory (required unless --render)")
     qu.add_argument("--profiles", help="LLM profile store (models dynllm, dynllm_shuffled)")
     qu.add_argument("--models", type=lambda s: s.split(","), default=list(QUALITY_MODELS),
                     help=f"comma-separated subset of {','.join(QUALITY_MODELS)}")
@@ -183,4 +195,8 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
     qu.add_argument("--threads", type=positive_int, default=2)
     qu.add_argument("--json", default="benchmarks/quality.json",
                     help="JSON to write (other datasets already in it are kept)")
+    qu.add_argument("--readme", help="rewrite this README's quality rows (between "
+                                     "<!-- quality:begin --> and <!-- quality:end -->) from --json")
+    qu.add_argument("--render", action="store_true",
+                    help="run nothing: print the table of --json (and rewrite --readme)")
     qu.set_defaults(func=_bench_quality)

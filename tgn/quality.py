@@ -151,23 +151,70 @@ def run_quality(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """Per-event, last-basket and light-slice figures, ``mean ± std``, one row per model."""
-    part = next(iter(result.values()))
+    """Per-event, last-basket and light-slice figures, ``mean ± std``, one row per model, one
+    table per dataset."""
     cols = [("per_event", "recall@20"), ("per_event", "explore/recall@20"),
             ("per_event", "repeat/recall@20"), ("per_event", "ndcg@20"),
             ("basket", "recall@10"), ("light", "recall@20"), ("light", "explore/recall@20")]
-    lines = ["| model | " + " | ".join(f"{'last basket' if g == 'basket' else g} {m}"
-                                        for g, m in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for model in (m for m in MODELS if m in part["per_event"]):
-        cells = []
-        for group, metric in cols:
-            table = part["slices"][group] if group in HISTORY_SLICES else part[group]
-            s = table[model][metric]
-            cells.append("–" if s["mean"] is None else f"{s['mean']:.4f}"
-                         + (f" ± {s['std']:.4f}" if s["seeds"] > 1 else ""))
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines = []
+    for name, part in result.items():
+        lines += [f"{name} ({part['meta']['split']})", "",
+                  "| model | " + " | ".join(f"{'last basket' if g == 'basket' else g} {m}"
+                                            for g, m in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for model in (m for m in MODELS if m in part["per_event"]):
+            cells = []
+            for group, metric in cols:
+                table = part["slices"][group] if group in HISTORY_SLICES else part[group]
+                s = table[model][metric]
+                cells.append("–" if s["mean"] is None else f"{s['mean']:.4f}"
+                             + (f" ± {s['std']:.4f}" if s["seeds"] > 1 else ""))
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+#: README markers around the rows :func:`glance` writes.
+README_BEGIN, README_END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def glance(result: dict[str, Any]) -> str:
+    """README rows ("what | figure"), per dataset: every model's Recall@20 per event, on explore
+    purchases (where the log has repeats) and each user's last-basket Recall@10, best first,
+    the best marked."""
+
+    def cell(table: Mapping[str, Any], metric: str) -> str:
+        scored = [(m, table[m][metric]) for m in MODELS if m in table
+                  and table[m][metric]["mean"] is not None]
+        scored.sort(key=lambda pair: -pair[1]["mean"])
+        parts = [f"{m} {s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["seeds"] > 1 else "")
+                 for m, s in scored]
+        return " · ".join([f"**{parts[0]}**", *parts[1:]]) if parts else "–"
+
+    rows = []
+    for name, part in result.items():
+        meta = part["meta"]
+        seeds = len(meta["seeds"])
+        where = f"{name} {meta['split']} ({seeds} seed{'s' if seeds > 1 else ''})"
+        rows.append(f"| Recall@20 per purchase, {where} | {cell(part['per_event'], 'recall@20')} |")
+        if any(s["repeat/recall@20"]["mean"] is not None for s in part["per_event"].values()):
+            rows.append(f"| Recall@20 on explore purchases, {where} | "
+                        f"{cell(part['per_event'], 'explore/recall@20')} |")
+        rows.append(f"| Recall@10 of each user's last basket, {where} | "
+                    f"{cell(part['basket'], 'recall@10')} |")
+    return "\n".join(rows)
+
+
+def write_readme(result: dict[str, Any], readme: str | Path) -> None:
+    """Replace the lines between :data:`README_BEGIN` and :data:`README_END` in ``readme``
+    with :func:`glance` of ``result``."""
+    path = Path(readme)
+    text = path.read_text()
+    head, begin, rest = text.partition(README_BEGIN)
+    _, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        raise ValueError(f"{path} has no {README_BEGIN} … {README_END} block")
+    path.write_text(f"{head}{README_BEGIN}\n{glance(result)}\n{README_END}{tail}")
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -202,4 +249,5 @@ def save(result: dict[str, Any], path: str | Path, merge: bool = False) -> None:
     tmp.replace(path)
 
 
-__all__ = ["MODELS", "evaluate_one", "markdown_table", "run_quality", "save", "summarise"]
+__all__ = ["MODELS", "evaluate_one", "glance", "markdown_table", "run_quality", "save",
+           "summarise", "write_readme"]

@@ -7,7 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from tgn.quality import markdown_table, run_quality, save
+from tgn.quality import (
+    README_BEGIN,
+    README_END,
+    glance,
+    markdown_table,
+    run_quality,
+    save,
+    write_readme,
+)
 from tgn.train import TrainConfig
 
 FAST = TrainConfig(epochs=1, batch_size=50, eval_batch_size=100)
@@ -45,6 +53,17 @@ def test_quality_json_has_every_part_and_seeds_differ(tmp_path, tiny_dataset, ti
     save(part2, out, merge=True)
     both = json.loads(out.read_text())[name]
     assert set(both["per_event"]) == {*models, "buy_again"} and len(both["meta_parts"]) == 1
+    # README rows: best first and marked, the rest of the README untouched
+    rows = glance({name: both})
+    best = max(both["per_event"], key=lambda m: both["per_event"][m]["recall@20"]["mean"])
+    assert rows.count("\n") == 2  # per event, explore, last basket
+    assert rows.splitlines()[0].split("**")[1].startswith(f"{best} ")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold rows\n{README_END}\noutro\n")
+    write_readme({name: both}, readme)
+    text = readme.read_text()
+    assert "old rows" not in text and rows in text
+    assert text.startswith("intro\n") and text.endswith(f"{README_END}\noutro\n")
 
 
 def test_dynllm_models_need_a_profile_store(tiny_dataset):
