@@ -188,6 +188,12 @@ class ProfileStore:
                                 "model_id = ? AND hops = ?",
                                 (user_id, ts, model_id, hops)).fetchone() is not None
 
+    def written_since(self, ts: float) -> list[Profile]:
+        """Profiles written from events at or after ``ts``, in insertion order."""
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM profiles WHERE ts >= ? "
+                                "ORDER BY rowid", (ts,)).fetchall()
+        return [_from_row(r) for r in rows]
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0])
 

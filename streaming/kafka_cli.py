@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from streaming.arg_types import port, positive_float, positive_int
+from streaming.arg_types import number, port, positive_float, positive_int
 from streaming.errors import UsageError
 
 
@@ -61,8 +61,8 @@ def _produce(args: argparse.Namespace) -> int:
     _quiet_kafka(args)
     dataset = Dataset.load(args.data)
     events = dataset.split(args.split) if args.split else dataset.events
-    if args.limit is not None:
-        events = events.slice(0, args.limit)
+    if args.skip or args.limit is not None:
+        events = events.slice(args.skip, args.limit)
     producer = _connect(args.bootstrap_servers)
     create_topics(args.bootstrap_servers, [args.topic], args.partitions)
     try:
@@ -106,7 +106,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="HOST:PORT")
     produce.add_argument("--split", choices=("train", "val", "test"),
                          help="send only this chronological split (default: every event)")
-    produce.add_argument("--limit", type=positive_int, help="send only the first N events")
+    produce.add_argument("--skip", type=number(int, lambda v: v >= 0, "an integer >= 0"),
+                         default=0, metavar="N",
+                         help="leave out the first N events (of the split)")
+    produce.add_argument("--limit", type=positive_int,
+                         help="send only the first N events (after --skip)")
     produce.add_argument("--partitions", type=positive_int, default=4,
                          help="partitions if the topic must be created")
     pace = produce.add_mutually_exclusive_group()

@@ -24,6 +24,7 @@ def test_versions_lookup_export_and_reload(tmp_path):
     assert store.latest_before("b", 5.0) is None and store.latest_before("zz", 99.0) is None
     assert store.latest("b").version == 1  # versions count insertions, ts orders look-ups
     assert store.cached("h2", "m").user_id == "a" and store.cached("h2", "other") is None
+    assert [(p.user_id, p.ts) for p in store.written_since(10.0)] == [("b", 20.0), ("a", 10.0)]
     store.close()
 
     reopened = ProfileStore(path)

@@ -43,6 +43,7 @@ def test_unreachable_broker_is_one_line_exit_2(capsys, cj_small):
 @pytest.mark.parametrize("argv", [
     ["produce", "--data", "d", "--rate", "0"],
     ["produce", "--data", "d", "--limit", "ten"],
+    ["produce", "--data", "d", "--skip", "-1"],
     ["produce", "--data", "d", "--rate", "5", "--speedup", "2"],
     ["broker", "--port", "70000"],
     ["bench", "kafka", "--events", "-3"],
@@ -79,6 +80,14 @@ def test_produce_split_sends_only_that_split(capsys, kafka_broker, cj_small):
         records = [r for b in reader.batches(limit=50, idle_timeout_s=10) for r in b]
     sent = [json.loads(r.value)["event_id"] for r in records]
     assert sent == test.column("event_id").to_pylist()[:50]
+    code, out, _ = run_cli(capsys, "produce", "--data", str(cj_small), "--topic", "p-test",
+                           "--bootstrap-servers", kafka_broker, "--split", "test",
+                           "--skip", "50", "--limit", "30", "--partitions", "1")
+    assert code == 0 and "sent 30 events" in out  # the next 30: a stream sent in two parts
+    with TopicReader(kafka_broker, "p-test") as reader:
+        records = [r for b in reader.batches(limit=80, idle_timeout_s=10) for r in b]
+    sent = [json.loads(r.value)["event_id"] for r in records]
+    assert sent == test.column("event_id").to_pylist()[:80]
 
 
 @pytest.mark.kafka
