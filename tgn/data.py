@@ -117,6 +117,17 @@ def encode_events(table: pa.Table, users: IdMap, items: IdMap, grow: bool = True
                       torch.from_numpy(ts), feats)
 
 
+def distinct_queries(users: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The distinct ``(user, time)`` queries of rows ``(users [B], t [B])`` (a basket is many
+    rows of one user at one time): ``(query_users [Q], query_t [Q] float64, inverse [B],
+    first [Q])``, ``inverse`` each row's query and ``first`` each query's first row."""
+    key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
+    queries, inverse = torch.unique(key, dim=0, return_inverse=True)  # [Q, 2], [B]
+    first = torch.full((queries.size(0),), users.numel()).scatter_reduce_(
+        0, inverse, torch.arange(users.numel()), "amin")
+    return queries[:, 0].long(), queries[:, 1], inverse, first
+
+
 def expand_rows(rows: Tensor, index: Tensor) -> Tensor:
     """``rows [Q, N]`` gathered by ``index [B]`` into ``[B, N]`` (``np.take``: several times
     faster than ``index_select`` on wide float rows on CPU; rows that need a gradient are

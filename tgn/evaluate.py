@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from tgn.data import MSG_DIM, EventBatch
+from tgn.data import MSG_DIM, EventBatch, distinct_queries
 
 KS = (10, 20, 50)
 BASKET_KS = (10, 20)
@@ -387,7 +387,7 @@ class Evaluator:
         self._ranks.append(tie_aware_ranks(scores, batch.items, candidate))
         self._repeat.append(self.bought_before(batch.users, batch.items))
         # rows of one user at one time score alike (scores are per event's user): one share
-        first, inverse = _first_of_each(batch.users, batch.t)
+        _, _, inverse, first = distinct_queries(batch.users, batch.t)
         share = repeat_share(scores[first], candidate,
                              *self.past_items(batch.users[first]), self.ks)  # [G, len(ks)]
         self._share.append(share[inverse])
@@ -482,14 +482,3 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
 def _grown(x: Tensor, size: int) -> Tensor:
     """``x [M]`` zero-padded to ``size`` entries (``x`` itself when long enough)."""
     return torch.cat([x, x.new_zeros(size - x.numel())]) if size > x.numel() else x
-
-
-def _first_of_each(users: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """First row ``[G]`` of each distinct (user, time) and each row's group ``[B]``.
-
-    >>> _first_of_each(torch.tensor([3, 3, 1, 3]), torch.tensor([1.0, 1.0, 1.0, 2.0]))
-    (tensor([2, 0, 3]), tensor([1, 1, 0, 2]))
-    """
-    pairs = np.stack([t.numpy().astype(np.float64), users.numpy().astype(np.float64)], axis=1)
-    _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
-    return torch.from_numpy(first), torch.from_numpy(inverse.reshape(-1))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tgn.data import expand_rows
+from tgn.data import distinct_queries, expand_rows
 from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSignals
 
 #: Scale of the user-KNN score inside its log feature (decayed counts of a neighbourhood mean
@@ -162,13 +162,12 @@ class RepeatScore(nn.Module):
         if users.numel() == 0:
             empty = torch.zeros(0, dtype=torch.long)
             return empty, empty, torch.zeros(0, dtype=self.g[0].weight.dtype)
-        key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
-        queries, inverse = torch.unique(key, dim=0, return_inverse=True)  # [Q, 2], [B]
-        picked, first, lens = self._pairs_of(queries[:, 0].long())
+        query_users, query_t, inverse, _ = distinct_queries(users, t)
+        picked, first, lens = self._pairs_of(query_users)
         offsets = lens.cumsum(0) - lens
         slot = picked[(first - offsets).repeat_interleave(lens)
                       + torch.arange(int(lens.sum()))]  # [S] query by query
-        q_time = queries[:, 1].repeat_interleave(lens)
+        q_time = query_t.repeat_interleave(lens)
         values = self._g(slot, q_time) if slot.numel() else torch.zeros(0)  # [S]
         # rows: each row b takes the entries of its query inverse[b]
         row_lens = lens[inverse]  # [B]
@@ -217,11 +216,8 @@ class RepeatScore(nn.Module):
         ``(users [B], t [B])``: :meth:`log_probs` once per distinct ``(user, t)``, per row."""
         if users.numel() == 0:
             return scores
-        key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
-        queries, inverse = torch.unique(key, dim=0, return_inverse=True)
-        first = torch.full((queries.size(0),), users.numel()).scatter_reduce_(
-            0, inverse, torch.arange(users.numel()), "amin")
-        mixed = self.log_probs(scores[first], queries[:, 0].long(), queries[:, 1])
+        query_users, query_t, inverse, first = distinct_queries(users, t)
+        mixed = self.log_probs(scores[first], query_users, query_t)
         return expand_rows(mixed, inverse)
 
     def dense(self, users: Tensor, t: Tensor, num_items: int) -> Tensor:

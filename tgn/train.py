@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from tgn.data import EventBatch
+from tgn.data import EventBatch, distinct_queries
 from tgn.evaluate import Evaluator
 from tgn.model import TGNRecommender
 
@@ -223,9 +223,7 @@ def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
                    desc="history", disable=not progress)
         for batch in bar:
             if seen >= warmup:
-                key = torch.stack([batch.users.double(), batch.t], dim=1)
-                queries, inverse = torch.unique(key, dim=0, return_inverse=True)
-                users, t = queries[:, 0].long(), queries[:, 1]
+                users, t, inverse, _ = distinct_queries(batch.users, batch.t)
                 with torch.no_grad():
                     dot = model.score_users(users, t, item_time=float(batch.t[0]), mix=False)
                 logp = model.repeat.log_probs(dot, users, t)[inverse, batch.items]  # [B]
