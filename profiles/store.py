@@ -6,7 +6,7 @@ time of the last event the profile saw), model id, prompt hash, hops (2 = graph-
 after its ``ts``: :meth:`ProfileStore.latest_before` never returns a
 profile written from the event being scored or later ones.
 
-For training, :meth:`ProfileStore.export` returns a :class:`ProfileTable` of arrays sorted by
+For training, :meth:`ProfileStore.export` returns a :class:`ProfileExport` of arrays sorted by
 ``(user_id, ts)``; ``tgn.profile_features.ProfileTable.from_export`` turns it into the model's
 vectorized, time-correct look-up (latest profile with ``ts`` strictly before the event)::
 
@@ -96,8 +96,9 @@ def _from_row(row: tuple) -> Profile:
 
 
 @dataclass
-class ProfileTable:
-    """All profiles as arrays, sorted by ``(user_id, ts)`` (the bulk export).
+class ProfileExport:
+    """All profiles as arrays, sorted by ``(user_id, ts)`` (the bulk export; the model's
+    time-correct look-up over them is ``tgn.profile_features.ProfileTable``).
 
     Attributes:
         user_ids: ``(P,)`` str.
@@ -197,8 +198,8 @@ class ProfileStore:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0])
 
-    def export(self, hops: int | None = None, model_id: str | None = None) -> ProfileTable:
-        """All profiles (optionally one ``hops``/``model_id``) as a :class:`ProfileTable`."""
+    def export(self, hops: int | None = None, model_id: str | None = None) -> ProfileExport:
+        """All profiles (optionally one ``hops``/``model_id``) as a :class:`ProfileExport`."""
         where = " AND ".join(c for c, v in (("hops = ?", hops), ("model_id = ?", model_id))
                              if v is not None) or "1"
         args = tuple(v for v in (hops, model_id) if v is not None)
@@ -207,6 +208,6 @@ class ProfileStore:
         dim = rows[0][3] if rows else 384
         vectors = np.stack([np.frombuffer(r[4], np.float32).reshape(4, r[3]) for r in rows]) \
             if rows else np.zeros((0, 4, dim), np.float32)
-        return ProfileTable(np.array([r[0] for r in rows], dtype=str),
+        return ProfileExport(np.array([r[0] for r in rows], dtype=str),
                             np.array([r[1] for r in rows], np.float64), vectors,
                             np.array([bool(r[2]) for r in rows], bool))

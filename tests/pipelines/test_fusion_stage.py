@@ -50,3 +50,48 @@ def test_replay_with_a_dynllm_run_writes_facet_weights(cj_small, run_dir, tmp_pa
     assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-5)
     with_profile = np.isin(ids, users)
     assert with_profile.any() and (~with_profile).any()
+
+
+def test_live_embeddings_equal_the_models_on_the_same_state(cj_small, run_dir, tmp_path, replay):
+    """The fusion stage's embeddings are ``model.user_embeddings`` of the state they were
+    computed from (users of the last batch: the final checkpoint's state), with and without a
+    profile."""
+    from pipelines.state import checkpoint_path, load_run_model
+
+    torch.manual_seed(1)
+    base = TGNRecommender.load(run_dir / "model.pt")
+    events = pq.read_table(cj_small / "events.parquet").slice(0, 4000)
+    last = events.slice(3500)  # well inside the last batch of 1000
+    late = sorted(set(last.column("user_id").to_pylist()))
+    users = late[::2] + sorted(set(events.column("user_id").to_pylist()) - set(late))[:30]
+    start = float(events.column("ts")[0].as_py())
+    table = ProfileTable(torch.from_numpy(base.users.encode(users, grow=False)),
+                         torch.full((len(users),), start, dtype=torch.float64),
+                         torch.randn(len(users), 4, 384))
+    head = DynLLMHead(FusionConfig(dim=base.config.embed_dim), table)
+    torch.nn.init.normal_(head.fusion.query.weight, std=0.5)  # weights far from uniform
+    torch.nn.init.normal_(head.fusion.merge[-1].weight, std=0.1)  # not the identity on z
+    run = tmp_path / "run"
+    run.mkdir()
+    TGNRecommender(base.config, base.users, base.items, head).save(run / "model.pt",
+                                                                   extra=head_extra(head))
+    replay(run, cj_small, tmp_path / "state", stop_row=4000)
+    ids, ts, _, embedding, weights = load_store(tmp_path / "state/embeddings-shard-0-of-1.npz")
+    model = TGNRecommender.load(checkpoint_path(tmp_path / "state", 0, 1),
+                                user_head=load_run_model(run).user_head).eval()
+    pick = np.isin(ids, late)
+    index = torch.from_numpy(model.users.encode(ids[pick].tolist(), grow=False))
+    with torch.no_grad():
+        expected = model.user_embeddings(index, torch.from_numpy(ts[pick]))
+    relevance = model.user_head.last.relevance.numpy()
+    has = np.isin(ids[pick], users)
+    assert has.any() and (~has).any()
+    for rows in (has, ~has):
+        assert np.abs(embedding[pick][rows] - expected.numpy()[rows]).max() <= 1e-6
+        assert np.abs(weights[pick][rows] - relevance[rows]).max() <= 1e-6
+    assert np.abs(weights[pick][has] - 0.25).max() > 0.01  # the profiles do move the weights
+    model.user_head.set_profiles(ProfileTable.empty())  # control: the comparison can tell
+    with torch.no_grad():
+        bare = model.user_embeddings(index, torch.from_numpy(ts[pick])).numpy()
+    assert np.abs(embedding[pick][has] - bare[has]).max() > 1e-3
+    assert np.abs(embedding[pick][~has] - bare[~has]).max() <= 1e-6
