@@ -64,6 +64,7 @@ def _surely_valid(table: pa.Table, rules: ValidationRules) -> np.ndarray:
         ok &= values["ts"] <= rules.clock() + rules.max_future_skew_s
         ok &= np.isfinite(values["quantity"]) & (values["quantity"] > 0)
         ok &= np.isfinite(values["price"]) & (values["price"] >= 0)
+        ok &= (values["quantity"] <= rules.max_quantity) & (values["price"] <= rules.max_price)
     if rules.catalog is not None:
         catalog = pa.array(list(rules.catalog), pa.string())
         ok &= pc.is_in(table.column("item_id"), catalog).to_numpy(zero_copy_only=False)

@@ -8,7 +8,10 @@ people, and the raw record for replay. It never raises, whatever the input.
 
 Accepted wire form (see :mod:`streaming.schema`): a JSON object with string ids (integer ids are
 accepted and turned into strings), ``ts`` in epoch seconds, ``quantity > 0`` and ``price >= 0``,
-all finite. Unknown extra fields are ignored so producers can add fields without breaking readers.
+all finite, and at most ``max_quantity`` / ``max_price`` (:class:`ValidationRules`: a finite but
+implausible value such as ``quantity: 1e30`` is a bug upstream, not a purchase, and would swamp
+the memory update). Unknown extra fields are ignored so producers can add fields without
+breaking readers.
 
 >>> event = validate_event(b'{"event_id": "e1", "user_id": 7, "item_id": "i1", "ts": 1.5,'
 ...                        b' "quantity": 1, "price": 2.0}')
@@ -53,6 +56,7 @@ class Reason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"  # ``ts`` beyond now + ``max_future_skew_s``
     BAD_QUANTITY = "bad_quantity"  # NaN, infinite, zero or negative quantity
     BAD_PRICE = "bad_price"  # NaN, infinite or negative price
+    IMPLAUSIBLE_VALUE = "implausible_value"  # quantity or price above its configured bound
     UNKNOWN_ITEM = "unknown_item"  # ``item_id`` not in the required catalog
     DUPLICATE_EVENT_ID = "duplicate_event_id"  # ``event_id`` seen recently
 
@@ -85,12 +89,18 @@ class ValidationRules:
             event a year ahead is a bug).
         max_bytes: Largest accepted raw record; checked before parsing, so a huge record costs
             nothing. For ``str`` input it counts UTF-8 bytes.
+        max_quantity: Largest plausible quantity of one purchase line (Complete Journey's
+            largest is 48,073: fuel, counted in small units; a million leaves room for such
+            units and still stops ``1e30``).
+        max_price: Largest plausible price of one line (Complete Journey's largest: 840).
         clock: Returns "now" in epoch seconds (injectable for tests and replays).
     """
 
     catalog: Collection[str] | None = None
     max_future_skew_s: float = 86_400.0
     max_bytes: int = 64 * 1024
+    max_quantity: float = 1e6
+    max_price: float = 1e6
     clock: Callable[[], float] = time.time
 
 
@@ -214,6 +224,12 @@ def _check_fields(obj: dict, rules: ValidationRules) -> PurchaseEvent:
         raise _Invalid(Reason.BAD_QUANTITY, f"quantity={quantity!r}")
     if not (math.isfinite(price) and price >= 0.0):
         raise _Invalid(Reason.BAD_PRICE, f"price={price!r}")
+    if quantity > rules.max_quantity:
+        raise _Invalid(Reason.IMPLAUSIBLE_VALUE,
+                       f"quantity={quantity!r} > max_quantity {rules.max_quantity:g}")
+    if price > rules.max_price:
+        raise _Invalid(Reason.IMPLAUSIBLE_VALUE,
+                       f"price={price!r} > max_price {rules.max_price:g}")
     if rules.catalog is not None and item_id not in rules.catalog:
         raise _Invalid(Reason.UNKNOWN_ITEM, f"item_id {_quote(item_id)}")
     return PurchaseEvent(event_id, user_id, item_id, ts, quantity, price, basket_id, store_id)

@@ -38,6 +38,9 @@ CASES = [
     ({"event_id": "e9", "basket_id": "bad\nid"}, "bad_id"),
     ({"event_id": "e10", "item_id": "x" * 300}, "bad_id"),
     ({"event_id": "e11", "quantity": 0.0}, "bad_quantity"),
+    ({"event_id": "e12", "quantity": 1e30}, "implausible_value"),
+    ({"event_id": "e13", "price": 5e6}, "implausible_value"),
+    ({"event_id": "e14", "quantity": 48_073.0}, None),  # Complete Journey's largest line
 ]
 
 

@@ -37,7 +37,9 @@ def _mutations(rng: random.Random, event: dict, text: bytes) -> list[tuple[Reaso
         return json.dumps({**event, **change}).encode()
 
     cut = rng.randrange(1, len(text) - 1)
-    junk = bytes(rng.randrange(128, 256) for _ in range(rng.randrange(1, 200)))
+    # a continuation byte first: never valid UTF-8 (random high bytes alone can be, e.g. "é")
+    junk = bytes([rng.randrange(0x80, 0xC0)]
+                 + [rng.randrange(128, 256) for _ in range(rng.randrange(0, 199))])
     field = rng.choice(["event_id", "user_id", "item_id", "ts", "quantity", "price"])
     return [  # the first three are large (up to 200 kB): picked rarely, to keep the test quick
         (Reason.BAD_JSON, b"[" * 60_000),  # nesting deep enough to blow a recursive parser
@@ -69,6 +71,7 @@ def _mutations(rng: random.Random, event: dict, text: bytes) -> list[tuple[Reaso
         (Reason.BAD_QUANTITY, text.replace(b'"quantity":', b'"quantity":Infinity,"_q":', 1)),
         (Reason.BAD_PRICE, bad(price=-0.01)),
         (Reason.BAD_PRICE, text.replace(b'"price":', b'"price":-Infinity,"_p":', 1)),
+        (Reason.IMPLAUSIBLE_VALUE, bad(quantity=1e30)),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -65,6 +66,8 @@ BAD_RECORDS = [
     (with_(price=-0.01), Reason.BAD_PRICE),
     ({**GOOD, "price": math.nan}, Reason.BAD_PRICE),
     (with_(item_id="i3"), Reason.UNKNOWN_ITEM),
+    (with_(quantity=1e30), Reason.IMPLAUSIBLE_VALUE),  # finite, but no purchase line
+    (with_(price=2e6), Reason.IMPLAUSIBLE_VALUE),
 ]
 
 
@@ -163,3 +166,11 @@ def test_valid_events_round_trip_exactly(event):
     raw = json.dumps(event.to_dict()).encode()
     assert validate_event(raw, RULES) == event
     assert validate_event(event.to_dict(), RULES) == event
+
+
+def test_plausibility_bounds_are_configurable():
+    """A shop that sells by the gram raises ``max_quantity``; the default stops it."""
+    record = {**GOOD, "quantity": 2e6}
+    assert validate_event(record, RULES).reason == Reason.IMPLAUSIBLE_VALUE
+    loose = dataclasses.replace(RULES, max_quantity=1e7)
+    assert validate_event(record, loose).quantity == 2e6
