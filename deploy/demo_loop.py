@@ -1,0 +1,103 @@
+"""Helpers of ``deploy/demo.sh`` for the live loop: follow one household through a regeneration.
+
+``pick DATA STORE SKIP``
+    A household whose profile the worker regenerated from live purchases (``ts`` at or after the
+    end of the validation split, where the worker's seed ends) and which buys again in the test
+    split after its first ``SKIP`` events, after that profile's time, so the fusion stage will
+    apply it; households that had a profile before come first. Prints its id (nothing if none
+    yet).
+``show URL STORE USER OUT``
+    The served answer for ``USER`` (saved as JSON to ``OUT``), the profile the fusion stage used
+    for it (the newest one written strictly before the served event) and its top items.
+``compare BEFORE AFTER``
+    The facet weights of two saved answers side by side, with the change.
+``live DATA STORE``
+    How many profiles in ``STORE`` were written from live purchases.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+
+from profiles.store import ProfileStore
+from streaming.dataset import Dataset
+
+
+def _live_profiles(data: Dataset, store: ProfileStore) -> list:
+    return store.written_since(float(data.meta["split"]["val_end"]))
+
+
+def pick(data_dir: str, store_path: str, skip: int) -> str:
+    """The household to follow, or ``""``."""
+    data = Dataset.load(data_dir)
+    later = data.split("test").slice(skip).select(["user_id", "ts"]).to_pandas()
+    newest = later.groupby("user_id")["ts"].max()
+    profiles = _live_profiles(data, ProfileStore(store_path))
+    due = [p for p in profiles if newest.get(p.user_id, float("-inf")) > p.ts]
+    due.sort(key=lambda p: p.version < 2)  # stable: a regeneration first, in writing order
+    return due[0].user_id if due else ""
+
+
+def _fmt_weights(weights: dict | None) -> str:
+    if not weights:
+        return "none"
+    return ", ".join(f"{k} {v:.3f}" for k, v in weights.items())
+
+
+def show(url: str, store_path: str, user: str, out: str) -> None:
+    """Print (and save) what ``/recommend`` serves for ``user`` and the profile behind it."""
+    with urllib.request.urlopen(f"{url}/recommend?user={user}&k=5", timeout=10) as response:
+        answer = json.load(response)
+    with open(out, "w") as file:
+        json.dump(answer, file)
+    profile = ProfileStore(store_path).latest_before(user, float(answer["ts"]))
+    print(f"    served: embedding version {answer['version']} (event count), "
+          f"last event ts={answer['ts']:.0f}")
+    if profile is None:
+        print("    profile used by fusion: none yet (the learned no-profile facets)")
+    else:
+        print(f"    profile used by fusion: v{profile.version} written from events up to "
+              f"ts={profile.ts:.0f} ({'fallback' if profile.facets.fallback else 'LLM'})")
+        for line in profile.facets.render().splitlines():
+            print(f"      {line}")
+    print(f"    facet weights: {_fmt_weights(answer['facet_weights'])}")
+    for item in answer["items"]:
+        print(f"    {item['score']:7.3f}  {item['title']}  ({item['brand']})")
+
+
+def compare(before_path: str, after_path: str) -> None:
+    """Print the facet weights of two saved answers and their change."""
+    with open(before_path) as b, open(after_path) as a:
+        before, after = json.load(b)["facet_weights"] or {}, json.load(a)["facet_weights"] or {}
+    print(f"    {'facet':22s} {'before':>7s} {'after':>7s} {'change':>8s}")
+    for name in after:
+        old, new = before.get(name, float("nan")), after[name]
+        print(f"    {name:22s} {old:7.3f} {new:7.3f} {new - old:+8.4f}")
+
+
+def live(data_dir: str, store_path: str) -> None:
+    """Print how many stored profiles were written from live purchases."""
+    profiles = _live_profiles(Dataset.load(data_dir), ProfileStore(store_path))
+    print(len(profiles))
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch ``pick``, ``show``, ``compare`` or ``live`` (see the module docstring)."""
+    verb, args = argv[0], argv[1:]
+    if verb == "pick":
+        print(pick(args[0], args[1], int(args[2])))
+    elif verb == "show":
+        show(*args)
+    elif verb == "compare":
+        compare(*args)
+    elif verb == "live":
+        live(*args)
+    else:
+        raise SystemExit(f"unknown verb {verb!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
