@@ -32,8 +32,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from profiles.grammar import answer_grammar
-from profiles.prompt import PREFILL
+from profiles.grammar import HEADINGS, MAX_ANSWER_TOKENS, answer_grammar
+from profiles.prompt import PREFILL, AnswerChoices
 from streaming import metrics
 from streaming.errors import UsageError
 
@@ -69,24 +69,240 @@ class LLMBackend(Protocol):
 
     model_id: str
 
-    def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
-        """Answer every prompt; ``sample=True`` for a varied retry instead of greedy."""
+    def generate(self, prompts: list[Messages], sample: bool = False,
+                 choices: list[AnswerChoices] | None = None) -> list[Generation]:
+        """Answer every prompt; ``sample=True`` for a varied retry instead of greedy;
+        ``choices``: per prompt, the names its list lines may use (where the backend can
+        enforce them: llama.cpp's grammar)."""
         ...
 
 
+class _GrammarDecoder:
+    """Several answers decoded together under a GBNF grammar, the grammar checked lazily.
+
+    - **Sequences in one batch**: the prompts of a call are llama.cpp sequences of one context
+      (unified key/value cache). The head they share (chat template, system message) is
+      evaluated once, on sequence 0, and kept from call to call while it does not change; the
+      other sequences get it by ``llama_memory_seq_cp`` (no compute). Each decode step then
+      feeds one new token of every unfinished answer in one ``llama_decode``, so the weights
+      are read once per step for all of them.
+    - **Lazy grammar**: llama-cpp-python's ``create_completion(grammar=…)`` runs llama.cpp's
+      grammar sampler over the whole vocabulary (151,936 tokens for Qwen) before every token.
+      As in llama.cpp's own ``common_sampler``, the token is picked without the grammar first
+      and the grammar asked about that one token; only when it rejects it is the grammar
+      applied to the whole vocabulary and the best allowed token taken (greedy: the same token
+      the eager grammar gives).
+    - **Forced headings**: after the n-th line break the grammar allows one text only (the
+      next heading); its tokens are fed with the break's step instead of one step each.
+
+    Args:
+        llm: The loaded model (its weights and tokenizer; the decoder has its own context).
+        headings: Text forced after the n-th line break (``headings[n]``, without the break).
+        threads: llama.cpp threads.
+        n_seq: Most answers decoded together (a longer call is decoded in chunks).
+        seq_tokens: Key/value cells per sequence (prompt + answer).
+    """
+
+    def __init__(self, llm, headings: tuple[str, ...], threads: int, n_seq: int,
+                 seq_tokens: int) -> None:
+        import contextlib
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+        from llama_cpp import _internals
+
+        self._lib, self._ct, self._np = llama_cpp, ctypes, np
+        self.llm = llm
+        self.n_seq, self.seq_tokens = n_seq, seq_tokens
+        self.vocab = llm._model.vocab
+        self.n_vocab = llm.n_vocab()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = n_seq * seq_tokens
+        params.n_ubatch = min(512, params.n_ctx)
+        params.n_seq_max, params.kv_unified = n_seq, True
+        params.n_threads = params.n_threads_batch = threads
+        self._stack = contextlib.ExitStack()
+        context = self._stack.enter_context(contextlib.closing(
+            _internals.LlamaContext(model=llm._model, params=params, verbose=False)))
+        self.ctx, self.mem = context.ctx, context.memory
+        self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self._stack.callback(llama_cpp.llama_batch_free, self.batch)
+        self._head: list[int] = []  # tokens held by sequence 0 at positions 0..len-1
+        self._heading_tokens = [llm.tokenize(h.encode(), add_bos=False, special=False)
+                                for h in headings]
+        self._full = (llama_cpp.llama_token_data * self.n_vocab)()
+        self._full_view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
+        self._full_view["id"] = np.arange(self.n_vocab)
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._pieces: dict[int, str] = {}
+
+    def close(self) -> None:
+        """Free the context and the batch."""
+        self._stack.close()
+
+    def forget(self) -> None:
+        """Evaluate the next call's shared head from scratch (no key/values kept)."""
+        self._head = []
+
+    # -- grammar ---------------------------------------------------------------------------
+
+    def _apply(self, sampler, data, size: int) -> None:
+        arr = self._lib.llama_token_data_array(data, size, -1, False)
+        self._lib.llama_sampler_apply(sampler, self._ct.byref(arr))
+
+    def _allowed(self, sampler, token: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 0.0, 0.0
+        self._apply(sampler, self._one, 1)
+        return self._one[0].logit != float("-inf")
+
+    def _piece(self, token: int) -> str:
+        if token not in self._pieces:
+            self._pieces[token] = self.llm.detokenize([token]).decode("utf-8", "replace")
+        return self._pieces[token]
+
+    def _pick(self, logits, sampler, rng) -> int:
+        """The next token: the model's choice if the grammar allows it, else the best allowed."""
+        np = self._np
+        token = int(logits.argmax()) if rng is None else _sample(logits, rng)
+        if self._allowed(sampler, token):
+            return token
+        self._full_view["logit"] = logits
+        self._full_view["p"] = 0.0
+        self._apply(sampler, self._full, self.n_vocab)
+        masked = self._full_view["logit"]
+        if rng is None:
+            return int(masked.argmax())
+        ok = np.isfinite(masked)
+        return int(np.flatnonzero(ok)[_sample(masked[ok], rng)])
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _decode(self, rows: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Evaluate ``(token, position, sequence, wants logits)`` rows in one batch; returns
+        the batch index of every row that wants logits."""
+        batch, lib = self.batch, self._lib
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        batch.n_tokens = len(rows)
+        if rows and (code := lib.llama_decode(self.ctx, batch)) != 0:
+            raise BackendError(f"llama_decode failed with code {code}")
+        return [i for i, row in enumerate(rows) if row[3]]
+
+    def _logits(self, index: int):
+        return self._np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index),
+                                           shape=(self.n_vocab,))
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[int, int, list[int]]:
+        """Load the prompts into sequences 0..B-1: ``(shared head length, head tokens kept from
+        the previous call, batch index of every sequence's logits)``."""
+        lib = self._lib
+        head = len(os.path.commonprefix(prompts)) if len(prompts) > 1 else len(prompts[0])
+        head = min(head, min(len(p) for p in prompts) - 1)  # every sequence evaluates >= 1
+        kept = len(os.path.commonprefix([self._head, prompts[0][:head]]))
+        for seq in range(1, self.n_seq):
+            lib.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        lib.llama_memory_seq_rm(self.mem, 0, kept, -1)
+        self._decode([(t, kept + j, 0, False) for j, t in enumerate(prompts[0][kept:head])])
+        self._head = prompts[0][:head]
+        for seq in range(1, len(prompts)):
+            lib.llama_memory_seq_cp(self.mem, 0, seq, -1, -1)
+        rows = [(t, head + j, seq, j == len(p) - head - 1)
+                for seq, p in enumerate(prompts) for j, t in enumerate(p[head:])]
+        return head, kept, self._decode(rows)
+
+    def decode(self, prompts: list[list[int]], grammars: list[str], max_tokens: int,
+               rng=None) -> list[tuple[list[int], int]]:
+        """``(answer tokens, reused prompt tokens)`` per prompt, each under its GBNF grammar
+        (root rule ``root``); ``rng``: sample, not greedy.
+
+        Reused tokens: the shared head counts as evaluated once (for the first prompt, less
+        what the previous call had already evaluated), reused for every other prompt.
+        """
+        out: list[tuple[list[int], int]] = []
+        for start in range(0, len(prompts), self.n_seq):
+            end = start + self.n_seq
+            out += self._decode_chunk(prompts[start:end], grammars[start:end], max_tokens, rng)
+        return out
+
+    def _decode_chunk(self, prompts: list[list[int]], grammars: list[str], max_tokens: int,
+                      rng) -> list[tuple[list[int], int]]:
+        lib = self._lib
+        if (longest := max(len(p) for p in prompts)) + max_tokens > self.seq_tokens:
+            raise BackendError(f"a prompt of {longest} tokens leaves no room for a "
+                               f"{max_tokens}-token answer in {self.seq_tokens} cells")
+        head, kept, index = self._prefill(prompts)
+        samplers = [lib.llama_sampler_init_grammar(self.vocab, g.encode(), b"root")
+                    for g in grammars]
+        if not all(samplers):
+            for sampler in filter(None, samplers):
+                lib.llama_sampler_free(sampler)
+            raise BackendError("llama.cpp rejected an answer grammar")
+        answers: list[list[int]] = [[] for _ in prompts]
+        pos = [len(p) for p in prompts]
+        breaks = [0] * len(prompts)
+        live = list(range(len(prompts)))
+        try:
+            while live:
+                rows, stepping = [], []
+                for seq, i in zip(live, index, strict=True):
+                    token = self._pick(self._logits(i), samplers[seq], rng)
+                    if lib.llama_vocab_is_eog(self.vocab, token):
+                        continue
+                    lib.llama_sampler_accept(samplers[seq], token)
+                    step = [token]
+                    if self._piece(token).endswith("\n") and \
+                            breaks[seq] < len(self._heading_tokens):
+                        for forced in self._heading_tokens[breaks[seq]]:
+                            if not self._allowed(samplers[seq], forced):
+                                break
+                            lib.llama_sampler_accept(samplers[seq], forced)
+                            step.append(forced)
+                    breaks[seq] += sum(self._piece(t).count("\n") for t in step)
+                    answers[seq] += step
+                    if len(answers[seq]) >= max_tokens:
+                        continue
+                    rows += [(t, pos[seq] + j, seq, j == len(step) - 1)
+                             for j, t in enumerate(step)]
+                    pos[seq] += len(step)
+                    stepping.append(seq)
+                live, index = stepping, self._decode(rows)
+        finally:
+            for sampler in samplers:
+                lib.llama_sampler_free(sampler)
+        reused = [kept] + [head] * (len(prompts) - 1)
+        return list(zip(answers, reused, strict=True))
+
+
+def _sample(logits, rng, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 40) -> int:
+    """An index drawn from ``softmax(logits / temperature)`` cut to its top-k and top-p."""
+    import numpy as np
+
+    k = min(top_k, len(logits))
+    top = np.argpartition(-logits, k - 1)[:k]
+    top = top[np.argsort(-logits[top])]
+    p = np.exp((logits[top] - logits[top[0]]) / temperature)
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+    p = p[:keep] / p[:keep].sum()
+    return int(top[rng.choice(keep, p=p)])
+
+
 class _LlamaSession:
-    """One llama.cpp model in this process: chat template, grammar, completion.
+    """One llama.cpp model in this process: chat template, grammar decoder, completion.
 
     Args:
         model_file: A checked GGUF file (:func:`profiles.modelpack.check_gguf`).
         threads: llama.cpp threads (prompt and generation).
         seed: Seed of the sampled retries.
-        n_ctx: Context length (prompt + answer).
-        repeat_penalty: llama.cpp repeat penalty (1.0: none; names are meant to be copied).
+        n_ctx: Key/value cells per answer (prompt + answer).
+        repeat_penalty: llama.cpp repeat penalty of the unconstrained reference (1.0: none).
+        n_seq: Answers the grammar decoder writes together.
     """
 
     def __init__(self, model_file: str, threads: int, seed: int, n_ctx: int,
-                 repeat_penalty: float) -> None:
+                 repeat_penalty: float, n_seq: int) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -101,7 +317,9 @@ class _LlamaSession:
         eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode()
         self.template = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") \
             if template else None
-        self.grammar_text = answer_grammar()
+        self._decoder_args = (HEADINGS, threads, n_seq, n_ctx)
+        self._decoder: _GrammarDecoder | None = None  # built on first constrained call
+        self._retries = 0
 
     def text(self, messages: Messages) -> str:
         """The prompt: chat template (head identical for every user) + pre-filled heading."""
@@ -111,27 +329,51 @@ class _LlamaSession:
             head = self.template(messages=messages).prompt
         return head + PREFILL
 
-    def answer(self, messages: Messages, sample: bool, constrained: bool,
-               reuse: bool) -> Generation:
-        """One completion; ``reuse=False`` drops the cached key/values first (reference)."""
-        from llama_cpp import LlamaGrammar
+    def answers(self, prompts: list[Messages], sample: bool, constrained: bool, reuse: bool,
+                choices: list[AnswerChoices] | None = None) -> list[Generation]:
+        """Answers to ``prompts``: grammar-constrained ones decoded together (the list lines
+        limited to ``choices`` where given); the plain reference one at a time
+        (``reuse=False``: no key/values kept between prompts)."""
+        import numpy as np
 
-        text = self.text(messages)
-        tokens = self.llm.tokenize(text.encode(), special=True)
+        tokens = [self.llm.tokenize(self.text(m).encode(), special=True) for m in prompts]
+        if not constrained:
+            return [self._plain(t, sample, reuse) for t in tokens]
+        if self._decoder is None:
+            self._decoder = _GrammarDecoder(self.llm, *self._decoder_args)
+        if not reuse:
+            self._decoder.forget()
+        rng = None
+        if sample:  # a new stream per retry, reproducible from the seed
+            self._retries += 1
+            rng = np.random.default_rng([self.seed, self._retries])
+        gens = []
+        grammars = [answer_grammar(c) for c in choices or [None] * len(prompts)]
+        decoded = self._decoder.decode(tokens, grammars, MAX_ANSWER_TOKENS, rng)
+        for prompt, (out, reused) in zip(tokens, decoded, strict=True):
+            answer = PREFILL + self.llm.detokenize(out).decode("utf-8", "replace")
+            gens.append(Generation(answer.removesuffix("\n"), len(out), len(prompt), reused))
+        return gens
+
+    def _plain(self, tokens: list[int], sample: bool, reuse: bool) -> Generation:
+        """llama-cpp-python out of the box: ``create_completion``, no grammar."""
         if not reuse:
             self.llm.reset()
-        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        pairs = zip(cached, tokens[:-1], strict=False)  # llama.cpp re-evaluates >= 1 token
-        reused = next((i for i, (a, b) in enumerate(pairs) if a != b),
-                      min(len(cached), len(tokens) - 1))
-        grammar = LlamaGrammar.from_string(self.grammar_text, verbose=False) \
-            if constrained else None
+        reused = _common_prefix(self.llm, tokens)
         out = self.llm.create_completion(
-            text, max_tokens=128 if constrained else 96, temperature=0.7 if sample else 0.0,
-            top_p=0.9, seed=self.seed, repeat_penalty=self.repeat_penalty, grammar=grammar)
+            tokens, max_tokens=96, temperature=0.7 if sample else 0.0, top_p=0.9, seed=self.seed,
+            repeat_penalty=self.repeat_penalty)
         answer = PREFILL + out["choices"][0]["text"]
         return Generation(answer.removesuffix("\n"), int(out["usage"]["completion_tokens"]),
                           len(tokens), reused)
+
+
+def _common_prefix(llm, tokens: list[int]) -> int:
+    """Prompt tokens llama.cpp will reuse from its cache (it re-evaluates at least one)."""
+    cached = llm.input_ids[: llm.n_tokens].tolist()
+    pairs = zip(cached, tokens[:-1], strict=False)
+    return next((i for i, (a, b) in enumerate(pairs) if a != b),
+                min(len(cached), len(tokens) - 1))
 
 
 def _serve(conn: Connection, session_args: tuple) -> None:
@@ -143,9 +385,10 @@ def _serve(conn: Connection, session_args: tuple) -> None:
         return
     conn.send("ready")
     while (job := conn.recv()) is not None:
-        prompts, sample, constrained, reuse = job
         try:
-            conn.send([session.answer(m, sample, constrained, reuse) for m in prompts])
+            start = time.process_time()
+            gens = session.answers(*job)
+            conn.send((gens, time.process_time() - start))
         except Exception as exc:  # noqa: BLE001 (sent to the parent, raised there)
             conn.send(BackendError(f"llama.cpp worker failed: {exc!r}"))
 
@@ -165,23 +408,28 @@ class LlamaCppBackend:
         reuse_prefix: Keep the key/values of the previous prompt and evaluate only what
             differs (llama.cpp's longest-common-prefix reuse); ``False`` for the reference.
         seed: Seed of the sampled retries.
-        n_ctx: Context length in tokens.
-        repeat_penalty: llama.cpp's repeat penalty (1.0: off).
+        n_ctx: Key/value cells per answer (prompt + answer).
+        repeat_penalty: llama.cpp's repeat penalty of the unconstrained reference (1.0: off).
+        n_seq: Answers each process decodes together (its share of a ``generate`` call is
+            decoded in chunks of this many).
     """
 
     def __init__(self, model_file: str | Path, model_id: str | None = None, threads: int = 2,
                  processes: int = 1, constrained: bool = True, reuse_prefix: bool = True,
-                 seed: int = 0, n_ctx: int = 1024, repeat_penalty: float = 1.0) -> None:
+                 seed: int = 0, n_ctx: int = 640, repeat_penalty: float = 1.0,
+                 n_seq: int = 8) -> None:
         self.model_file = Path(model_file)
         self.model_id = f"llama.cpp:{model_id or self.model_file.stem}"
         self.threads, self.processes = threads, processes
         self.constrained, self.reuse_prefix = constrained, reuse_prefix
-        args = (str(self.model_file), threads, seed, n_ctx, repeat_penalty)
+        args = (str(self.model_file), threads, seed, n_ctx, repeat_penalty, n_seq)
         self._session = _LlamaSession(*args) if processes == 1 else None
         self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         if processes > 1:
             self._start_workers(args)
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+        #: CPU seconds spent answering, summed over the model processes.
+        self.cpu_seconds = 0.0
 
     def _start_workers(self, args: tuple) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -196,22 +444,28 @@ class LlamaCppBackend:
                 _stop_workers(self._workers)
                 raise reply
 
-    def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
+    def generate(self, prompts: list[Messages], sample: bool = False,
+                 choices: list[AnswerChoices] | None = None) -> list[Generation]:
         """Answer ``prompts``; with worker processes, each answers a contiguous share."""
         job = (sample, self.constrained, self.reuse_prefix)
         if self._session is not None:
-            return [self._session.answer(m, *job) for m in prompts]
+            start = time.process_time()
+            gens = self._session.answers(prompts, *job, choices)
+            self.cpu_seconds += time.process_time() - start
+            return gens
         shares = _split(prompts, len(self._workers))
-        busy = [(conn, share) for (_, conn), share in zip(self._workers, shares, strict=True)
-                if share]
-        for conn, share in busy:
-            conn.send((share, *job))
+        picks = _split(choices, len(self._workers)) if choices else [None] * len(shares)
+        busy = [(conn, share, pick) for (_, conn), share, pick
+                in zip(self._workers, shares, picks, strict=True) if share]
+        for conn, share, pick in busy:
+            conn.send((share, *job, pick))
         results: list[Generation] = []
-        for conn, _ in busy:
+        for conn, _, _ in busy:
             reply = conn.recv()
             if isinstance(reply, Exception):
                 raise reply
-            results += reply
+            results += reply[0]
+            self.cpu_seconds += reply[1]
         return results
 
     def close(self) -> None:
@@ -304,8 +558,10 @@ class TransformersBackend:
             head = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return head + PREFILL
 
-    def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
-        """Answer ``prompts`` in batches of ``batch_size`` (grouped by prompt length)."""
+    def generate(self, prompts: list[Messages], sample: bool = False,
+                 choices: list[AnswerChoices] | None = None) -> list[Generation]:
+        """Answer ``prompts`` in batches of ``batch_size`` (grouped by prompt length);
+        ``choices`` is not enforced (no grammar engine)."""
         texts = [self._text(m) for m in prompts]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[Generation | None] = [None] * len(texts)
@@ -416,8 +672,10 @@ class HttpBackend:
         self.model, self.timeout, self.retries = model, timeout, retries
         self.backoff, self.concurrency, self.max_tokens = backoff, concurrency, max_tokens
 
-    def generate(self, prompts: list[Messages], sample: bool = False) -> list[Generation]:
-        """Answer each prompt with one request (``concurrency`` at a time)."""
+    def generate(self, prompts: list[Messages], sample: bool = False,
+                 choices: list[AnswerChoices] | None = None) -> list[Generation]:
+        """Answer each prompt with one request (``concurrency`` at a time); ``choices`` is not
+        sent (the endpoint's own format rules apply)."""
         return map_in_daemon_threads(lambda m: self._one(m, sample), prompts, self.concurrency)
 
     def _one(self, messages: Messages, sample: bool) -> Generation:

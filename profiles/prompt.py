@@ -15,26 +15,63 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 from profiles.graph import UserContext
 
 #: The four facets, in answer order; also the headings of the answer lines.
 FACETS = ("Crowd segment", "Personal interests", "Preferred categories", "Favored brands")
 
-SYSTEM = ("You profile grocery shoppers from their purchase data (lists are most bought first)."
-          " Answer in exactly four short lines:\n"
-          "Crowd segment: <the household: type, budget, shopping style>\n"
-          "Personal interests: <two food tastes or habits>\n"
-          "Preferred categories: <two names from the Categories list>\n"
-          "Favored brands: <two names from the Brands list>\n"
-          "The first two lines describe the household in your own words, not category names;"
-          " age, income and family belong in the first line only.")
+#: The crowd segment's vocabularies: household type, budget, shopping style.
+HOUSEHOLD_TYPES = ("single adult", "young couple", "couple", "family with kids",
+                   "single parent", "large family", "senior couple", "senior single")
+BUDGETS = ("budget shopper", "value shopper", "mid-range shopper", "premium shopper")
+STYLES = ("big stock-up trips", "frequent small trips", "cooks from scratch",
+          "convenience food", "fresh food lover", "snack lover", "brand loyal",
+          "private label loyal")
+_WORDS = re.compile(r"[a-z]+")
+
+
+def _words(name: str) -> set[str]:
+    return {w for w in _WORDS.findall(name.lower()) if len(w) >= 3}
+
+
+@dataclass(frozen=True)
+class AnswerChoices:
+    """The names one user's list lines may use (as the prompt shows them).
+
+    Attributes:
+        interests: Product types (the user's most bought and most recent) for the interests.
+        categories: Catalog categories (the user's and the co-buyers') for the categories.
+        brands: Brands (the user's and the co-buyers') for the brands line.
+    """
+
+    interests: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    brands: tuple[str, ...] = ()
+
+
+def _system() -> str:
+    return ("You profile grocery shoppers from their purchase data (lists are most bought"
+            " first). Answer in exactly four short lines:\n"
+            "Crowd segment: <household type>, <budget>, <shopping style>\n"
+            "Personal interests: <two names from the Products list>\n"
+            "Preferred categories: <two names from the Categories or co-buyers lists>\n"
+            "Favored brands: <two names from the Brands or co-buyers lists>\n"
+            f"Household types: {', '.join(HOUSEHOLD_TYPES)} (the Household line tells).\n"
+            f"Budgets: {', '.join(BUDGETS)} (the budget and premium shares tell).\n"
+            f"Shopping styles: {', '.join(STYLES)}.")
+
+
+SYSTEM = _system()
 
 #: The answer starts with this text (pre-filled for local models).
 PREFILL = f"{FACETS[0]}:"
 
-#: The placeholder texts of the format (an answer that copies one is no answer).
-PLACEHOLDERS = tuple(p.lower() for p in re.findall(r"<([^>]+)>", SYSTEM))
+#: The placeholder texts of the format, one per answer line (the placeholders of a line joined:
+#: "household type budget shopping style"); an answer that copies one is no answer.
+PLACEHOLDERS = tuple(" ".join(re.findall(r"<([^>]+)>", line)).lower()
+                     for line in SYSTEM.split("\n") if "<" in line)
 
 _NOISE = re.compile(r"\s*[(\d].*$")  # "Soft Drinks 12/18&15Pk" -> "Soft Drinks"
 
@@ -84,6 +121,25 @@ def render_context(ctx: UserContext) -> str:
         lines.append(f"{ctx.neighbours} co-buyers also buy: {_names(crowd_cats)}; "
                      f"{_names(crowd_brands)}")
     return "\n".join(lines)
+
+
+def answer_choices(ctx: UserContext) -> AnswerChoices:
+    """The names the user's list lines may use: those the prompt shows, interests (product
+    types) less any sharing a word with a category, so the two lines cannot repeat each other.
+
+    >>> from profiles.graph import UserContext
+    >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar Cheese 8 Oz", 2)],
+    ...                   [("M69 private label", 3)], ["Milk"], 1.0, 3.0)
+    >>> answer_choices(ctx)
+    AnswerChoices(interests=('Milk',), categories=('Cheese',), brands=('M69 private label',))
+    """
+    categories = tuple(dict.fromkeys(short_name(n) for n, _ in
+                                     ctx.categories + ctx.crowd_categories))
+    used = set().union(*(_words(c) for c in categories))
+    types = [short_name(n) for n, _ in ctx.types] + [short_name(n) for n in ctx.recent]
+    interests = tuple(dict.fromkeys(t for t in types if not _words(t) & used))
+    brands = tuple(dict.fromkeys(n for n, _ in ctx.brands + ctx.crowd_brands))
+    return AnswerChoices(interests, categories, brands)
 
 
 def build_messages(ctx: UserContext) -> list[dict[str, str]]:

@@ -24,7 +24,7 @@ from profiles.backends import LLMBackend
 from profiles.embed import FacetEmbedder
 from profiles.facets import Facets, fallback_facets, grounding, parse_facets
 from profiles.graph import UserContext
-from profiles.prompt import build_messages, prompt_hash
+from profiles.prompt import answer_choices, build_messages, prompt_hash
 from profiles.store import Profile, ProfileStore
 from streaming import metrics
 
@@ -67,9 +67,9 @@ class ProfileWriter:
         self.backend, self.embedder, self.store = backend, embedder, store
         self.stats = WriteStats()
 
-    def _generate(self, prompts: list, sample: bool) -> list:
+    def _generate(self, prompts: list, sample: bool, choices: list) -> list:
         start = time.perf_counter()
-        gens = self.backend.generate(prompts, sample=sample)
+        gens = self.backend.generate(prompts, sample=sample, choices=choices)
         elapsed = time.perf_counter() - start
         self.stats.llm_seconds += elapsed
         metrics.LLM_REQUEST_SECONDS.observe(elapsed)
@@ -83,13 +83,14 @@ class ProfileWriter:
 
     def _facets_for(self, contexts: list[UserContext], messages: list) -> list[tuple[Facets, int]]:
         """``(facets, tokens)`` per context: greedy, one sampled retry, then fallback."""
-        gens = self._generate(messages, sample=False)
+        choices = [answer_choices(c) for c in contexts]
+        gens = self._generate(messages, False, choices)
         out = [(parse_facets(g.text), g.new_tokens) for g in gens]
         bad = [i for i, (f, _) in enumerate(out) if f is None]
         if bad:
             self.stats.retried += len(bad)
             metrics.LLM_RETRIES.inc(len(bad))
-            retry = self._generate([messages[i] for i in bad], sample=True)
+            retry = self._generate([messages[i] for i in bad], True, [choices[i] for i in bad])
             for i, g in zip(bad, retry, strict=True):
                 out[i] = (parse_facets(g.text), out[i][1] + g.new_tokens)
         result = []
