@@ -195,7 +195,9 @@ def glance(result: dict[str, Any]) -> str:
     for name, part in result.items():
         meta = part["meta"]
         seeds = len(meta["seeds"])
-        where = f"{name} {meta['split']} ({seeds} seed{'s' if seeds > 1 else ''})"
+        batch = meta["train_config"]["eval_batch_size"]
+        where = (f"{name} {meta['split']} ({seeds} seed{'s' if seeds > 1 else ''}, batches of "
+                 f"{batch})")
         rows.append(f"| Recall@20 per purchase, {where} | {cell(part['per_event'], 'recall@20')} |")
         if any(s["repeat/recall@20"]["mean"] is not None for s in part["per_event"].values()):
             rows.append(f"| Recall@20 on explore purchases, {where} | "
