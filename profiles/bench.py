@@ -178,6 +178,8 @@ def run(data: str | Path, model_file: Path, model_id: str | None = None, users: 
     if signal is not None:
         probe = signal["probe"]
         result["facet_signal_recall@20"] = round(probe["mean"]["recall@20"], 4)
+        result["facet_signal_explore_recall@20"] = round(probe["mean"]["explore/recall@20"], 4)
+        result["facet_signal_random_recall@20"] = round(probe["random_recall@20"], 4)
         result["facet_signal"] = signal
     result["load_average_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     return result
