@@ -1,17 +1,18 @@
 """Language-model backends behind one small interface.
 
 - :class:`LlamaCppBackend` (the default): a GGUF model run by llama.cpp (llama-cpp-python),
-  greedy, answer pre-filled and kept in the four-line format by a GBNF grammar
-  (:mod:`profiles.grammar`). The prompt head shared by every user (chat template and system
-  message) comes first, so llama.cpp reuses its key/values from the previous prompt and only
-  evaluates the per-user part; several worker processes can share the prompts.
+  greedy, answer pre-filled and kept in the four-line format by a per-user GBNF grammar
+  (:mod:`profiles.grammar`). The answers of a call are decoded together as sequences of one
+  llama.cpp context (:class:`_GrammarDecoder`): the prompt head shared by every user (chat
+  template and system message) is evaluated once and copied, only the per-user parts are
+  evaluated; several worker processes can share the prompts.
 - :class:`TransformersBackend`: any local Hugging Face model folder (``--llm-model DIR``),
   batched, kept in the format by a logits processor (:mod:`profiles.constrain`: transformers
   has no grammar engine), stopped per row as soon as the four lines are written.
 - :class:`HttpBackend`: any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, Ollama,
   llama.cpp server, a hosted API), with timeouts and retries with exponential backoff.
 
-Both take chat messages (``[{"role": …, "content": …}, …]``) and return :class:`Generation`.
+All take chat messages (``[{"role": …, "content": …}, …]``) and return :class:`Generation`.
 """
 
 from __future__ import annotations
