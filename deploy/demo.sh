@@ -15,6 +15,7 @@ BIN=${BIN:-.venv/bin}
 DATA=data/demo RUN=runs/demo PORT=19092 HTTP=18080
 LIVE1=${LIVE1:-3000}  # test purchases streamed before the wait; the rest of the split after it
 MIN_PROFILES=${MIN_PROFILES:-10} WAIT_S=${WAIT_S:-600}  # live profiles to wait for, at most
+GRACE_S=${GRACE_S:-120}  # ... then this long for a household with an earlier profile
 STATE=$(mktemp -d -t dynllm-demo.XXXX)
 pids=()
 cleanup() {
@@ -101,7 +102,7 @@ $BIN/dynllm produce --bootstrap-servers 127.0.0.1:$PORT --data $DATA --split tes
     --limit $LIVE1 --rate 2000
 $BIN/dynllm serve --run $RUN --state-dir "$STATE" --port $HTTP 2>"$STATE/server.log" & pids+=($!)
 sample() { { curl -s "$1" || true; } | awk -v n="$2" '$1 == n {print $2 + 0}'; }
-start=$SECONDS FOLLOW=
+start=$SECONDS FOLLOW= reached=
 while [ $((SECONDS - start)) -lt $WAIT_S ]; do
   sleep 10
   made=$(sample http://127.0.0.1:9101/metrics dynllm_profiles_generated_total)
@@ -110,7 +111,10 @@ while [ $((SECONDS - start)) -lt $WAIT_S ]; do
   echo "  $((SECONDS - start)) s: ${made:-0} profiles generated from live purchases," \
        "${applied:-0} applied by the fusion stage, ${queued:-0} requests queued"
   if [ "${made:-0}" -ge $MIN_PROFILES ] && [ "${applied:-0}" -ge $MIN_PROFILES ]; then
-    FOLLOW=$($BIN/python deploy/demo_loop.py pick $DATA "$STATE/profiles.sqlite" $LIVE1)
+    # a household regenerated (it had a profile before); after GRACE_S more, a first profile
+    reached=${reached:-$SECONDS}
+    FOLLOW=$($BIN/python deploy/demo_loop.py pick $DATA "$STATE/profiles.sqlite" $LIVE1 \
+        $([ $((SECONDS - reached)) -ge $GRACE_S ] && echo any))
     [ -n "$FOLLOW" ] && break
   fi
 done

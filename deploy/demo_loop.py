@@ -1,11 +1,12 @@
 """Helpers of ``deploy/demo.sh`` for the live loop: follow one household through a regeneration.
 
-``pick DATA STORE SKIP``
+``pick DATA STORE SKIP [any]``
     A household whose profile the worker regenerated from live purchases (``ts`` at or after the
     end of the validation split, where the worker's seed ends) and which buys again in the test
     split after its first ``SKIP`` events, after that profile's time, so the fusion stage will
-    apply it; households that had a profile before come first. Prints its id (nothing if none
-    yet).
+    apply it. Only households that had a profile before (a regeneration), unless ``any`` is
+    given: then those first, else one profiled live for the first time. Prints its id (nothing
+    if none yet).
 ``show URL STORE USER OUT``
     The served answer for ``USER`` (saved as JSON to ``OUT``), the profile the fusion stage used
     for it (the newest one written strictly before the served event) and its top items.
@@ -29,14 +30,16 @@ def _live_profiles(data: Dataset, store: ProfileStore) -> list:
     return store.written_since(float(data.meta["split"]["val_end"]))
 
 
-def pick(data_dir: str, store_path: str, skip: int) -> str:
-    """The household to follow, or ``""``."""
+def pick(data_dir: str, store_path: str, skip: int, first_profiles: bool = False) -> str:
+    """The household to follow, or ``""`` (``first_profiles``: may be a first profile)."""
     data = Dataset.load(data_dir)
     later = data.split("test").slice(skip).select(["user_id", "ts"]).to_pandas()
     newest = later.groupby("user_id")["ts"].max()
     profiles = _live_profiles(data, ProfileStore(store_path))
     due = [p for p in profiles if newest.get(p.user_id, float("-inf")) > p.ts]
     due.sort(key=lambda p: p.version < 2)  # stable: a regeneration first, in writing order
+    if not first_profiles:
+        due = [p for p in due if p.version >= 2]
     return due[0].user_id if due else ""
 
 
@@ -87,7 +90,7 @@ def main(argv: list[str]) -> int:
     """Dispatch ``pick``, ``show``, ``compare`` or ``live`` (see the module docstring)."""
     verb, args = argv[0], argv[1:]
     if verb == "pick":
-        print(pick(args[0], args[1], int(args[2])))
+        print(pick(args[0], args[1], int(args[2]), args[3:] == ["any"]))
     elif verb == "show":
         show(*args)
     elif verb == "compare":
