@@ -17,11 +17,13 @@ LIVE1=${LIVE1:-3000}  # test purchases streamed before the wait; the rest of the
 MIN_PROFILES=${MIN_PROFILES:-10} WAIT_S=${WAIT_S:-600}  # live profiles to wait for, at most
 GRACE_S=${GRACE_S:-120}  # ... then this long for a household with an earlier profile
 STATE=$(mktemp -d -t dynllm-demo.XXXX)
-pids=()
+pids=() broker=
 cleanup() {
   local rc=$?
+  # the broker last: the pipeline and the worker flush to it while they stop
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ -z "$broker" ] || { kill -TERM "$broker" 2>/dev/null; wait "$broker" 2>/dev/null; } || true
   if [ $rc -ne 0 ]; then  # the demo failed: show what the background processes said
     for log in "$STATE"/*.log; do
       [ -f "$log" ] && { echo "--- last lines of $(basename "$log")"; tail -n 12 "$log"; }
@@ -87,7 +89,7 @@ step "5. broker :$PORT, live pipeline, profile worker (llama.cpp, 1 process x 1 
 # validation history and grows from the purchases topic (the test split, streamed below)
 $BIN/python -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))' \
     $DATA/profiles.sqlite "$STATE/profiles.sqlite"
-$BIN/dynllm broker --port $PORT >/dev/null & pids+=($!)
+$BIN/dynllm broker --port $PORT >/dev/null & broker=$!
 for _ in $(seq 30); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.5; done
 $BIN/dynllm run --bootstrap-servers 127.0.0.1:$PORT --run $RUN --state-dir "$STATE" \
     --metrics-port 9100 --checkpoint-seconds 3 2>"$STATE/pipeline.log" & pids+=($!)

@@ -19,7 +19,11 @@ one) and at most ``max_queue`` users: while the queue drains, nothing more is re
 published as ``profile-updates``.
 
 Delivery: read positions are saved in the profile store only once every request read so far is
-done, and after the updates were flushed to the broker. A worker killed mid-batch therefore
+done, and after the updates were flushed to the broker and every send succeeded (a batch whose
+updates were not delivered stays queued and is retried after the same doubling pause as an LLM
+failure; its profiles are stored, so the retry republishes them from the cache). SIGTERM also
+interrupts a flush that waits for a broker that is gone, and closing waits at most
+``CLOSE_TIMEOUT_S`` for unsent updates. A worker killed mid-batch therefore
 re-reads the unfinished requests on restart (at-least-once; repeats hit the cache and the store's
 unique key), and no request is lost.
 
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 
 REQUESTS_TOPIC = "profile-requests"
 UPDATES_TOPIC = "profile-updates"
+#: Longest wait for unsent updates when the worker stops (they are re-sent after a restart:
+#: their requests are not acknowledged).
+CLOSE_TIMEOUT_S = 5.0
 
 
 class StopRequested(Exception):
@@ -149,7 +156,7 @@ class ProfileWorker:
         self.producer = json_producer(bootstrap_servers)
         self.queue: dict[str, Request] = {}
         self.stopping = False
-        self._writing = False  # a batch is being written: SIGTERM interrupts it
+        self._writing = False  # a batch is being written or published: SIGTERM interrupts it
 
     def _enqueue(self, records: list) -> None:
         for record in records:
@@ -185,32 +192,41 @@ class ProfileWorker:
         try:
             profiles = self.writer.write(contexts, self.hops) if contexts else []
         except BackendError as exc:
-            self._back_off(exc)
+            self._writing = False
+            self._back_off(f"LLM backend failed ({exc})")
             return  # the batch stays queued, its requests unacknowledged
+        self._failures = 0
+        try:  # a flush can wait for a broker that is gone: SIGTERM still stops here
+            sent = [self.producer.send(UPDATES_TOPIC, key=p.user_id, value=p.to_message())
+                    for p in profiles]
+            self.producer.flush()
         finally:
             self._writing = False
-        self._failures = 0
+        failed = [f.exception for f in sent if f.failed()]
+        if failed:  # not delivered: keep the batch (stored profiles are republished from cache)
+            self._back_off(f"{len(failed)} of {len(sent)} profile updates not delivered "
+                           f"({failed[0]})")
+            return
         for profile in profiles:
-            self.producer.send(UPDATES_TOPIC, key=profile.user_id, value=profile.to_message())
             self.policy.done(profile.user_id, profile.ts)
-        self.producer.flush()
         for user in users:
             self.queue.pop(user, None)
         metrics.PROFILE_QUEUE_LENGTH.set(len(self.queue))
 
-    def _back_off(self, error: BackendError) -> None:
+    def _back_off(self, error: str) -> None:
         """Count a failed batch and pause (doubling, capped), waking up early on SIGTERM."""
         self._failures += 1
         metrics.PROFILE_BATCH_RETRIES.inc()
         pause = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
-        log.warning("LLM backend failed (%s); %d queued users kept, next try in %.1fs",
-                    error, len(self.queue), pause)
+        log.warning("%s; %d queued users kept, next try in %.1fs", error, len(self.queue),
+                    pause)
         deadline = time.monotonic() + pause
         while not self.stopping and time.monotonic() < deadline:
             time.sleep(min(0.1, pause))
 
     def _on_sigterm(self, *_: object) -> None:
-        """Stop after the current step; a batch in generation is abandoned (minutes on a CPU)."""
+        """Stop after the current step; a batch in generation (minutes on a CPU) or waiting for
+        the broker to take its updates is abandoned."""
         self.stopping = True
         if self._writing:
             raise StopRequested
@@ -246,8 +262,14 @@ class ProfileWorker:
                 break
 
     def close(self) -> None:
-        """Flush and close the Kafka connections."""
-        self.producer.flush()
-        self.producer.close()
+        """Flush (at most ``CLOSE_TIMEOUT_S``: the broker may be gone) and close the Kafka
+        connections."""
+        from kafka.errors import KafkaTimeoutError
+
+        try:
+            self.producer.close(timeout=CLOSE_TIMEOUT_S)
+        except KafkaTimeoutError:  # kafka-python raises instead of dropping what is unsent
+            log.warning("profile updates still unsent after %.0f s (broker gone?); their "
+                        "requests are re-read on restart", CLOSE_TIMEOUT_S)
         self.reader.close()
         self.follower.close()

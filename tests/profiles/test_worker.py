@@ -202,3 +202,40 @@ def test_live_purchases_reach_the_next_prompt(kafka_broker, tiny_data, chat_peer
     prompt = run_worker()
     assert "Soft Drinks" in prompt.split("co-buyers")[0] and "4 lines" in prompt
     assert [p["ts"] for p in _updates(kafka_broker)] == [20 * DAY, 21 * DAY]
+
+
+@pytest.mark.kafka
+def test_sigterm_while_the_broker_is_gone_stops_at_once(tiny_data, chat_peer, tmp_path):
+    """The broker dies while a batch is generated; publishing its updates then waits for it,
+    and SIGTERM must still stop the worker promptly (the requests stay unacknowledged)."""
+    from streaming.broker import Broker
+
+    broker = Broker().start()
+    _produce(broker.bootstrap_servers, [{"user_id": "u1", "ts": 10 * DAY}])
+    chat_peer.delay = 8.0
+    store_path = tmp_path / "p.sqlite"
+    command = [sys.executable, "-m", "pipelines.cli", "worker", "--bootstrap-servers",
+               broker.bootstrap_servers, "--data", str(tiny_data), "--store", str(store_path),
+               "--llm-url", chat_peer.url, "--metrics-port", "0"]
+    worker = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not chat_peer.requests and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.05)
+        assert chat_peer.requests, "the worker never asked the model"
+        broker.stop()
+        assert not broker.running  # gone before the answer comes
+        store = ProfileStore(store_path)
+        while len(store) == 0 and time.monotonic() < deadline:  # written, now publishing
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stopped_at = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, worker.stderr.read()[-2000:]
+        assert time.monotonic() - stopped_at < 15  # not kafka-python's 120 s delivery timeout
+        assert sum(store.offsets(REQUESTS_TOPIC).values()) == 0  # nothing acknowledged
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        broker.stop()
