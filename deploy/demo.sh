@@ -125,8 +125,8 @@ done
 wait_http http://127.0.0.1:$HTTP/healthz
 
 step "7. household $FOLLOW before the live regeneration reaches it (top 5)"
-$BIN/python deploy/demo_loop.py show http://127.0.0.1:$HTTP "$STATE/profiles.sqlite" $FOLLOW \
-    "$STATE/before.json"
+$BIN/python deploy/demo_loop.py show http://127.0.0.1:$HTTP $DATA "$STATE/profiles.sqlite" \
+    $FOLLOW "$STATE/before.json" before
 before=$($BIN/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["version"])' \
     "$STATE/before.json")
 
@@ -139,8 +139,8 @@ for _ in $(seq 60); do  # the server re-reads the pipeline's store after its nex
   [ "$now" -gt "$before" ] && break
   sleep 1
 done
-$BIN/python deploy/demo_loop.py show http://127.0.0.1:$HTTP "$STATE/profiles.sqlite" $FOLLOW \
-    "$STATE/after.json"
+$BIN/python deploy/demo_loop.py show http://127.0.0.1:$HTTP $DATA "$STATE/profiles.sqlite" \
+    $FOLLOW "$STATE/after.json"
 echo "  facet weights of household $FOLLOW, before -> after the live regeneration:"
 $BIN/python deploy/demo_loop.py compare "$STATE/before.json" "$STATE/after.json"
 echo "  (a 1-epoch demo model that saw a dozen profiled households in training: the weights" \

@@ -4,12 +4,15 @@
     A household whose profile the worker regenerated from live purchases (``ts`` at or after the
     end of the validation split, where the worker's seed ends) and which buys again in the test
     split after its first ``SKIP`` events, after that profile's time, so the fusion stage will
-    apply it. Only households that had a profile before (a regeneration), unless ``any`` is
-    given: then those first, else one profiled live for the first time. Prints its id (nothing
-    if none yet).
-``show URL STORE USER OUT``
+    apply it. Only households that had a profile before the live stream (built ahead, so the
+    fusion stage had it from the start: a regeneration), unless ``any`` is given: then those
+    first, else one profiled live for the first time. Prints its id (nothing if none yet).
+``show URL DATA STORE USER OUT [before]``
     The served answer for ``USER`` (saved as JSON to ``OUT``), the profile the fusion stage used
-    for it (the newest one written strictly before the served event) and its top items.
+    for it and its top items. The profile is the newest one written strictly before the served
+    event; with ``before`` only among those from before the live stream (the first live
+    profiles arrive after the first purchases streamed in, seconds each, so an embedding served
+    then was fused with a profile built ahead or none).
 ``compare BEFORE AFTER``
     The facet weights of two saved answers side by side, with the change.
 ``live DATA STORE``
@@ -36,10 +39,12 @@ def pick(data_dir: str, store_path: str, skip: int, first_profiles: bool = False
     later = data.split("test").slice(skip).select(["user_id", "ts"]).to_pandas()
     newest = later.groupby("user_id")["ts"].max()
     profiles = _live_profiles(data, ProfileStore(store_path))
+    store, start = ProfileStore(store_path), float(data.meta["split"]["val_end"])
     due = [p for p in profiles if newest.get(p.user_id, float("-inf")) > p.ts]
-    due.sort(key=lambda p: p.version < 2)  # stable: a regeneration first, in writing order
+    ahead = {p.user_id for p in due if store.latest_before(p.user_id, start) is not None}
+    due.sort(key=lambda p: p.user_id not in ahead)  # stable: regenerations first, in order
     if not first_profiles:
-        due = [p for p in due if p.version >= 2]
+        due = [p for p in due if p.user_id in ahead]
     return due[0].user_id if due else ""
 
 
@@ -49,13 +54,17 @@ def _fmt_weights(weights: dict | None) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in weights.items())
 
 
-def show(url: str, store_path: str, user: str, out: str) -> None:
+def show(url: str, data_dir: str, store_path: str, user: str, out: str,
+         mode: str = "after") -> None:
     """Print (and save) what ``/recommend`` serves for ``user`` and the profile behind it."""
     with urllib.request.urlopen(f"{url}/recommend?user={user}&k=5", timeout=10) as response:
         answer = json.load(response)
     with open(out, "w") as file:
         json.dump(answer, file)
-    profile = ProfileStore(store_path).latest_before(user, float(answer["ts"]))
+    cut = float(answer["ts"])
+    if mode == "before":
+        cut = min(cut, float(Dataset.load(data_dir).meta["split"]["val_end"]))
+    profile = ProfileStore(store_path).latest_before(user, cut)
     print(f"    served: embedding version {answer['version']} (event count), "
           f"last event ts={answer['ts']:.0f}")
     if profile is None:
