@@ -25,6 +25,8 @@ by the negative log-likelihood of each purchase over the full catalog
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -225,6 +227,12 @@ class RepeatScore(nn.Module):
         return self.mix(torch.zeros(users.numel(), num_items), users, t)
 
     # -- saving ------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # checkpoints from before the item-KNN term: weight 0 is exactly the model they saved
+        state_dict.setdefault(f"{prefix}item_weight", torch.zeros(2))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> Tensor:
         """A copy of the purchase statistics as one 1-D float64 tensor

@@ -180,3 +180,13 @@ def test_item_scores_follow_the_newest_items_co_buyers():
     assert float(near[0].max()) == 1.0
     # only the newest item counts with recent=1: 9 (a co-buy of the older item 1) drops out
     assert s.item_scores(torch.tensor([0]), 12, recent=1)[0, 9] == 0
+
+
+def test_a_checkpoint_from_before_the_item_knn_term_loads_as_weight_zero():
+    saved = RepeatScore().state_dict()
+    del saved["item_weight"]
+    fresh = RepeatScore()
+    with torch.no_grad():
+        fresh.item_weight.fill_(1.0)
+    fresh.load_state_dict(saved)  # strict: nothing else missing
+    assert fresh.item_weight.tolist() == [0.0, 0.0]
