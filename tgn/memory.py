@@ -98,7 +98,7 @@ class Memory(nn.Module):
 
     def get(self, nodes: Tensor) -> Tensor:
         """Memory rows ``[*nodes.shape, D]``; rows updated since :meth:`detach` keep gradients."""
-        rows = self.memory[nodes]
+        rows = self.memory.index_select(0, nodes.reshape(-1)).view(*nodes.shape, self.memory_dim)
         if self._fresh is None:
             return rows
         row_of, values = self._fresh

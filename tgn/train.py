@@ -56,9 +56,9 @@ class TrainConfig:
     #: from its own next events: docs/quality.md, "Evaluation batch")
     eval_batch_size: int = 200
     max_val_events: int | None = None  # validate on the first N events (smoke runs)
-    #: stage 2 (:func:`fit_history`): optimiser steps (whole passes over the training events
-    #: until reached), learning rate, batch size and the share of each pass that only builds
-    #: state first (chosen on cj26 validation: docs/quality.md)
+    #: stage 2 (:func:`fit_history`): optimiser steps (on the newest batches of the training
+    #: events; a small log is passed over again), learning rate, batch size and the share of
+    #: each pass that only builds state first (chosen on validation: docs/quality.md)
     history_steps: int = 500
     history_lr: float = 3e-3
     history_batch_size: int = 200
@@ -78,7 +78,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_recall: float = -math.inf
-    history_losses: list[float] = field(default_factory=list)  # stage 2, per epoch
+    history_losses: list[float] = field(default_factory=list)  # stage 2, per step
 
 
 def first_seen_order(items: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,26 +203,31 @@ def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
     """Stage 2: fit the history mixture's weights (:class:`~tgn.repeat.RepeatScore`: ``g``,
     the item prior, the gate, the explore weight) with the temporal model frozen.
 
-    Streams ``events`` in time order until ``config.history_steps`` optimiser steps are taken
-    (whole passes; so a small log gets as many steps as a large one); the first
-    ``config.history_warmup`` share of each pass only builds state, then each batch (whole
-    timestamps, so a basket is scored from the state as of its start) scores its purchases by
-    their mixture log-probability over the full catalog (dot products from the frozen model),
-    takes one Adam step on the negative mean, and is applied. Returns the mean loss per pass.
+    Takes exactly ``config.history_steps`` optimiser steps, each on one batch of ``events``
+    (whole timestamps, so a basket is scored from the state as of its start): the batch's
+    purchases are scored by their mixture log-probability over the full catalog (dot products
+    from the frozen model), one Adam step is taken on the negative mean, and the batch is
+    applied. A pass streams ``events`` in time order; the first ``config.history_warmup`` share
+    only builds state, and of the rest only the *last* batches a pass still needs are scored
+    (the newest events, nearest to what is recommended next), so a large log costs
+    ``history_steps`` scored batches and a small one is passed over again until they are taken.
+    Returns the loss of each step (``history_steps`` of them unless nothing is rankable).
     """
     assert model.repeat is not None, "fit_history needs the history mixture (config.repeat)"
     optimizer = torch.optim.Adam(model.repeat.parameters(), lr=config.history_lr)
-    warmup = int(config.history_warmup * len(events))
-    epochs: list[float] = []
-    steps = 0
-    while steps < config.history_steps:
+    batches = list(events.batches(config.history_batch_size, whole_times=True))
+    sizes = torch.tensor([len(b) for b in batches])
+    starts = sizes.cumsum(0) - sizes  # [P] events applied before each batch
+    warm = int(torch.searchsorted(starts, int(config.history_warmup * len(events))))
+    losses: list[float] = []
+    while len(losses) < config.history_steps and warm < len(batches):
         model.eval()
         model.reset_state()
-        seen, losses = 0, []
-        bar = tqdm(list(events.batches(config.history_batch_size, whole_times=True)),
-                   desc="history", disable=not progress)
-        for batch in bar:
-            if seen >= warmup:
+        first = max(warm, len(batches) - (config.history_steps - len(losses)))
+        taken = len(losses)
+        bar = tqdm(batches, desc="history", disable=not progress)
+        for index, batch in enumerate(bar):
+            if index >= first and len(losses) < config.history_steps:
                 users, t, inverse, _ = distinct_queries(batch.users, batch.t)
                 with torch.no_grad():
                     dot = model.score_users(users, t, item_time=float(batch.t[0]), mix=False)
@@ -234,15 +239,12 @@ def fit_history(model: TGNRecommender, events: EventBatch, config: TrainConfig,
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
-                    steps += 1
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             with torch.no_grad():
                 model.update(batch)
-            seen += len(batch)
-        if not losses:
-            break  # nothing to fit on (too few events after the warm-up share)
-        epochs.append(sum(losses) / len(losses))
-    return epochs
+        if len(losses) == taken:
+            break  # nothing to fit on (no rankable purchase after the warm-up share)
+    return losses
 
 
 def train(model: TGNRecommender, train_events: EventBatch, val_events: EventBatch,
