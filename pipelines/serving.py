@@ -17,10 +17,10 @@ pipeline's statistics up to float rounding: every statistic of :class:`tgn.signa
 decayed popularity), and a user's events of one pipeline update arrive in one message.
 
 Whole-catalogue work is cached (:class:`ServedRepeatScore`, :class:`ServedSignals`): the item
-prior, and the user-KNN and item-KNN matrices (:class:`NeighborIndex`), refreshed at most every
-:data:`KNN_REFRESH_S` (the matrices built from a copy of the pairs, outside the lock requests
-take). Shapes: ``U``
-users, ``I`` items, ``P`` (user, item) pairs.
+prior, and the pair index of the user-KNN and item-KNN terms (:class:`tgn.pair_index.PairIndex`,
+the statistics' own), refreshed at most every :data:`KNN_REFRESH_S` (a snapshot of the pairs
+taken under the lock requests take, its matrices built outside it). Shapes: ``U`` users, ``I``
+items, ``P`` (user, item) pairs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from tgn.pair_index import PairIndex
 from tgn.repeat import RepeatScore
 from tgn.signals import NEIGHBORS, PurchaseSignals
 
@@ -49,111 +50,26 @@ KNN_REFRESH_S = 1.0
 APPLY_EVERY_S = 0.1
 
 
-class NeighborIndex:
-    """The user-KNN term of :meth:`tgn.signals.PurchaseSignals.neighbor_scores`, with the
-    ``log1p(count)`` user × item matrix built once and queried per user.
-
-    Same definition and arithmetic as the reference (mean item vector of the ``k`` most
-    cosine-similar users with positive similarity, the user excluded); built from a copy of the
-    pairs, so it can be built on another thread while requests use the previous one. A user
-    whose pairs changed since the build is queried with his current row.
-
-    Args:
-        users: pair users ``[P]``.
-        items: pair items ``[P]``.
-        counts: pair purchase counts ``[P]``.
-        num_items: catalogue width.
-    """
-
-    def __init__(self, users: np.ndarray, items: np.ndarray, counts: np.ndarray,
-                 num_items: int) -> None:
-        self.num_items = num_items
-        self.num_users = int(users.max()) + 1 if users.size else 0
-        width = max(num_items, int(items.max()) + 1 if items.size else 0)
-        # the reference's own expressions, so similarities (and ties between neighbours) come
-        # out bit for bit the same
-        self.matrix = sp.csr_matrix((np.log1p(counts), (users, items)),
-                                    shape=(self.num_users, width))
-        norms = np.sqrt(np.asarray(self.matrix.multiply(self.matrix).sum(1)).ravel())
-        self.unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ self.matrix
-        #: the transposed unit rows, row-major: a query touches only its items' rows
-        self.unit_t = self.unit.T.tocsr()
-        # item-KNN (PurchaseSignals.item_scores): pair entries 1/sqrt(buyers of the item)
-        buyers = np.bincount(items, minlength=width).astype(np.float64)
-        self.buyers = sp.csr_matrix((1 / np.sqrt(np.maximum(buyers, 1))[items], (users, items)),
-                                    shape=(self.num_users, width))
-        self.buyers_t = self.buyers.T.tocsr()
-
-    def item_scores(self, rows: np.ndarray, items: np.ndarray, weights: np.ndarray,
-                    queries: int) -> np.ndarray:
-        """Item-KNN scores ``[queries, num_items]`` of the reference
-        (:meth:`tgn.signals.PurchaseSignals.item_scores`) for query entries ``(rows [M],
-        items [M], weights [M])``: the same expressions, on the cached buyer matrix."""
-        width = self.buyers.shape[1]
-        query = sp.csr_matrix((weights, (rows, items)), shape=(queries, width))
-        through = np.asarray((query @ self.buyers_t).todense())  # [Q, U]
-        out = np.asarray(self.buyers.T @ through.T).T[:, :self.num_items]
-        out /= np.maximum(out.max(1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(out, dtype=np.float32)
-
-    def scores(self, items: np.ndarray, counts: np.ndarray, own: int, current: bool,
-               k: int = NEIGHBORS) -> np.ndarray:
-        """Scores ``[num_items]`` (float32) for a user with pairs ``(items, counts)``.
-
-        Args:
-            items: the user's items ``[M]``.
-            counts: their purchase counts ``[M]``.
-            own: the user's row (not his own neighbour).
-            current: the index holds the user's pairs as they are (then its row is used).
-            k: neighbours.
-        """
-        if self.num_users == 0 or items.size == 0:
-            return np.zeros(self.num_items, np.float32)
-        if current and own < self.num_users:
-            query = self.unit[[own]]
-        else:  # pairs newer than the index: the user's row as it is now
-            inside = items < self.unit.shape[1]
-            value = np.log1p(counts[inside])
-            value = value / max(float(np.sqrt((value * value).sum())), 1e-12)
-            query = sp.csr_matrix((value, (np.zeros(value.size, np.int64), items[inside])),
-                                  shape=(1, self.unit.shape[1]))
-        sims = torch.from_numpy((query @ self.unit_t).toarray())  # [1, U]
-        if own < self.num_users:
-            sims[0, own] = -1.0
-        top = sims.topk(min(k, self.num_users), dim=1)
-        chosen = np.sort(top.indices[top.values > 0].numpy())
-        if chosen.size == 0:
-            return np.zeros(self.num_items, np.float32)
-        mean = self.matrix[chosen].T @ np.full(chosen.size, 1 / chosen.size)
-        return mean[:self.num_items].astype(np.float32)
-
-
 class ServedSignals(PurchaseSignals):
     """:class:`~tgn.signals.PurchaseSignals` with the whole-catalogue parts of the mixture
-    cached between updates: the item features (per generation and time) and the user-KNN
-    neighbour matrix (:attr:`neighbors`, set by the owner; ``None``: the reference computation).
+    cached between updates: the item features (per generation and time) and the pair index of
+    the KNN terms (:attr:`pinned`, a :class:`~tgn.pair_index.PairIndex` the owner pins at each
+    refresh, so no request builds one).
 
     Attributes:
-        generation: updates applied so far (a cache key).
-        neighbors: the neighbour index in use, and :attr:`neighbors_generation`, the generation
-            it was built at.
+        pinned: the pair index requests use (``None`` before the first refresh: then the
+            statistics' own, current one). It can be older than the statistics by up to a
+            refresh; a queried user's own user-KNN row is then taken as it is now.
     """
 
     def __init__(self) -> None:
-        self.generation = 0
-        self.neighbors: NeighborIndex | None = None
-        self.neighbors_generation = -1
+        self.pinned: PairIndex | None = None
         self._features: tuple[tuple[int, float, int], Tensor] | None = None
         super().__init__()
 
     def reset_state(self) -> None:
         super().reset_state()
-        self.generation += 1
-        self.neighbors, self.neighbors_generation = None, -1
-
-    def update(self, users: Tensor, items: Tensor, t: Tensor) -> None:
-        super().update(users, items, t)
-        self.generation += 1
+        self.pinned = None
 
     def item_features(self, t: float, num_items: int) -> Tensor:
         key = (self.generation, float(t), num_items)
@@ -161,43 +77,29 @@ class ServedSignals(PurchaseSignals):
             self._features = (key, super().item_features(t, num_items))
         return self._features[1]
 
-    def user_pairs(self, user: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(items [M], counts [M])`` of one user's pairs."""
-        slots = torch.tensor(list(self.slots_of.get(user, {}).values()), dtype=torch.long)
-        return self.pair_item[slots].numpy(), self.count[slots].numpy()
+    def snapshot(self) -> PairIndex:
+        """A pair index of the statistics as they are (copies: it stays valid as they move)."""
+        return super().pair_index()
 
-    def pair_copy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of ``(users [P], items [P], counts [P])`` (to build a :class:`NeighborIndex`
-        while the statistics go on)."""
-        n = self.size
-        return (self.pair_user[:n].numpy().copy(), self.pair_item[:n].numpy().copy(),
-                self.count[:n].numpy().copy())
-
-    def item_scores(self, users: Tensor, num_items: int, *args, **kwargs) -> Tensor:
-        """The reference's item-KNN scores with the buyer matrix of :attr:`neighbors` (the
-        defaults only; other arguments take the reference computation)."""
-        from tgn import signals as reference
-
-        index = self.neighbors
-        fits = (index is not None and index.num_items == num_items and not args and not kwargs
-                and index.buyers.shape[0] > 0)
-        if not fits or users.numel() == 0:
-            return super().item_scores(users, num_items, *args, **kwargs)
-        rows, items, rank = (x.numpy() for x in self.recent_items(users))
-        inside = items < index.buyers.shape[1]
-        weights = reference.RECENT_DECAY ** rank.astype(np.float64)
-        return torch.from_numpy(index.item_scores(rows[inside], items[inside], weights[inside],
-                                                  users.numel()))
+    def pair_index(self) -> PairIndex:
+        return self.pinned if self.pinned is not None else self.snapshot()
 
     def neighbor_scores(self, users: Tensor, t: float, num_items: int,
                         k: int = NEIGHBORS) -> Tensor:
-        index = self.neighbors
-        if index is None or index.num_items != num_items:
+        index = self.pair_index()
+        if index.generation == self.generation or users.numel() == 0:
             return super().neighbor_scores(users, t, num_items, k)
-        current = self.neighbors_generation == self.generation
-        rows = [index.scores(*self.user_pairs(u), own=u, current=current, k=k)
-                for u in users.tolist()]
-        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, num_items)
+        # pairs newer than the index: each queried user's row as it is now (its length does
+        # not matter: only the order of the similarities does)
+        runs = [list(self.slots_of.get(u, {}).values()) for u in users.tolist()]
+        slots = torch.tensor([s for r in runs for s in r], dtype=torch.long)
+        rows = np.repeat(np.arange(len(runs)), [len(r) for r in runs])
+        items = self.pair_item[slots].numpy()
+        inside = items < index.width
+        query = sp.csr_matrix((torch.log1p(self.count[slots]).numpy()[inside],
+                               (rows[inside], items[inside])),
+                              shape=(len(runs), index.width))
+        return torch.from_numpy(index.user_knn(query, users.numpy(), num_items, k))
 
 
 class ServedRepeatScore(RepeatScore):
@@ -273,6 +175,7 @@ class ServingShard:
             self.signals = model.repeat.signals
         counts = model.neighbors.count[model.user_node].tolist()
         self.applied: dict[int, int] = dict(enumerate(counts))
+        self._refreshed: tuple[int, int] | None = None  # (generation, items) of the caches
 
     def set_items(self, model) -> None:
         """Take the item vectors of a newer checkpoint of this shard (statistics stay)."""
@@ -281,8 +184,7 @@ class ServingShard:
             vectors = model.item_embeddings(t)
         self.item_ids, self.item_vectors = model.items.to_list(), vectors
         self.t = max(self.t, t)
-        if self.signals is not None:  # the next refresh rebuilds for the new catalogue width
-            self.signals.neighbors_generation = -1
+        self._refreshed = None  # the next refresh takes the prior of the new catalogue
 
     def apply(self, messages: Iterable[dict]) -> int:
         """Replay the events of ``user-embeddings`` messages not yet in the statistics;
@@ -325,22 +227,21 @@ class ServingShard:
 
     def refresh(self, lock: threading.Lock) -> bool:
         """Bring the cached parts up to the statistics if they moved since the last refresh:
-        the item prior at :attr:`t` and a copy of the pairs under ``lock``, the neighbour index
-        built from the copy outside it; whether it refreshed."""
+        the item prior at :attr:`t` and a snapshot of the pair index under ``lock``, its
+        matrices built outside it, then pinned; whether it refreshed."""
         signals = self.signals
         if signals is None:
             return False
         with lock:
-            generation = signals.generation
-            if generation == signals.neighbors_generation:
+            key = (signals.generation, len(self.item_ids))
+            if key == self._refreshed:
                 return False
-            num_items = len(self.item_ids)
             if math.isfinite(self.t):
-                self.model.repeat.refresh_prior(self.t, num_items)
-            pairs = signals.pair_copy()
-        index = NeighborIndex(*pairs, num_items)
+                self.model.repeat.refresh_prior(self.t, key[1])
+            index = signals.snapshot()
+        index.build()
         with lock:
-            signals.neighbors, signals.neighbors_generation = index, generation
+            signals.pinned, self._refreshed = index, key
         return True
 
     def score(self, embedding: np.ndarray, user_id: str) -> Tensor:
@@ -372,5 +273,5 @@ def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_E
         handle(values, time.time())
 
 
-__all__ = ["APPLY_EVERY_S", "KNN_REFRESH_S", "NeighborIndex", "ServedRepeatScore",
+__all__ = ["APPLY_EVERY_S", "KNN_REFRESH_S", "ServedRepeatScore",
            "ServedSignals", "ServingShard", "UserRow", "follow"]

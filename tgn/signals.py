@@ -20,9 +20,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+from tgn.pair_index import PairIndex, PairOrder
 
 SECONDS_PER_DAY = 86_400.0
 #: Half-lives (days) of the decayed per-pair counts.
@@ -69,14 +70,22 @@ class PurchaseSignals:
 
     Pairs are kept in slots (``user → item → slot`` dicts into growable tensors), users and
     items by dense index. All times are float64 epoch seconds.
+
+    Attributes:
+        generation: changes with every :meth:`update`, :meth:`reset_state` and
+            :meth:`load_packed` (a cache key: what is cached per generation, the pair index of
+            the KNN terms, is a function of the state).
     """
 
     def __init__(self) -> None:
         self.pair_rates, self.item_rates = _rates(PAIR_HALF_LIVES), _rates(ITEM_HALF_LIVES)
+        self.generation = 0
         self.reset_state()
 
     def reset_state(self) -> None:
         """Forget every event."""
+        self.generation += 1
+        self._order, self._index = PairOrder(), None
         self.slots_of: dict[int, dict[int, int]] = {}  # user → item → slot
         self.size = 0
         self.pair_user = torch.zeros(0, dtype=torch.long)
@@ -103,6 +112,7 @@ class PurchaseSignals:
         """Apply purchases ``(users [B], items [B], t [B])`` (time-ordered)."""
         if users.numel() == 0:
             return
+        self.generation += 1
         t = t.to(torch.float64)
         before = self.slots(users, items)  # history before the batch
         slots, size = [], self.size
@@ -213,6 +223,17 @@ class PurchaseSignals:
         return torch.stack([torch.log1p(stats[:, 0]), torch.log1p(stats[:, 1]),
                             _logit(propensity), torch.log1p(days)], 1).float()
 
+    def pair_index(self) -> PairIndex:
+        """The pairs as one sorted sparse index (:class:`~tgn.pair_index.PairIndex`), built
+        once per :attr:`generation` and shared by both KNN terms; the sort is kept across
+        updates (new pairs are merged in)."""
+        if self._index is None or self._index.generation != self.generation:
+            n = self.size
+            self._order.extend(self.pair_user[:n].numpy(), self.pair_item[:n].numpy())
+            self._index = PairIndex(self._order, torch.log1p(self.count[:n]).numpy(),
+                                    self.generation)
+        return self._index
+
     def neighbor_scores(self, users: Tensor, t: float, num_items: int,
                         k: int = NEIGHBORS) -> Tensor:
         """User-KNN scores ``[Q, num_items]`` (float32) of ``users [Q]``: the mean of the ``k``
@@ -223,25 +244,8 @@ class PurchaseSignals:
         q = users.numel()
         if self.size == 0 or q == 0:
             return torch.zeros(q, num_items)
-        n = self.size
-        value = torch.log1p(self.count[:n]).numpy()
-        rows, cols = self.pair_user[:n].numpy(), self.pair_item[:n].numpy()
-        num_users = int(rows.max()) + 1
-        width = max(num_items, int(cols.max()) + 1)
-        matrix = sp.csr_matrix((value, (rows, cols)), shape=(num_users, width))
-        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(1)).ravel())
-        unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ matrix
-        idx = users.numpy()
-        known = idx < num_users
-        query = sp.diags(known.astype(np.float64)) @ unit[np.minimum(idx, num_users - 1)]
-        sims = torch.from_numpy((query @ unit.T).toarray())  # [Q, U]
-        sims[torch.from_numpy(np.flatnonzero(known)), torch.from_numpy(idx[known])] = -1.0
-        k = min(k, num_users)
-        top = sims.topk(k, dim=1)
-        weights = torch.zeros_like(sims).scatter_(1, top.indices, (top.values > 0).double())
-        weights /= weights.sum(1, keepdim=True).clamp_min(1)
-        out = (matrix.T @ weights.numpy().T).T  # [Q, width]
-        return torch.from_numpy(np.ascontiguousarray(out[:, :num_items], dtype=np.float32))
+        index, idx = self.pair_index(), users.numpy()
+        return torch.from_numpy(index.user_knn(index.unit_rows(idx), idx, num_items, k))
 
     def recent_items(self, users: Tensor, recent: int = RECENT_ITEMS) -> tuple[Tensor, Tensor,
                                                                               Tensor]:
@@ -270,19 +274,9 @@ class PurchaseSignals:
         q = users.numel()
         if self.size == 0 or q == 0:
             return torch.zeros(q, num_items)
-        n = self.size
-        pair_users, pair_items = self.pair_user[:n].numpy(), self.pair_item[:n].numpy()
-        width = max(num_items, int(pair_items.max()) + 1)
-        buyers = np.bincount(pair_items, minlength=width).astype(np.float64)
-        scale = 1 / np.sqrt(np.maximum(buyers, 1))
-        unit = sp.csr_matrix((scale[pair_items], (pair_users, pair_items)),
-                             shape=(int(pair_users.max()) + 1, width))  # [U, W] cosine rows
         rows, items, rank = (x.numpy() for x in self.recent_items(users, recent))
-        query = sp.csr_matrix((decay ** rank.astype(np.float64), (rows, items)), shape=(q, width))
-        through = np.asarray((query @ unit.T).todense())  # [Q, U] weight of each buyer
-        out = np.asarray(unit.T @ through.T).T[:, :num_items]  # [Q, N]
-        out /= np.maximum(out.max(1, keepdims=True), 1e-12)
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        return torch.from_numpy(self.pair_index().item_knn(
+            rows, items, decay ** rank.astype(np.float64), q, num_items))
 
     def bought(self, num_items: int) -> Tensor:
         """``[num_items]`` bool: bought by anyone so far (the items a model may recommend)."""

@@ -99,28 +99,39 @@ def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
     assert abs(float(full[top]) - float(full.max())) < 1e-3  # the best item (or a tie of it)
 
 
-def test_neighbor_index_equals_the_reference_user_knn(run_dir, one_shard_state):
-    """The cached user-KNN index gives ``PurchaseSignals.neighbor_scores`` (≤ 1e-6)."""
+def test_pinned_pair_index_gives_the_reference_knn_terms(run_dir, one_shard_state):
+    """The pinned pair index gives ``PurchaseSignals.neighbor_scores`` and ``item_scores``
+    (≤ 1e-6); the user-KNN term also for a user whose purchases came after the pin (his row
+    as it is now; the item-KNN buyer sets lag until the next refresh)."""
     from pipelines.serving import ServedSignals
     from tgn.signals import PurchaseSignals
 
     recommender = Recommender(run_dir, one_shard_state)
     shard = recommender.shards[0]
-    served = shard.signals
-    assert isinstance(served, ServedSignals) and served.neighbors is not None
-    assert served.neighbors_generation == served.generation  # built for these statistics
+    served, num_items = shard.signals, len(shard.item_ids)
+    assert isinstance(served, ServedSignals) and served.pinned is not None
+    assert served.pinned.generation == served.generation  # built for these statistics
     reference = PurchaseSignals()
     reference.load_packed(served.packed())
     users = torch.tensor(sorted(served.slots_of)[:25] + [10**6])  # + one without history
-    for k in (5, 300):
-        np.testing.assert_allclose(
-            served.neighbor_scores(users, shard.t, len(shard.item_ids), k).numpy(),
-            reference.neighbor_scores(users, shard.t, len(shard.item_ids), k).numpy(),
-            rtol=1e-6, atol=1e-7)
-    if hasattr(reference, "item_scores"):  # the item-KNN term, where tgn/signals has it
-        np.testing.assert_allclose(served.item_scores(users, len(shard.item_ids)).numpy(),
-                                   reference.item_scores(users, len(shard.item_ids)).numpy(),
-                                   rtol=1e-6, atol=1e-7)
+
+    def same(queries: torch.Tensor, ks: tuple[int, ...], items: bool = True) -> None:
+        for k in ks:
+            np.testing.assert_allclose(
+                served.neighbor_scores(queries, shard.t, num_items, k).numpy(),
+                reference.neighbor_scores(queries, shard.t, num_items, k).numpy(),
+                rtol=1e-6, atol=1e-7)
+        if items:
+            np.testing.assert_allclose(served.item_scores(queries, num_items).numpy(),
+                                       reference.item_scores(queries, num_items).numpy(),
+                                       rtol=1e-6, atol=1e-7)
+
+    same(users, (5, 300))
+    pinned, user = served.pinned, users[:1]
+    for signals in (served, reference):  # two new items for one user, after the pin
+        signals.update(user.repeat(2), torch.tensor([0, 1]), torch.full((2,), shard.t + 1.0))
+    assert served.pair_index() is pinned and pinned.generation != served.generation
+    same(user, (300,), items=False)
 
 
 def _signals_by_pair(signals) -> dict[tuple[int, int], tuple[float, ...]]:
