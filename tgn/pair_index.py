@@ -9,10 +9,9 @@ structure (the pairs sorted by user, then item) with other data, so :class:`Pair
 that sort (merging new pairs in as they come) and a :class:`PairIndex`, a snapshot of the
 pairs at one statistics generation, builds each matrix once, on first use.
 
-The matrices and products are the expressions the uncached computation used (a CSR built from
-the pairs, which scipy sorts the same way), so the scores are the same numbers (tested equal);
-for a few queries (a served request) the final ``[Q, U] → [Q, N]`` product runs sparse ×
-sparse instead of dense: the same sums, in the same order.
+The matrices are the ones the uncached computation built (a CSR of the pairs, which scipy
+sorts the same way) and the products are its expressions on them, so the scores are the same
+numbers (tested equal, bit for bit on cj26).
 Shapes: ``P`` pairs, ``U`` users (largest user index + 1), ``W`` items (largest item index +
 1), ``Q`` queries, ``N`` the caller's catalogue width.
 """
@@ -26,8 +25,6 @@ import scipy.sparse as sp
 import torch
 
 _ITEM_BITS = 32
-#: Most queries whose KNN product runs sparse × sparse (more: dense, as a batch is cheaper so).
-SPARSE_QUERIES = 4
 
 
 class PairOrder:
@@ -115,34 +112,39 @@ class PairIndex:
         return self
 
     def unit_rows(self, users: np.ndarray) -> sp.csr_matrix:
-        """``[Q, W]`` the unit rows of ``users [Q]`` (zero for a user past the index)."""
+        """``[Q, W]`` the unit rows of ``users [Q]`` (empty for a user past the index), each
+        row's entries in descending item order: the product ``diags(known) @ unit[users]``
+        of the uncached computation stores them so, and a product sums in stored order."""
         known = users < self.num_users
-        return (sp.diags(known.astype(np.float64))
-                @ self.unit[np.minimum(users, self.num_users - 1)])
+        entry = _reversed_rows(self.unit.indptr, users[known])
+        lens = np.zeros(users.size, np.int64)
+        lens[known] = np.diff(self.unit.indptr)[users[known]]
+        return sp.csr_matrix((self.unit.data[entry], self.unit.indices[entry],
+                              np.concatenate([[0], np.cumsum(lens)])),
+                             shape=(users.size, self.width))
 
-    def _through(self, left: sp.csr_matrix, right: sp.csr_matrix,
-                 num_items: int) -> np.ndarray:
-        """``[Q, num_items]`` float64 ``left [Q, U] @ right [U, W]`` (zero past
-        :attr:`width`; may be a strided view). Few queries: sparse × sparse; many: the dense
-        product of the uncached computation (memory-bound, but a sparse result this dense
-        costs more). Either sums each entry over users in ascending order from zero: the same
-        numbers."""
-        if left.shape[0] <= SPARSE_QUERIES:
-            left.sort_indices()
-            out = (left @ right).toarray()
-        else:
-            out = np.asarray(right.T @ left.toarray().T).T  # [Q, W]
-        if num_items <= self.width:
-            return out[:, :num_items]
-        return np.concatenate([out, np.zeros((out.shape[0], num_items - self.width))], 1)
+    def _dense_times(self, left: np.ndarray, right: sp.csr_matrix, num_items: int) -> np.ndarray:
+        """``[Q, min(num_items, W)]`` float64 ``left [Q, U] @ right [U, W]`` (a strided view).
+        The uncached computation's product: each entry summed from zero over users in
+        ascending order (faster than a sparse product even for one query)."""
+        return np.asarray(right.T @ left.T).T[:, :num_items]
+
+    @staticmethod
+    def _float32(out: np.ndarray, num_items: int) -> np.ndarray:
+        """``[Q, num_items]`` float32 copy of ``out [Q, ≤ num_items]``, zero-padded."""
+        if out.shape[1] == num_items:
+            return np.ascontiguousarray(out, dtype=np.float32)
+        padded = np.zeros((out.shape[0], num_items), np.float32)
+        padded[:, :out.shape[1]] = out
+        return padded
 
     def user_knn(self, query: sp.csr_matrix, own: np.ndarray, num_items: int,
                  k: int) -> np.ndarray:
         """User-KNN scores ``[Q, num_items]`` (float32): the mean :attr:`counts` row of the
-        ``k`` users most cosine-similar (similarity > 0) to each unit query row.
+        ``k`` users most cosine-similar (similarity > 0) to each query row.
 
         Args:
-            query: ``[Q, W]`` unit-length query rows.
+            query: ``[Q, W]`` query rows (summed in stored order; :meth:`unit_rows`).
             own: ``[Q]`` each query's own user, never its own neighbour (``>= U``: none).
             num_items: catalogue width of the answer.
             k: neighbours.
@@ -154,13 +156,10 @@ class PairIndex:
         mine = np.flatnonzero(own < self.num_users)
         sims[torch.from_numpy(mine), torch.from_numpy(own[mine])] = -1.0
         top = sims.topk(min(k, self.num_users), dim=1)
-        keep = (top.values > 0).numpy()
-        chosen = keep.sum(1)  # [Q]
-        rows = np.repeat(np.arange(q), chosen)
-        weights = sp.csr_matrix((1.0 / chosen[rows], (rows, top.indices.numpy()[keep])),
-                                shape=(q, self.num_users))  # [Q, U] 1/chosen on each
-        return np.ascontiguousarray(self._through(weights, self.counts, num_items),
-                                    dtype=np.float32)
+        weights = torch.zeros_like(sims).scatter_(1, top.indices, (top.values > 0).double())
+        weights /= weights.sum(1, keepdim=True).clamp_min(1)  # [Q, U] 1/chosen on each
+        return self._float32(self._dense_times(weights.numpy(), self.counts, num_items),
+                             num_items)
 
     def item_knn(self, rows: np.ndarray, items: np.ndarray, weights: np.ndarray,
                  queries: int, num_items: int) -> np.ndarray:
@@ -179,10 +178,19 @@ class PairIndex:
         inside = items < self.width
         query = sp.csr_matrix((weights[inside], (rows[inside], items[inside])),
                               shape=(queries, self.width))
-        through = query @ self.buyers_t  # [Q, U] weight of each buyer
-        out = self._through(through, self.buyers, num_items)
+        through = (query @ self.buyers_t).toarray()  # [Q, U] weight of each buyer
+        out = self._dense_times(through, self.buyers, num_items)
         out /= np.maximum(out.max(1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return self._float32(out, num_items)
+
+
+def _reversed_rows(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Data indices ``[M]`` of the entries of CSR rows ``rows [R]``, row by row, each row's
+    entries last to first."""
+    start = indptr[rows]
+    lens = indptr[rows + 1] - start
+    offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # in its row
+    return np.repeat(start + lens - 1, lens) - offset
 
 
 __all__ = ["PairIndex", "PairOrder"]

@@ -62,7 +62,7 @@ def test_knn_scores_equal_the_dense_computation_as_the_log_grows():
             np.testing.assert_allclose(
                 s.neighbor_scores(queries, 0.0, num_items, k).numpy()[clear], want[clear],
                 rtol=1e-6, atol=1e-6)
-            one = s.neighbor_scores(queries[:1], 0.0, num_items, k)  # the sparse product
+            one = s.neighbor_scores(queries[:1], 0.0, num_items, k)  # a request
             assert torch.equal(one, s.neighbor_scores(queries, 0.0, num_items, k)[:1])
         np.testing.assert_allclose(s.item_scores(queries, num_items).numpy(),
                                    _item_knn(s, queries, num_items), rtol=1e-6, atol=1e-6)
