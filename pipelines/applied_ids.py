@@ -40,15 +40,22 @@ class AppliedIds:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._chunks: deque[pa.Array] = deque()
+        self._chunks: deque[pa.RecordBatch] = deque()
         self._size = 0
 
-    def add(self, ids: pa.Array | pa.ChunkedArray) -> None:
-        """Append a batch's ids, dropping whole old batches beyond the capacity."""
-        chunk = pa.concat_arrays(ids.chunks) if isinstance(ids, pa.ChunkedArray) else ids
+    def add(self, ids: pa.Array | pa.ChunkedArray, partitions: np.ndarray | None = None,
+            offsets: np.ndarray | None = None) -> None:
+        """Append a batch's ids (with the partition and offset each was read at, if known),
+        dropping whole old batches beyond the capacity."""
+        chunk = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         if len(chunk) == 0:
             return
-        self._chunks.append(chunk)
+        unknown = np.full(len(chunk), -1)
+        self._chunks.append(pa.record_batch(
+            [chunk.cast(pa.string()),
+             pa.array(unknown if partitions is None else partitions, pa.int32()),
+             pa.array(unknown if offsets is None else offsets, pa.int64())],
+            names=["event_id", "partition", "offset"]))
         self._size += len(chunk)
         while self._size - len(self._chunks[0]) >= self.capacity:
             self._size -= len(self._chunks.popleft())
@@ -56,31 +63,55 @@ class AppliedIds:
     def __len__(self) -> int:
         return self._size
 
-    def to_list(self) -> list[str]:
-        """The ids, oldest first."""
-        return [e for chunk in self._chunks for e in chunk.to_pylist()]
+    def to_list(self, below: dict[int, int] | None = None) -> list[str]:
+        """The ids, oldest first; with ``below``, only those read below these offsets (or at
+        an unknown place)."""
+        out: list[str] = []
+        for chunk in self._chunks:
+            if below is not None:
+                part = chunk.column(1).to_numpy()
+                floor = np.array([below.get(int(p), 0) for p in part], np.int64)
+                keep = (part < 0) | (chunk.column(2).to_numpy() < floor)
+                chunk = chunk.filter(pa.array(keep))
+            out += chunk.column(0).to_pylist()
+        return out
 
     def to_tensor(self) -> torch.Tensor:
         """``[N]`` uint8: the ids as one Arrow IPC stream (a tensor loads with weights_only)."""
-        ids = pa.concat_arrays(list(self._chunks)) if self._chunks else pa.array([], pa.string())
         sink = pa.BufferOutputStream()
-        batch = pa.record_batch([ids.cast(pa.string())], names=["event_id"])
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
+        table = (pa.Table.from_batches(list(self._chunks)) if self._chunks else
+                 pa.table({"event_id": pa.array([], pa.string()),
+                           "partition": pa.array([], pa.int32()),
+                           "offset": pa.array([], pa.int64())}))
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
         return torch.from_numpy(np.frombuffer(sink.getvalue(), np.uint8).copy())
 
     @classmethod
     def from_tensor(cls, data: torch.Tensor | None, capacity: int) -> AppliedIds:
-        """Rebuild from :meth:`to_tensor` (``None``: empty)."""
+        """Rebuild from :meth:`to_tensor` (``None``: empty; ids saved without their places by
+        an older version count as read at an unknown place)."""
         ids = cls(capacity)
         if data is not None:
             table = pa.ipc.open_stream(pa.py_buffer(data.numpy().tobytes())).read_all()
-            ids.add(table.column("event_id"))
+            if "offset" in table.column_names:
+                ids.add(table.column("event_id"), table.column("partition").to_numpy(),
+                        table.column("offset").to_numpy())
+            else:
+                ids.add(table.column("event_id"))
         return ids
 
 
-def load_applied_ids(state_dir: str | Path | None, num_shards: int) -> list[str]:
-    """Every id saved in the shards' checkpoints (shard after shard, oldest first in each)."""
+def load_applied_ids(state_dir: str | Path | None, num_shards: int,
+                     below: dict[int, int] | None = None) -> list[str]:
+    """Every id saved in the shards' checkpoints (shard after shard, oldest first in each).
+
+    Args:
+        below: only ids read below these offsets (the reader's start): a record read again
+            after a restart meets the filter as it did the first time, so a restart from one
+            shard's older checkpoint than another's does not take the re-read records for
+            duplicates.
+    """
     from pipelines.state import checkpoint_path
 
     if state_dir is None:
@@ -90,5 +121,5 @@ def load_applied_ids(state_dir: str | Path | None, num_shards: int) -> list[str]
         path = checkpoint_path(state_dir, shard, num_shards)
         if path.exists():
             extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
-            ids += AppliedIds.from_tensor(extra.get(EXTRA_KEY), sys.maxsize).to_list()
+            ids += AppliedIds.from_tensor(extra.get(EXTRA_KEY), sys.maxsize).to_list(below)
     return ids

@@ -13,7 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
-from streaming.arg_types import positive_int
+from streaming.arg_types import non_negative_float, positive_float, positive_int
 from streaming.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,12 @@ def _check_run(run: str) -> None:
 def _beam_args(args: argparse.Namespace) -> list[str]:
     extra = list(args.beam_args or [])
     return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def _batching(args: argparse.Namespace) -> dict:
+    """The micro-batch rule's settings (``PipelineConfig`` fields)."""
+    return {"batch_events": args.batch_events, "batch_window_s": args.batch_window,
+            "lateness_s": args.allowed_lateness}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -52,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
         run_dir=args.run, state_dir=args.state_dir, shards=args.shards,
         bootstrap_servers=args.bootstrap_servers, topic=args.topic, max_batch=args.max_batch,
         checkpoint_events=args.checkpoint_events, checkpoint_seconds=args.checkpoint_seconds,
-        request_profiles=not args.no_profile_requests)
+        request_profiles=not args.no_profile_requests, idle_seconds=args.idle_seconds,
+        **_batching(args))
     log.info("pipeline reading %s from %s; /metrics on port %d", args.topic,
              args.bootstrap_servers, server.server_port)
     try:
@@ -84,7 +91,7 @@ def _replay(args: argparse.Namespace) -> int:
         run_dir=args.run, state_dir=args.state_dir, shards=args.shards, log_path=log_path,
         cut_row=int(np.searchsorted(ts, test_from)) if args.evaluate else None,
         dead_letter_path=args.dead_letters, fresh_state=True, evaluate_to=evaluate_to,
-        test_from=test_from, max_batch=args.batch_size)
+        test_from=test_from, max_batch=args.batch_size, **_batching(args))
     if args.evaluate and args.shards != 1:
         raise UsageError("--evaluate needs --shards 1 (every candidate scored from one state)")
     if args.evaluate and args.state_dir and any(Path(args.state_dir).glob("shard-*.pt")):
@@ -141,7 +148,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--checkpoint-seconds", type=float, default=30.0,
                      help="... or every T seconds (default 30)")
     run.add_argument("--max-batch", type=positive_int, default=2000,
-                     help="most events per micro-batch (default 2000)")
+                     help="most records per read of the topic (default 2000)")
+    run.add_argument("--idle-seconds", type=positive_float, default=1.0,
+                     help="a caught-up partition without records this long stops holding "
+                          "the watermark back; all idle: open micro-batches are sealed (1)")
     run.add_argument("--no-profile-requests", action="store_true",
                      help="do not publish profile requests")
     replay = commands.add_parser("replay", help="run the same pipeline over a dataset's log "
@@ -154,8 +164,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--json", help="with --evaluate: write the metrics to this file")
     replay.add_argument("--dead-letters", help="JSONL file for rejected rows")
     replay.add_argument("--batch-size", type=positive_int, default=2000,
-                        help="events per micro-batch (default 2000, as `dynllm evaluate`)")
+                        help="rows per read; with --evaluate events per micro-batch "
+                             "(default 2000, as `dynllm evaluate`)")
     for sub in (run, replay):
+        sub.add_argument("--batch-events", type=positive_int, default=200,
+                         help="most events per micro-batch (200; docs/pipeline.md, "
+                              "'Event time')")
+        sub.add_argument("--batch-window", type=positive_float, default=3600.0,
+                         help="a micro-batch spans at most this many event-time seconds (3600)")
+        sub.add_argument("--allowed-lateness", type=non_negative_float, default=0.0,
+                         help="event-time seconds an event may be behind its partition's "
+                              "newest and still be applied; older: dead letter late_event (0)")
         sub.add_argument("--shards", type=positive_int, default=1,
                          help="split the memory update by user into N shards")
         sub.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")

@@ -32,20 +32,28 @@ class Span:
             every N events / T seconds and on shutdown, so all shards save at the same place).
         trace: ``(stage, wall-clock seconds)`` marks in passing order (see :meth:`mark`), for
             the latency breakdown of ``dynllm bench pipeline``.
+        idle: partitions the reader found idle when it read this batch: it had everything the
+            broker held there and nothing new had come for ``idle_s`` (they stop holding the
+            watermark back, :mod:`pipelines.watermark`).
+        end: the end of the input (a replay's last rows, or the last read of a log that was
+            replaced): every open micro-batch is sealed.
     """
 
     ranges: dict[int, tuple[int, int]]
     checkpoint: bool = False
     trace: tuple[tuple[str, float], ...] = field(default=(), compare=False)
+    idle: frozenset[int] = frozenset()
+    end: bool = False
 
     @classmethod
-    def of(cls, partition: int, start: int, end: int, checkpoint: bool = False) -> Span:
+    def of(cls, partition: int, start: int, end: int, checkpoint: bool = False,
+           end_of_input: bool = False) -> Span:
         """A span over one partition.
 
         >>> Span.of(3, 10, 15).ranges
         {3: (10, 15)}
         """
-        return cls({partition: (start, end)}, checkpoint)
+        return cls({partition: (start, end)}, checkpoint, end=end_of_input)
 
     def mark(self, stage: str, at: float | None = None) -> Span:
         """This span with ``stage`` marked as passed at ``at`` (default: now)."""
@@ -86,6 +94,10 @@ class EventsBatch:
         offsets: ``[B]`` int64 source offsets.
         produced_at: ``[B]`` float64 produce times (wall clock).
         partitions: ``[B]`` int32 source partitions.
+        after: for a sealed micro-batch, the ``(ts, event_id)`` of the last event sealed before
+            it (``None``: not sealed yet, as parsed).
+        frontier: for a sealed micro-batch, where the sealed stream stands after it (a
+            :class:`pipelines.watermark.Frontier`: what a shard saves with its checkpoint).
     """
 
     span: Span
@@ -93,6 +105,8 @@ class EventsBatch:
     offsets: np.ndarray
     produced_at: np.ndarray
     partitions: np.ndarray
+    after: tuple[float, str] | None = None
+    frontier: Any = None
 
     def __len__(self) -> int:
         return self.events.num_rows

@@ -122,6 +122,9 @@ def finish_log_reset(state_dir: str | Path | None, num_shards: int,
         payload = torch.load(path, map_location="cpu", weights_only=True)
         old = payload["extra"].get("positions", {})
         payload["extra"]["positions"] = {}
+        frontier = payload["extra"].get("frontier")
+        if frontier is not None:  # offsets belong to the old log; event time stays
+            frontier["resume"], frontier["read"] = {}, {}
         if topic_id is not None:
             payload["extra"]["topic_id"] = topic_id
         tmp = path.with_name(f".{path.name}.tmp")

@@ -144,14 +144,15 @@ def _validate_list(values: list, rules: ValidationRules, recent: RecentIds):
 
 class _ValidateFn(beam.DoFn):
     def __init__(self, rules: ValidationRules | None, state_dir: str | None,
-                 num_shards: int) -> None:
+                 num_shards: int, start: dict[int, int] | None) -> None:
         self.rules, self.state_dir, self.num_shards = rules, state_dir, num_shards
+        self.start = start
 
     def setup(self) -> None:
         from pipelines.applied_ids import load_applied_ids
 
         self._recent = RecentIds()
-        for event_id in load_applied_ids(self.state_dir, self.num_shards):
+        for event_id in load_applied_ids(self.state_dir, self.num_shards, self.start):
             self._recent.add(event_id)  # where the filter stood at the checkpoints
         metrics.init_label_values(metrics.EVENTS_DEAD_LETTERED, "reason", Reason)
 
@@ -175,18 +176,21 @@ class ParseAndValidate(beam.PTransform):
         state_dir: shard checkpoints whose event ids (:mod:`pipelines.applied_ids`) fill the
             duplicate filter at start (``None``: it starts empty).
         num_shards: how many shards checkpoint there.
+        start: where the reader starts (per partition): only ids read below it fill the filter
+            (``None``: every saved id).
 
     Returns (from ``expand``):
         A ``DoOutputsTuple``: ``[None]`` is the events, ``[DEAD_LETTERS]`` the dead letters.
     """
 
     def __init__(self, rules: ValidationRules | None = None, state_dir: str | None = None,
-                 num_shards: int = 1) -> None:
+                 num_shards: int = 1, start: dict[int, int] | None = None) -> None:
         super().__init__()
         self.rules, self.state_dir, self.num_shards = rules, state_dir, num_shards
+        self.start = start
 
     def expand(self, batches):
-        validate = _ValidateFn(self.rules, self.state_dir, self.num_shards)
+        validate = _ValidateFn(self.rules, self.state_dir, self.num_shards, self.start)
         return batches | "Validate" >> beam.ParDo(validate).with_outputs(DEAD_LETTERS,
                                                                          main="events")
 

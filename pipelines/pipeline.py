@@ -5,6 +5,9 @@
     ReadPurchases → ParseAndValidate ──(dead letters)──► WriteDeadLetters
                           │
                           ▼
+                   SealMicroBatches ──(late events)──► WriteDeadLetters
+                          │
+                          ▼
                    UpdateGraphMemory ──► RequestProfiles (live)
                           │
                           ▼
@@ -33,7 +36,13 @@ from pipelines.outputs import WriteEmbeddings
 from pipelines.parse import DEAD_LETTERS, ParseAndValidate, WriteDeadLetters
 from pipelines.profiles_io import FuseEmbeddings, RequestProfiles
 from pipelines.sources import CheckpointPolicy, ReadPurchases, StopFlag
-from pipelines.state import check_shard_count, resume_positions, wait_for_checkpoints
+from pipelines.state import (
+    check_shard_count,
+    resume_frontier,
+    resume_positions,
+    wait_for_checkpoints,
+)
+from pipelines.watermark import LATE_EVENTS, BatchRule, SealMicroBatches
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,12 @@ class PipelineConfig:
         call_seconds: how long one call of the live reader polls before it lets the runner
             finish the bundle (per-bundle cost against the runner's end-of-bundle pause).
         request_profiles: publish profile requests (live).
+        batch_events: most events in a micro-batch (:class:`~pipelines.watermark.BatchRule`).
+        batch_window_s: a micro-batch never spans more event time than this.
+        lateness_s: how far behind its partition's newest event an event may be and still
+            be applied (the watermark waits this long in event time).
+        idle_seconds: a caught-up partition without records for this long (wall clock) stops
+            holding the watermark back; all idle: the open micro-batches are sealed.
     """
 
     run_dir: str
@@ -80,6 +95,17 @@ class PipelineConfig:
     checkpoint_seconds: float = 30.0
     call_seconds: float = 0.25
     request_profiles: bool = True
+    batch_events: int = 200
+    batch_window_s: float = 3600.0
+    lateness_s: float = 0.0
+    idle_seconds: float = 1.0
+
+    @property
+    def rule(self) -> BatchRule:
+        """How events are cut into micro-batches; an evaluating replay keeps the evaluator's
+        batches (one per batch read)."""
+        return BatchRule(None if self.evaluate_to else self.batch_events, self.batch_window_s,
+                         self.lateness_s)
 
     @property
     def live(self) -> bool:
@@ -91,7 +117,9 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
           topic_id: str | None = None) -> None:
     """Add the transforms of ``config`` to ``pipeline`` (``topic_id``: the live input topic's id,
     kept in the checkpoints)."""
-    positions = resume_positions(config.state_dir, config.shards)
+    frontier = resume_frontier(config.state_dir, config.shards, config.rule)
+    positions = (frontier.resume if frontier is not None
+                 else resume_positions(config.state_dir, config.shards))
     if positions:
         log.info("resuming from checkpointed positions %s", positions)
     policy = CheckpointPolicy(config.checkpoint_events, config.checkpoint_seconds)
@@ -99,14 +127,16 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
         bootstrap_servers=config.bootstrap_servers, topic=config.topic, positions=positions,
         log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
         max_batch=config.max_batch, call_s=config.call_seconds, policy=policy,
-        state_dir=config.state_dir)
+        state_dir=config.state_dir, idle_s=config.idle_seconds)
     parsed = raw | "ParseAndValidate" >> ParseAndValidate(state_dir=config.state_dir,
-                                                          num_shards=config.shards)
+                                                          num_shards=config.shards,
+                                                          start=positions)
+    sealed = parsed.events | "SealMicroBatches" >> SealMicroBatches(config.rule, frontier)
     dlq_path = None if config.live else config.dead_letter_path
     if config.live or dlq_path:
-        _ = parsed[DEAD_LETTERS] | "WriteDeadLetters" >> WriteDeadLetters(
-            config.bootstrap_servers, dlq_path)
-    states = parsed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
+        _ = ((parsed[DEAD_LETTERS], sealed[LATE_EVENTS]) | "AllDeadLetters" >> beam.Flatten()
+             | "WriteDeadLetters" >> WriteDeadLetters(config.bootstrap_servers, dlq_path))
+    states = sealed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
         config.run_dir, config.state_dir, config.shards, config.fresh_state,
         config.evaluate_to, config.test_from, topic_id)
     if config.live and config.request_profiles:

@@ -95,6 +95,35 @@ class CheckpointPolicy:
         return False
 
 
+class IdleWatch:
+    """Which partitions are idle: the reader holds everything the broker has there (lag 0 in
+    the last fetch) and no record came from them for ``idle_s`` (wall clock).
+
+    Idle partitions stop holding the event-time watermark back (:mod:`pipelines.watermark`);
+    when all are idle, the open micro-batches are sealed. This is the bounded wait: an event
+    waits for the other partitions' clocks at most ``idle_s`` after they went quiet.
+
+    Args:
+        idle_s: seconds without records before a caught-up partition counts as idle.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._last: dict[int, float] = {}
+        self.reported: frozenset[int] = frozenset()  # as told in the last emitted batch
+
+    def update(self, records: list, partitions, lag) -> frozenset[int]:
+        """The idle partitions after a poll that returned ``records`` (``lag(p)``: records
+        not read yet, ``None`` unknown)."""
+        now = time.monotonic()
+        for partition in partitions:
+            self._last.setdefault(partition, now)
+        for partition in {r.partition for r in records}:
+            self._last[partition] = now
+        return frozenset(p for p in partitions
+                         if lag(p) == 0 and now - self._last[p] >= self.idle_s)
+
+
 @dataclass(frozen=True)
 class KafkaTopic:
     """The element the live reader starts from: a topic and the first offset of each partition."""
@@ -169,17 +198,21 @@ _POSITIONS = beam.DoFn.RestrictionParam(TopicPositionsProvider())
 _WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
 
-def _empty_batch(positions: dict[int, int], checkpoint: bool = True) -> RawBatch:
-    """A batch with no records that still carries the positions and a ``checkpoint`` mark."""
-    return RawBatch(Span({p: (o, o) for p, o in positions.items()}, checkpoint), [],
+def _empty_batch(positions: dict[int, int], checkpoint: bool = True,
+                 idle: frozenset[int] = frozenset(), end: bool = False) -> RawBatch:
+    """A batch with no records that still carries the positions, the idle partitions and a
+    ``checkpoint`` (or end-of-input) mark."""
+    return RawBatch(Span({p: (o, o) for p, o in positions.items()}, checkpoint, idle=idle,
+                         end=end), [],
                     np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32))
 
 
 def _records_batch(records: list, before: dict[int, int], after: dict[int, int],
-                   checkpoint: bool, polled: float, fetched: float) -> RawBatch:
+                   checkpoint: bool, polled: float, fetched: float,
+                   idle: frozenset[int]) -> RawBatch:
     """One poll's records, from every partition, as one batch over ``[before, after)``."""
     count = len(records)
-    span = Span({p: (before[p], after[p]) for p in before}, checkpoint)
+    span = Span({p: (before[p], after[p]) for p in before}, checkpoint, idle=idle)
     return RawBatch(span.mark("poll", polled).mark("fetch", fetched), [r.value for r in records],
                     np.fromiter((r.offset for r in records), np.int64, count),
                     np.fromiter((r.timestamp_ms for r in records), np.float64, count) / 1000.0,
@@ -195,13 +228,14 @@ class _ReadKafkaFn(beam.DoFn):
     """
 
     def __init__(self, stop: StopFlag, max_batch: int, poll_s: float, call_s: float,
-                 policy: CheckpointPolicy, state_dir: str | None) -> None:
+                 policy: CheckpointPolicy, state_dir: str | None, idle_s: float) -> None:
         self.stop, self.max_batch, self.poll_s, self.call_s = stop, max_batch, poll_s, call_s
-        self.policy, self.state_dir = policy, state_dir
+        self.policy, self.state_dir, self.idle_s = policy, state_dir, idle_s
 
     def setup(self) -> None:
         self._reader: LiveReader | None = None
         self._watch: BrokerWatch | None = None
+        self._idle = IdleWatch(self.idle_s)
 
     def _new_log(self, topic: str) -> bool:
         """True if the topic was recreated; the first call that sees it asks for a restart."""
@@ -237,7 +271,9 @@ class _ReadKafkaFn(beam.DoFn):
                 break
         if self.stop.is_set():  # done: a last, empty batch carries the final checkpoint
             tracker.try_claim(None)
-            yield _empty_batch(position)
+            # a stop leaves open micro-batches open (read again at the next start); the last
+            # read of a replaced log seals them, as its records cannot be read again
+            yield _empty_batch(position, end=self.stop.restart_pending())
             return
         tracker.defer_remainder(Duration.of(0))
 
@@ -250,11 +286,17 @@ class _ReadKafkaFn(beam.DoFn):
             lag = self._reader.lag(partition)
             if lag is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
+        idle = self._idle.update(records, position, self._reader.lag)
         if not records:
-            return _empty_batch(position) if self.policy.due(0) else None
+            due = self.policy.due(0)
+            if not due and idle == self._idle.reported:
+                return None
+            self._idle.reported = idle
+            return _empty_batch(position, due, idle)
+        self._idle.reported = idle
         metrics.EVENTS_CONSUMED.inc(len(records))
         batch = _records_batch(records, position, self._reader.positions,
-                               self.policy.due(len(records)), polled, fetched)
+                               self.policy.due(len(records)), polled, fetched, idle)
         newest = Timestamp(float(batch.produced_at.max()))
         current = watermark.current_watermark()
         if current is None or newest > current:  # a lagging partition's records are older
@@ -303,7 +345,8 @@ class _ReadLogFn(beam.DoFn):
                               log.column("ts").to_numpy().astype(np.float64))
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             metrics.EVENTS_CONSUMED.inc(hi - lo)
-            span = Span.of(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo))
+            span = Span.of(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo),
+                           end_of_input=hi == log.num_rows)
             yield RawBatch(span.mark("fetch"), _compact(log.slice(lo, hi - lo)),
                            np.arange(lo, hi, dtype=np.int64), np.full(hi - lo, time.time()),
                            np.zeros(hi - lo, np.int32))
@@ -320,7 +363,8 @@ class ReadPurchases(beam.PTransform):
         positions: next offset per partition to start from (from the checkpoints); a missing
             partition starts at 0. For a log, partition 0 is the first row.
         log_path: a dataset's ``events.parquet`` (replay).
-        stop_row: replay rows before this one only (``None``: to the end).
+        stop_row: replay rows before this one only (``None``: to the end); like a stop, it
+            leaves the open micro-batch open: only the log's end seals it.
         cut_row: replayed batches restart at this row (the first test event, so that evaluated
             batches line up with ``dynllm evaluate``'s).
         stop: ends live reading when set.
@@ -330,6 +374,8 @@ class ReadPurchases(beam.PTransform):
             the runner (which then finishes the bundle and calls again).
         policy: when batches are marked ``checkpoint``.
         state_dir: where a recreated input topic is marked (see :mod:`pipelines.outages`).
+        idle_s: a caught-up partition without records for this long is reported idle (live;
+            :class:`IdleWatch`).
     """
 
     def __init__(self, *, bootstrap_servers: str | None = None, topic: str = "purchases",
@@ -337,7 +383,8 @@ class ReadPurchases(beam.PTransform):
                  stop_row: int | None = None, cut_row: int | None = None,
                  stop: StopFlag | None = None,
                  max_batch: int = 2000, poll_s: float = 0.05, call_s: float = 1.0,
-                 policy: CheckpointPolicy | None = None, state_dir: str | None = None) -> None:
+                 policy: CheckpointPolicy | None = None, state_dir: str | None = None,
+                 idle_s: float = 1.0) -> None:
         super().__init__()
         if (bootstrap_servers is None) == (log_path is None):
             raise ValueError("give exactly one of bootstrap_servers and log_path")
@@ -346,7 +393,7 @@ class ReadPurchases(beam.PTransform):
         self.stop, self.max_batch, self.poll_s = stop or StopFlag(), max_batch, poll_s
         self.call_s = call_s
         self.policy = policy or CheckpointPolicy()
-        self.state_dir = state_dir
+        self.state_dir, self.idle_s = state_dir, idle_s
 
     def expand(self, pbegin):
         if self.log_path is not None:
@@ -359,7 +406,7 @@ class ReadPurchases(beam.PTransform):
                                                             start)])
                 | "ReadKafka" >> beam.ParDo(_ReadKafkaFn(
                     self.stop, self.max_batch, self.poll_s, self.call_s, self.policy,
-                    self.state_dir)))
+                    self.state_dir, self.idle_s)))
 
     def _partitions(self) -> list[int]:
         """The topic's partitions (created with 4 if missing); later-added ones are not read."""

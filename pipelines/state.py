@@ -15,14 +15,17 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from pipelines.applied_ids import EXTRA_KEY, AppliedIds
 from pipelines.elements import EventsBatch, UserStates
+from pipelines.watermark import START, BatchRule, Frontier, Key, after_key
 from streaming import metrics
 from streaming.errors import UsageError
 from streaming.validation import RECENT_IDS_CAPACITY
@@ -87,6 +90,33 @@ def resume_positions(state_dir: str | Path | None, num_shards: int) -> dict[int,
     return {p: min(s.get(p, 0) for s in saved) for p in partitions}
 
 
+def resume_frontier(state_dir: str | Path | None, num_shards: int,
+                    rule: BatchRule) -> Frontier | None:
+    """The oldest frontier any shard saved (the sealer restarts there), or ``None`` when some
+    shard has none (no checkpoint, or one from before event-time batching).
+
+    Raises:
+        UsageError: the checkpoints were cut by another :class:`BatchRule` than ``rule``.
+    """
+    if state_dir is None:
+        return None
+    frontiers = []
+    for shard in range(num_shards):
+        path = checkpoint_path(state_dir, shard, num_shards)
+        if not path.exists():
+            return None
+        extra = torch.load(path, map_location="cpu", weights_only=True)["extra"]
+        if "frontier" not in extra:
+            return None
+        frontiers.append(Frontier.from_dict(extra["frontier"]))
+    for frontier in frontiers:
+        if frontier.rule and frontier.rule != asdict(rule):
+            raise UsageError(f"{state_dir} was cut into micro-batches by {frontier.rule}, not "
+                             f"{asdict(rule)}: the state would not be a function of the log; "
+                             "use the same --batch-* options or a new --state-dir")
+    return min(frontiers, key=lambda f: f.last)
+
+
 class ShardState:
     """One shard's model plus the next offset it expects per partition.
 
@@ -101,10 +131,14 @@ class ShardState:
     """
 
     def __init__(self, model, shard: int, num_shards: int, positions: dict[int, int],
-                 path: Path | None, topic_id: str | None = None) -> None:
+                 path: Path | None, topic_id: str | None = None,
+                 frontier: Frontier | None = None) -> None:
         self.model, self.shard, self.num_shards = model, shard, num_shards
         self.positions, self.path, self.topic_id = positions, path, topic_id
+        self.frontier = frontier  # of the last micro-batch applied (saved with the positions)
+        self.last: Key = frontier.last if frontier is not None else START
         self._saved = dict(positions)  # positions of the last checkpoint
+        self._saved_last = self.last
         # this shard's part of the duplicate filter, saved with the positions it goes with
         self.applied_ids = AppliedIds(RECENT_IDS_CAPACITY // num_shards)
         self._pending: list[EventsBatch] = []
@@ -124,10 +158,12 @@ class ShardState:
             from tgn.model import TGNRecommender
 
             model = TGNRecommender.load(path, user_head=load_run_model(run_dir).user_head)
-            positions = {int(p): int(o) for p, o in model.checkpoint_extra["positions"].items()}
-            metrics.CHECKPOINT_TIMESTAMP.set(model.checkpoint_extra.get("saved_at", 0.0))
+            extra = model.checkpoint_extra
+            positions = {int(p): int(o) for p, o in extra["positions"].items()}
+            metrics.CHECKPOINT_TIMESTAMP.set(extra.get("saved_at", 0.0))
+            frontier = Frontier.from_dict(extra["frontier"]) if "frontier" in extra else None
             state = cls(model.eval(), shard, num_shards, positions, path,
-                        topic_id or model.checkpoint_extra.get("topic_id"))
+                        topic_id or extra.get("topic_id"), frontier)
             state.applied_ids = AppliedIds.from_tensor(model.checkpoint_extra.get(EXTRA_KEY),
                                                        state.applied_ids.capacity)
             return state
@@ -139,32 +175,28 @@ class ShardState:
         return cls(model, shard, num_shards, {}, path, topic_id)
 
     def accept(self, batch: EventsBatch) -> Iterator[EventsBatch]:
-        """The batches now ready to apply, in order, with already applied offsets removed.
+        """The sealed micro-batches now ready to apply, in order, less what was applied before.
 
-        A batch that starts beyond this shard's position in any of its partitions waits until
-        the batches before it arrive; a batch wholly before the positions was applied before a
-        restart and is dropped.
+        A micro-batch sealed after one this shard has not seen yet waits for it; after a
+        restart from an older checkpoint than this shard's (another shard's), the micro-batches
+        the shard had applied come again and are dropped (events up to :attr:`last`).
         """
         self._pending.append(batch)
         while (ready := self._next_ready()) is not None:  # an empty batch is falsy
             self._pending.remove(ready)
-            before = dict(self.positions)
-            ranges = ready.span.ranges
-            for partition, (_start, end) in ranges.items():
-                self.positions[partition] = max(before.get(partition, 0), end)
-            if len(ready) and all(end <= before.get(p, 0) for p, (_s, end) in ranges.items()):
-                continue  # applied before the restart
-            floor = np.array([before.get(int(p), 0) for p in ready.partitions], np.int64)
-            yield ready.take(ready.offsets >= floor)
+            frontier = ready.frontier
+            if frontier.last < self.last:
+                continue  # wholly applied before the restart
+            fresh = ready.take(after_key(ready.events, self.last)) if len(ready) else ready
+            self.frontier, self.last = frontier, frontier.last
+            self.positions = dict(frontier.resume)
+            yield fresh
 
     def _next_ready(self) -> EventsBatch | None:
-        """The pending batch that starts earliest among those starting at or before the
-        positions in every partition, or ``None``."""
-        ready = [b for b in self._pending
-                 if all(start <= self.positions.get(p, 0)
-                        for p, (start, _end) in b.span.ranges.items())]
-        return min(ready, key=lambda b: sum(s for s, _e in b.span.ranges.values()),
-                   default=None)
+        """The pending micro-batch sealed first among those sealed right after (or before)
+        what this shard applied, or ``None``."""
+        ready = [b for b in self._pending if b.after <= self.last]
+        return min(ready, key=lambda b: b.after, default=None)
 
     @torch.no_grad()
     def apply(self, batch: EventsBatch, evaluator=None, test_from: float = -np.inf) -> UserStates:
@@ -182,7 +214,7 @@ class ShardState:
         order = pc.sort_indices(batch.events, [("ts", "ascending"),
                                                ("event_id", "ascending")]).to_numpy()
         events = batch.events.take(order)
-        self.applied_ids.add(events.column("event_id"))
+        self._remember_ids(batch, order)
         model = self.model
         encoded = model.encode(events)
         started = time.perf_counter()
@@ -217,6 +249,16 @@ class ShardState:
             event_user=inverse.astype(np.int64), event_items=events.column("item_id").to_pylist(),
             event_ts=encoded.t.numpy())
 
+    def _remember_ids(self, batch: EventsBatch, order: np.ndarray) -> None:
+        """Keep the ids of the applied events below the resume positions: those the restarted
+        reader does not read again (one read again must not be taken for its own duplicate)."""
+        resume = batch.frontier.resume if batch.frontier is not None else {}
+        floor = np.array([resume.get(int(p), np.iinfo(np.int64).max)
+                          for p in batch.partitions[order]], np.int64)
+        below = batch.offsets[order] < floor
+        ids = batch.events.column("event_id").take(order).filter(pa.array(below))
+        self.applied_ids.add(ids, batch.partitions[order][below], batch.offsets[order][below])
+
     def _empty(self, batch: EventsBatch) -> UserStates:
         none = np.zeros(0, np.int64)
         return UserStates(self.shard, batch.span.mark("memory"), [], none, np.zeros(0), none, none,
@@ -230,14 +272,17 @@ class ShardState:
         and the positions that go with it while the stream goes on; the previous write is finished
         first, so checkpoints land in order. :func:`wait_for_checkpoints` waits for all.
         """
-        if self.path is None or (self.positions == self._saved and self.path.exists()):
+        if self.path is None or (self.positions == self._saved and self.last == self._saved_last
+                                 and self.path.exists()):
             return  # nothing applied since the last checkpoint
         wait_for_checkpoints()
         snapshot = _snapshot(self.model)
-        self._saved = dict(self.positions)
+        self._saved, self._saved_last = dict(self.positions), self.last
         extra = {"positions": dict(self.positions), "saved_at": time.time(),
                  "shard": self.shard, "num_shards": self.num_shards, "topic_id": self.topic_id,
                  EXTRA_KEY: self.applied_ids.to_tensor()}
+        if self.frontier is not None:
+            extra["frontier"] = self.frontier.to_dict()
 
         def write() -> None:
             from tgn.model import write_checkpoint

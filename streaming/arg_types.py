@@ -34,6 +34,8 @@ def number(kind: Callable[[str], N], accept: Callable[[N], bool],
 positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
 #: A number > 0.
 positive_float = number(float, lambda v: v > 0, "a number > 0")
+#: A finite number >= 0.
+non_negative_float = number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 #: A TCP port, 1-65535.
 port = number(int, lambda v: 1 <= v <= 65535, "a port in 1-65535")
 #: A share, 0-1 inclusive.

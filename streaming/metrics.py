@@ -92,6 +92,16 @@ SOURCE_LOG_RESETS = Counter(
     "changed: a memory-only broker restarted, or the topic was deleted); the pipeline "
     "checkpoints, restarts from the start of the new log and the old log's unread records are "
     "lost. Pipeline: ReadPurchases.", ["topic"])
+EVENTS_SEALED = Counter(
+    "dynllm_watermark_events", "Valid events the watermark stage decided on: sealed into a "
+    "micro-batch, dead-lettered as late, or skipped as already applied (read again after a "
+    "restart). Pipeline: SealMicroBatches.", ["outcome"])
+EVENTS_WAITING = Gauge(
+    "dynllm_events_waiting_for_watermark", "Valid events read but not yet sealed into a "
+    "micro-batch (their batch is still open). Pipeline: SealMicroBatches.")
+WATERMARK = Gauge(
+    "dynllm_watermark_timestamp_seconds", "Event-time watermark (Unix seconds): every event "
+    "older than it has been read. Pipeline: SealMicroBatches.")
 LAST_EVENT_TIMESTAMP = Gauge(
     "dynllm_last_event_timestamp_seconds", "Event time (Unix seconds) of the newest event "
     "applied to the graph memory. Pipeline: UpdateGraphMemory.")

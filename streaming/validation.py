@@ -59,6 +59,7 @@ class Reason(StrEnum):
     IMPLAUSIBLE_VALUE = "implausible_value"  # quantity or price above its configured bound
     UNKNOWN_ITEM = "unknown_item"  # ``item_id`` not in the required catalog
     DUPLICATE_EVENT_ID = "duplicate_event_id"  # ``event_id`` seen recently
+    LATE_EVENT = "late_event"  # behind its partition's event time (pipelines/watermark.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,8 +82,8 @@ def test_two_shards_agree_with_one_on_user_state(run_dir, cj_small, one_shard_st
 
 def test_restart_resumes_exactly(run_dir, cj_small, one_shard_state, tmp_path, replay):
     replay(run_dir, cj_small, tmp_path, stop_row=7000)  # a "crash" after 7 batches
-    assert resume_positions(tmp_path, 1) == {0: 7000}
-    replay(run_dir, cj_small, tmp_path)  # resumes at row 7000
+    assert 6800 <= resume_positions(tmp_path, 1)[0] <= 7000  # its open micro-batch: again
+    replay(run_dir, cj_small, tmp_path)  # resumes at its first unsealed row
     resumed, full = _load(tmp_path, 0, 1), _load(one_shard_state, 0, 1)
     assert resumed.users.to_list() == full.users.to_list()
     for name in ("memory.memory", "memory.last_update", "neighbors.neighbor",
@@ -100,7 +100,7 @@ def test_restart_with_shards_checkpointed_at_different_places(run_dir, cj_small,
     shutil.copy(checkpoint_path(torn, 0, 2), early)
     replay(run_dir, cj_small, torn, shards=2, stop_row=9000)
     shutil.move(early, checkpoint_path(torn, 0, 2))  # shard 0 at 5000, shard 1 at 9000
-    assert resume_positions(torn, 2) == {0: 5000}
+    assert 4800 <= resume_positions(torn, 2)[0] <= 5000
     replay(run_dir, cj_small, torn, shards=2)
     for shard in range(2):
         a, b = _load(torn, shard, 2), _load(full, shard, 2)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -117,9 +118,21 @@ class PipelineProcess:
         self.process.send_signal(signal.SIGTERM)
         assert self.process.wait(120) == 0, "pipeline did not stop cleanly after SIGTERM"
 
+    def wait_sealed(self, timeout_s: float = 60.0) -> None:
+        """Wait until every valid event read is in a sealed micro-batch (or dead-lettered as
+        late): the input went idle and the open micro-batches were sealed."""
+        def sealed() -> bool:
+            valid = metric(self.port, "dynllm_events_valid_total")
+            done = metric(self.port, "dynllm_watermark_events_total")
+            return valid is not None and done == valid and metric(
+                self.port, "dynllm_events_waiting_for_watermark") == 0
+
+        wait_until(sealed, timeout_s, "sealing every event read", self.process, every_s=0.1)
+
     def finish(self) -> None:
-        """Wait until every remaining record is read, then :meth:`stop`."""
+        """Wait until every remaining record is read and sealed, then :meth:`stop`."""
         self.wait_consumed(self.remaining)
+        self.wait_sealed()
         self.stop()
 
 
@@ -133,6 +146,32 @@ def produce_purchases(bootstrap: str, values: list[bytes]) -> None:
         producer.send("purchases", value=value)
     producer.flush()
     producer.close()
+
+
+def produce_live(bootstrap: str, values: list[bytes], rate: float,
+                 partitions: int = 4) -> threading.Thread:
+    """A started thread sending ``values`` at ``rate``/s to ``purchases`` (``partitions``,
+    created if missing), keyed by their ``user_id`` (no key for a record without one)."""
+    from streaming.kafka_io import create_topics, json_producer
+
+    create_topics(bootstrap, ["purchases"], partitions=partitions)
+
+    def send() -> None:
+        producer = json_producer(bootstrap)
+        started = time.monotonic()
+        for i, value in enumerate(values):
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+            try:
+                key = json.loads(value).get("user_id")
+            except (ValueError, AttributeError):
+                key = None
+            producer.send("purchases", key=key if isinstance(key, str) else None, value=value)
+        producer.flush()
+        producer.close()
+
+    thread = threading.Thread(target=send, name="produce-live", daemon=True)
+    thread.start()
+    return thread
 
 
 def first_events(data: Path, count: int) -> tuple[list[bytes], dict[str, int]]:
@@ -152,5 +191,6 @@ def tools() -> SimpleNamespace:
     """This module's helpers (a test module cannot import a conftest under importlib mode)."""
     return SimpleNamespace(DYNLLM=DYNLLM, PipelineProcess=PipelineProcess, metric=metric,
                            first_events=first_events, produce_purchases=produce_purchases,
+                           produce_live=produce_live,
                            read_json_topic=read_json_topic, read_topic=read_topic,
                            start_dynllm=start_dynllm, wait_until=wait_until)
