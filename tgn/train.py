@@ -35,6 +35,10 @@ VAL_METRICS = ("recall@10", "recall@20", "mrr", "repeat/recall@20", "explore/rec
                "explore/ndcg@20")
 
 
+#: Stage-1 losses (:attr:`TrainConfig.loss`).
+LOSSES = ("bpr", "softmax")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings; the defaults are the full configuration."""
@@ -42,7 +46,12 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 200  # TGN's batch size: smaller batches see fresher state
     lr: float = 1e-3
+    #: stage 1's loss: ``"bpr"`` (each purchase against ``negatives`` uniform items) or
+    #: ``"softmax"`` (cross-entropy of each purchase against ``softmax_negatives`` uniform items
+    #: shared by the batch: a sampled full-catalog softmax, as SASRec-with-CE)
+    loss: str = "bpr"
     negatives: int = 1  # BPR pairs per purchase
+    softmax_negatives: int = 1000
     #: share of each purchase's negatives drawn from the user's own earlier purchases (the
     #: rest uniform over the items seen so far), so the repeat term learns which past items
     #: not to repeat; needs the repeat term's history (``TGNConfig.repeat``), else all uniform.
@@ -65,8 +74,11 @@ class TrainConfig:
     history_warmup: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.negatives < 1:
-            raise ValueError(f"negatives must be at least 1, got {self.negatives}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.negatives < 1 or self.softmax_negatives < 1:
+            raise ValueError(f"negatives must be at least 1, got {self.negatives} and "
+                             f"{self.softmax_negatives}")
         if not 0.0 <= self.history_negatives <= 1.0:
             raise ValueError(f"history_negatives must be in [0, 1], got {self.history_negatives}")
 
@@ -138,9 +150,24 @@ def bpr_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Ten
     return loss + extra() if callable(extra) else loss
 
 
+def softmax_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Tensor:
+    """Mean cross-entropy of each purchase of ``batch`` against ``negatives [S]`` item indices
+    shared by the batch (a sampled softmax over the catalog; a negative equal to the row's
+    positive is masked). Items are embedded at the batch's first time, as in evaluation."""
+    users = model.user_embeddings(batch.users, batch.t)  # [B, E]
+    z = model.item_embeddings(float(batch.t[0]), torch.cat([batch.items, negatives]))
+    b = len(batch)
+    pos = (users * z[:b]).sum(-1, keepdim=True)  # [B, 1]
+    neg = (users @ z[b:].T).masked_fill(negatives == batch.items.unsqueeze(1), -torch.inf)
+    logits = torch.cat([pos, neg], dim=1)  # [B, 1 + S]
+    loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
+    extra = getattr(model.user_head, "extra_loss", None)
+    return loss + extra() if callable(extra) else loss
+
+
 def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: EventBatch,
                 config: TrainConfig, generator: torch.Generator, progress: bool = True) -> float:
-    """Stream the training events once; returns the mean BPR loss."""
+    """Stream the training events once; returns the mean stage-1 loss (``config.loss``)."""
     model.train()
     model.reset_state()
     seen_items, first_pos = first_seen_order(train.items)
@@ -151,8 +178,12 @@ def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: 
         if prev is not None:
             model.update(prev)  # with gradients: the memory path learns from this step's loss
         known = max(1, int(torch.searchsorted(first_pos, start + len(batch))))
-        negatives = draw_negatives(model, batch, seen_items[:known], config, generator)
-        loss = bpr_loss(model, batch, negatives)
+        if config.loss == "softmax":
+            shared = torch.randint(known, (config.softmax_negatives,), generator=generator)
+            loss = softmax_loss(model, batch, seen_items[shared])
+        else:
+            negatives = draw_negatives(model, batch, seen_items[:known], config, generator)
+            loss = bpr_loss(model, batch, negatives)
         loss.backward()
         optimizer.step()
         model.detach()
