@@ -152,9 +152,9 @@ class Recommender:
         self.num_shards = self._shard_count()
         self._lock = threading.Lock()
         self._stamp: tuple = ()
-        self._checked = 0.0
+        self._base: TGNRecommender | None = None
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._refreshed = 0.0
         self.users: dict[str, UserRow] = {}
         self.shards: list[ServingShard] = []
@@ -193,7 +193,9 @@ class Recommender:
         stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in files)
         if stamp == self._stamp:
             return
-        base = load_run_model(self.run_dir)
+        if self._base is None:  # the run does not change: read once (its head, its model)
+            self._base = load_run_model(self.run_dir).eval()
+        base = self._base
         keep = bool(self.shards) and self.bootstrap_servers is not None
         models, rows, newest = [], {}, 0.0
         for shard in range(self.num_shards):
@@ -202,6 +204,8 @@ class Recommender:
             if ckpt.exists():
                 model = TGNRecommender.load(ckpt, user_head=base.user_head).eval()
                 newest = max(newest, model.checkpoint_extra.get("saved_at", 0.0))
+            elif keep:  # only its item vectors are taken: the run's model as read
+                model = base
             else:  # before the first checkpoint the pipeline runs the run's model
                 model = load_run_model(self.run_dir).eval()
             models.append(model)
@@ -210,10 +214,10 @@ class Recommender:
                     rows[str(user)] = UserRow(shard, float(ts), int(version), vector,
                                               None if np.isnan(weights).all() else weights)
         shards = self.shards if keep else [ServingShard(m) for m in models]
-        if keep:
-            for shard, model in zip(shards, models, strict=True):
-                shard.set_items(model)
+        items = [ServingShard.items_of(m) for m in models] if keep else []
         with self._lock:
+            for shard, (ids, t, vectors) in zip(shards if keep else [], items, strict=True):
+                shard.set_items(ids, t, vectors)
             self.shards = shards
             if not keep:
                 self.users = rows
@@ -227,12 +231,6 @@ class Recommender:
         metrics.EMBEDDING_STORE_USERS.set(len(self.users))
         metrics.CHECKPOINT_TIMESTAMP.set(newest)
         log.info("loaded %d users from %d shard(s)", len(self.users), len(shards))
-
-    def maybe_reload(self) -> None:
-        """:meth:`reload` at most every :data:`RELOAD_EVERY_S` seconds."""
-        if time.monotonic() - self._checked >= RELOAD_EVERY_S:
-            self._checked = time.monotonic()
-            self.reload()
 
     # -- the changelog -----------------------------------------------------------------------
 
@@ -265,8 +263,12 @@ class Recommender:
                 part.refresh(self._lock)
 
     def start(self) -> Recommender:
-        """Follow the changelog on a background thread (no-op without a broker)."""
-        if self.bootstrap_servers is None or self._thread is not None:
+        """Re-read changed state files every :data:`RELOAD_EVERY_S` on a background thread,
+        and follow the changelog on another (with a broker): no request waits for either."""
+        if self._threads:
+            return self
+        self._threads.append(self._background("reload", self._reload_loop))
+        if self.bootstrap_servers is None:
             return self
         from streaming.kafka_io import TopicReader, create_topics
 
@@ -277,20 +279,32 @@ class Recommender:
         def run() -> None:
             try:
                 follow(reader, self.apply_changelog, self._stop)
-            except Exception:  # the server keeps answering from what it has
-                log.exception("changelog follower stopped")
             finally:
                 reader.close()
 
-        self._thread = threading.Thread(target=run, name="changelog", daemon=True)
-        self._thread.start()
+        self._threads.append(self._background("changelog", run))
         return self
 
+    def _reload_loop(self) -> None:
+        while not self._stop.wait(RELOAD_EVERY_S):
+            self.reload()
+
+    def _background(self, name: str, loop) -> threading.Thread:
+        def run() -> None:
+            try:
+                loop()
+            except Exception:  # the server keeps answering from what it has
+                log.exception("%s thread stopped", name)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        return thread
+
     def close(self) -> None:
-        """Stop following the changelog."""
+        """Stop the background threads."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -374,7 +388,6 @@ def make_app(recommender: Recommender) -> Starlette:
 
     def recommend(request: Request) -> Response:
         user, k = parse_recommend_query(request.url.query)
-        recommender.maybe_reload()
         try:
             return JSONResponse(recommender.recommend(user, k))
         except KeyError:

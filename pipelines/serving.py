@@ -164,11 +164,7 @@ class ServingShard:
 
     def __init__(self, model) -> None:
         self.model = model
-        with torch.no_grad():
-            self.base_t = float(model.memory.last_update.max()) if model.num_nodes else 0.0
-            self.item_vectors = model.item_embeddings(self.base_t)
-        self.item_ids: list[str] = model.items.to_list()
-        self.t = self.base_t
+        self.item_ids, self.t, self.item_vectors = self.items_of(model)
         self.signals: ServedSignals | None = None
         if model.repeat is not None:
             model.repeat = ServedRepeatScore.copy_of(model.repeat)
@@ -177,12 +173,17 @@ class ServingShard:
         self.applied: dict[int, int] = dict(enumerate(counts))
         self._refreshed: tuple[int, int] | None = None  # (generation, items) of the caches
 
-    def set_items(self, model) -> None:
-        """Take the item vectors of a newer checkpoint of this shard (statistics stay)."""
+    @staticmethod
+    def items_of(model) -> tuple[list[str], float, Tensor]:
+        """``(item ids, t, item vectors [I, E])`` of a checkpoint at its latest event time."""
         with torch.no_grad():
             t = float(model.memory.last_update.max()) if model.num_nodes else 0.0
-            vectors = model.item_embeddings(t)
-        self.item_ids, self.item_vectors = model.items.to_list(), vectors
+            return model.items.to_list(), t, model.item_embeddings(t)
+
+    def set_items(self, item_ids: list[str], t: float, vectors: Tensor) -> None:
+        """Take the item vectors of a newer checkpoint of this shard (:meth:`items_of`;
+        statistics stay)."""
+        self.item_ids, self.item_vectors = item_ids, vectors
         self.t = max(self.t, t)
         self._refreshed = None  # the next refresh takes the prior of the new catalogue
 
