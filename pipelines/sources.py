@@ -287,6 +287,8 @@ class _ReadKafkaFn(beam.DoFn):
             if lag is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
         idle = self._idle.update(records, position, self._reader.lag)
+        if idle != self._idle.reported:
+            log.info("idle partitions of %s: %s", topic, sorted(idle) or "none")
         if not records:
             due = self.policy.due(0)
             if not due and idle == self._idle.reported:

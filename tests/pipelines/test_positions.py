@@ -1,7 +1,5 @@
-"""The live reader's restriction (all partitions of a topic) and multi-partition batch spans.
-
-One live batch holds whatever a poll returned from any partitions; a shard applies it only when
-it starts at the shard's positions in every partition and drops offsets it had applied already.
+"""The live reader's restriction (all partitions of a topic), and how a shard takes the sealed
+micro-batches: in sealing order, dropping what it had applied before a restart.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import pytest
 from pipelines.elements import EventsBatch, Span
 from pipelines.positions import PositionsTracker, TopicPositions, as_positions
 from pipelines.state import ShardState
+from pipelines.watermark import START, Frontier
 from streaming.schema import EVENT_SCHEMA
 
 
@@ -42,38 +41,44 @@ def test_tracker_end_claim_and_misuse():
     assert as_positions({3: 1, 0: 7}) == ((0, 7), (3, 1))
 
 
-def _batch(rows: list[tuple[int, int]], ranges: dict[int, tuple[int, int]]) -> EventsBatch:
-    """A batch of events ``(partition, offset)`` whose ids name them, e.g. ``"1:4"``."""
-    ids = [f"{p}:{o}" for p, o in rows]
+def _sealed(rows: list[tuple[int, int, float]], after: tuple[float, str],
+            resume: dict[int, int]) -> EventsBatch:
+    """A sealed micro-batch of events ``(partition, offset, ts)`` whose ids name them
+    (``"1:4"``), sealed right after ``after``, leaving the reader to resume at ``resume``."""
+    ids = [f"{p}:{o}" for p, o, _ in rows]
     events = pa.table({"event_id": ids, "user_id": ["u"] * len(ids), "item_id": ["i"] * len(ids),
-                       "ts": [1.0] * len(ids), "quantity": [1.0] * len(ids),
+                       "ts": [t for _, _, t in rows], "quantity": [1.0] * len(ids),
                        "price": [0.0] * len(ids), "basket_id": [None] * len(ids),
                        "store_id": [None] * len(ids)}, schema=EVENT_SCHEMA)
-    return EventsBatch(Span(ranges), events, np.array([o for _, o in rows], np.int64),
-                       np.zeros(len(rows)), np.array([p for p, _ in rows], np.int32))
+    last = max([(t, f"{p}:{o}") for p, o, t in rows], default=after)
+    return EventsBatch(Span({p: (o, o) for p, o in resume.items()}), events,
+                       np.array([o for _, o, _ in rows], np.int64), np.zeros(len(rows)),
+                       np.array([p for p, _, _ in rows], np.int32), after,
+                       Frontier(last, resume, resume, {}))
 
 
 def _accepted(state: ShardState, batch: EventsBatch) -> list[list[str]]:
     return [b.events.column("event_id").to_pylist() for b in state.accept(batch)]
 
 
-def test_multi_partition_batches_wait_for_their_turn_in_every_partition():
+def test_sealed_micro_batches_wait_for_their_turn():
     state = ShardState(None, 0, 1, {}, None)
-    first = _batch([(0, 0), (1, 0), (0, 1)], {0: (0, 2), 1: (0, 1)})
-    second = _batch([(1, 1), (0, 2)], {0: (2, 3), 1: (1, 2)})
-    assert _accepted(state, second) == []  # starts beyond the positions: waits
+    first = _sealed([(0, 0, 1.0), (1, 0, 1.0), (0, 1, 2.0)], START, {0: 2, 1: 1})
+    second = _sealed([(1, 1, 3.0), (0, 2, 3.0)], (2.0, "0:1"), {0: 3, 1: 2})
+    assert _accepted(state, second) == []  # sealed after one not seen yet: waits
     assert _accepted(state, first) == [["0:0", "1:0", "0:1"], ["1:1", "0:2"]]
-    assert state.positions == {0: 3, 1: 2}
+    assert state.positions == {0: 3, 1: 2} and state.last == (3.0, "1:1")
 
 
-def test_after_a_restart_offsets_applied_before_are_dropped_per_partition():
-    # the checkpoint said: partition 0 applied up to 2, partition 1 up to 1; the reader resumed
-    # from older positions (another shard's), so the first batch overlaps what was applied
-    state = ShardState(None, 0, 1, {0: 2, 1: 1}, None)
-    batch = _batch([(0, 1), (1, 0), (0, 2), (1, 1)], {0: (1, 3), 1: (0, 2)})
-    assert _accepted(state, batch) == [["0:2", "1:1"]]
-    old = _batch([(0, 0)], {0: (0, 1), 1: (0, 0)})  # wholly applied before: dropped
+def test_after_a_restart_what_the_shard_applied_is_dropped():
+    # this shard had applied up to (2.0, "0:1"); the sealer restarted from another shard's
+    # older frontier, so the micro-batches come again from an earlier place
+    state = ShardState(None, 0, 1, {0: 2, 1: 1}, None, frontier=Frontier((2.0, "0:1")))
+    old = _sealed([(0, 0, 1.0)], START, {0: 1, 1: 0})  # wholly applied before: dropped
     assert _accepted(state, old) == []
-    empty = _batch([], {0: (3, 3), 1: (2, 2)})  # an empty checkpoint batch still passes
+    overlap = _sealed([(1, 0, 1.5), (0, 1, 2.0), (1, 1, 2.0), (0, 2, 3.0)], (1.0, "0:0"),
+                      {0: 3, 1: 2})
+    assert _accepted(state, overlap) == [["1:1", "0:2"]]
+    empty = _sealed([], (3.0, "0:2"), {0: 3, 1: 2})  # an empty checkpoint batch still passes
     assert _accepted(state, empty) == [[]]
     assert state.positions == {0: 3, 1: 2}

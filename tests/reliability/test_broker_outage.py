@@ -55,6 +55,7 @@ def test_broker_down_30s_then_back_empty(run_dir, cj_small, tmp_path, tools):
                          "the broker counted as back", pipeline.process)
         assert tools.metric(port, "dynllm_source_log_resets_total") == 1
         assert tools.metric(port, "dynllm_kafka_outages_total") == 1
+        pipeline.wait_sealed()
         pipeline.stop()
     finally:
         broker.stop()
@@ -121,6 +122,7 @@ def test_a_pipeline_started_after_an_empty_restart_reads_the_new_log_from_its_st
         pipeline = tools.PipelineProcess(broker.bootstrap_servers, run_dir, tmp_path, PHASE_B)
         pipeline.wait_consumed(PHASE_B, timeout_s=60)
         assert tools.metric(pipeline.port, "dynllm_source_log_resets_total") == 1
+        pipeline.wait_sealed()
         pipeline.stop()
     finally:
         broker.stop()
