@@ -28,13 +28,14 @@ _ITEM_BITS = 32
 
 
 class PairOrder:
-    """Pair slots sorted by ``(user, item)``, kept sorted as pairs are added.
+    """Pair slots sorted by ``(major, minor)`` (user then item, or item then user), kept
+    sorted as pairs are added.
 
     Pairs are only ever added (a slot is never reused), so the slots not yet in the order are
     sorted alone and merged in: ``O(P)`` per update instead of sorting all ``P`` again.
 
     Attributes:
-        keys: ``[P]`` int64 ``user << 32 | item``, ascending.
+        keys: ``[P]`` int64 ``major << 32 | minor``, ascending.
         slots: ``[P]`` the slot of each key.
     """
 
@@ -42,41 +43,56 @@ class PairOrder:
         self.keys = np.zeros(0, np.int64)
         self.slots = np.zeros(0, np.int64)
 
-    def extend(self, users: np.ndarray, items: np.ndarray) -> None:
-        """Merge in the slots from ``len(slots)`` on of the pairs ``(users [P], items [P])``."""
+    def extend(self, major: np.ndarray, minor: np.ndarray) -> None:
+        """Merge in the slots from ``len(slots)`` on of the pairs ``(major [P], minor [P])``."""
         have = self.slots.size
-        if users.size == have:
+        if major.size == have:
             return
-        keys = (users[have:].astype(np.int64) << _ITEM_BITS) | items[have:].astype(np.int64)
+        keys = (major[have:].astype(np.int64) << _ITEM_BITS) | minor[have:].astype(np.int64)
         new = np.argsort(keys, kind="stable")
         at = np.searchsorted(self.keys, keys[new])
         self.keys = np.insert(self.keys, at, keys[new])
         self.slots = np.insert(self.slots, at, new + have)
 
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(major [P], minor [P])`` of the sorted keys (copies)."""
+        return self.keys >> _ITEM_BITS, self.keys & ((1 << _ITEM_BITS) - 1)
+
 
 class PairIndex:
     """The pairs at one statistics generation as CSR structure, with the KNN matrices on it.
 
-    Holds copies (a snapshot): the statistics may move on while it is in use.
+    Holds copies (a snapshot): the statistics may move on while it is in use. Each matrix is
+    built from the two kept sorts, never by sorting or transposing: ``O(P)`` gathers.
 
     Args:
-        order: the sorted pair slots.
+        by_user: the pair slots sorted by user, then item.
+        by_item: the pair slots sorted by item, then user.
         log_counts: ``log1p(count)`` of every slot ``[P]`` (float64).
         generation: the statistics generation the snapshot is of.
     """
 
-    def __init__(self, order: PairOrder, log_counts: np.ndarray, generation: int) -> None:
+    def __init__(self, by_user: PairOrder, by_item: PairOrder, log_counts: np.ndarray,
+                 generation: int) -> None:
         self.generation = generation
-        self.users = order.keys >> _ITEM_BITS  # [P] ascending
-        self.items = order.keys & ((1 << _ITEM_BITS) - 1)  # [P] ascending within a user
-        self.log_counts = log_counts[order.slots]  # [P]
+        self.users, self.items = by_user.split()  # [P] by user, then item
+        self.log_counts = log_counts[by_user.slots]  # [P]
+        self._item_users = by_item.split()  # ([P] items, [P] users) by item, then user
+        self._item_log_counts = log_counts[by_item.slots]
         self.num_users = int(self.users[-1]) + 1 if self.users.size else 0
-        self.width = int(self.items.max()) + 1 if self.items.size else 0
+        self.width = int(self._item_users[0][-1]) + 1 if self.users.size else 0
         self.indptr = np.searchsorted(self.users, np.arange(self.num_users + 1))
+        self._item_indptr = np.searchsorted(self._item_users[0], np.arange(self.width + 1))
 
     def _csr(self, data: np.ndarray) -> sp.csr_matrix:
-        """``[U, W]`` with ``data [P]`` on the pairs."""
+        """``[U, W]`` with ``data [P]`` (by user) on the pairs."""
         return sp.csr_matrix((data, self.items, self.indptr), shape=(self.num_users, self.width))
+
+    def _csr_t(self, data: np.ndarray) -> sp.csr_matrix:
+        """``[W, U]`` with ``data [P]`` (by item) on the pairs: what ``.T.tocsr()`` of a
+        :meth:`_csr` gives (rows by item, users ascending in each)."""
+        return sp.csr_matrix((data, self._item_users[1], self._item_indptr),
+                             shape=(self.width, self.num_users))
 
     @cached_property
     def counts(self) -> sp.csr_matrix:
@@ -84,43 +100,51 @@ class PairIndex:
         return self._csr(self.log_counts)
 
     @cached_property
-    def unit(self) -> sp.csr_matrix:
-        """``[U, W]`` :attr:`counts` rows scaled to unit length."""
-        matrix = self.counts
-        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(1)).ravel())
-        return sp.diags(1 / np.maximum(norms, 1e-12)) @ matrix
+    def _inverse_norms(self) -> np.ndarray:
+        """``[U]`` 1 / the length of each user's :attr:`counts` row (scipy's row sum: one
+        ``reduceat`` over each non-empty row's squares)."""
+        sums = np.zeros(self.num_users)
+        rows = np.flatnonzero(np.diff(self.indptr))
+        sums[rows] = np.add.reduceat(self.log_counts * self.log_counts, self.indptr[rows])
+        return 1 / np.maximum(np.sqrt(sums), 1e-12)
 
     @cached_property
     def unit_t(self) -> sp.csr_matrix:
-        """``[W, U]`` :attr:`unit` transposed, row-major (a query touches only its items')."""
-        return self.unit.T.tocsr()
+        """``[W, U]`` :attr:`counts` rows scaled to unit length, transposed, row-major (a
+        query touches only its items' rows)."""
+        return self._csr_t(self._inverse_norms[self._item_users[1]] * self._item_log_counts)
+
+    @cached_property
+    def _item_scale(self) -> np.ndarray:
+        """``[W]`` 1 / sqrt(buyers of each item)."""
+        buyers = np.diff(self._item_indptr).astype(np.float64)
+        return 1 / np.sqrt(np.maximum(buyers, 1))
 
     @cached_property
     def buyers(self) -> sp.csr_matrix:
         """``[U, W]`` ``1/sqrt(buyers of the item)`` on each pair: the item-KNN cosine rows."""
-        buyers = np.bincount(self.items, minlength=self.width).astype(np.float64)
-        return self._csr((1 / np.sqrt(np.maximum(buyers, 1)))[self.items])
+        return self._csr(self._item_scale[self.items])
 
     @cached_property
     def buyers_t(self) -> sp.csr_matrix:
         """``[W, U]`` :attr:`buyers` transposed, row-major."""
-        return self.buyers.T.tocsr()
+        return self._csr_t(self._item_scale[self._item_users[0]])
 
     def build(self) -> PairIndex:
         """Build every matrix now (off a request path); returns ``self``."""
-        _ = self.unit_t, self.buyers_t
+        _ = self.counts, self.unit_t, self.buyers, self.buyers_t
         return self
 
     def unit_rows(self, users: np.ndarray) -> sp.csr_matrix:
-        """``[Q, W]`` the unit rows of ``users [Q]`` (empty for a user past the index), each
-        row's entries in descending item order: the product ``diags(known) @ unit[users]``
-        of the uncached computation stores them so, and a product sums in stored order."""
+        """``[Q, W]`` the unit rows of ``users [Q]`` (empty for a user past the index)."""
         known = users < self.num_users
-        entry = _reversed_rows(self.unit.indptr, users[known])
+        starts = self.indptr[users[known]]
         lens = np.zeros(users.size, np.int64)
-        lens[known] = np.diff(self.unit.indptr)[users[known]]
-        return sp.csr_matrix((self.unit.data[entry], self.unit.indices[entry],
-                              np.concatenate([[0], np.cumsum(lens)])),
+        lens[known] = self.indptr[users[known] + 1] - starts
+        ends = np.cumsum(lens[known])
+        entry = np.arange(int(lens.sum())) + np.repeat(starts - ends + lens[known], lens[known])
+        unit = self._inverse_norms[self.users[entry]] * self.log_counts[entry]
+        return sp.csr_matrix((unit, self.items[entry], np.concatenate([[0], np.cumsum(lens)])),
                              shape=(users.size, self.width))
 
     def _dense_times(self, left: np.ndarray, right: sp.csr_matrix, num_items: int) -> np.ndarray:
@@ -182,15 +206,6 @@ class PairIndex:
         out = self._dense_times(through, self.buyers, num_items)
         out /= np.maximum(out.max(1, keepdims=True), 1e-12)
         return self._float32(out, num_items)
-
-
-def _reversed_rows(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Data indices ``[M]`` of the entries of CSR rows ``rows [R]``, row by row, each row's
-    entries last to first."""
-    start = indptr[rows]
-    lens = indptr[rows + 1] - start
-    offset = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # in its row
-    return np.repeat(start + lens - 1, lens) - offset
 
 
 __all__ = ["PairIndex", "PairOrder"]

@@ -85,7 +85,7 @@ class PurchaseSignals:
     def reset_state(self) -> None:
         """Forget every event."""
         self.generation += 1
-        self._order, self._index = PairOrder(), None
+        self._by_user, self._by_item, self._index = PairOrder(), PairOrder(), None
         self.slots_of: dict[int, dict[int, int]] = {}  # user → item → slot
         self.size = 0
         self.pair_user = torch.zeros(0, dtype=torch.long)
@@ -225,13 +225,15 @@ class PurchaseSignals:
 
     def pair_index(self) -> PairIndex:
         """The pairs as one sorted sparse index (:class:`~tgn.pair_index.PairIndex`), built
-        once per :attr:`generation` and shared by both KNN terms; the sort is kept across
-        updates (new pairs are merged in)."""
+        once per :attr:`generation` and shared by both KNN terms; the sorts (by user, by
+        item) are kept across updates (new pairs are merged in)."""
         if self._index is None or self._index.generation != self.generation:
             n = self.size
-            self._order.extend(self.pair_user[:n].numpy(), self.pair_item[:n].numpy())
-            self._index = PairIndex(self._order, torch.log1p(self.count[:n]).numpy(),
-                                    self.generation)
+            users, items = self.pair_user[:n].numpy(), self.pair_item[:n].numpy()
+            self._by_user.extend(users, items)
+            self._by_item.extend(items, users)
+            self._index = PairIndex(self._by_user, self._by_item,
+                                    torch.log1p(self.count[:n]).numpy(), self.generation)
         return self._index
 
     def neighbor_scores(self, users: Tensor, t: float, num_items: int,
