@@ -75,7 +75,7 @@ def test_live_embeddings_equal_the_models_on_the_same_state(cj_small, run_dir, t
     run.mkdir()
     TGNRecommender(base.config, base.users, base.items, head).save(run / "model.pt",
                                                                    extra=head_extra(head))
-    replay(run, cj_small, tmp_path / "state", stop_row=4000)
+    replay(run, cj_small, tmp_path / "state", rows=4000, batch_events=1000)
     ids, ts, _, embedding, weights = load_store(tmp_path / "state/embeddings-shard-0-of-1.npz")
     model = TGNRecommender.load(checkpoint_path(tmp_path / "state", 0, 1),
                                 user_head=load_run_model(run).user_head).eval()
