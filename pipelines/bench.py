@@ -76,15 +76,17 @@ def _bare_loop(run_dir: str, log_path: str, events: int, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_replay(run_dir: str, log_path: str, events: int, batch: int,
-                 repeats: int) -> dict[str, float]:
-    """Replay figures (medians over ``repeats``)."""
+def bench_replay(run_dir: str, log_path: str, events: int, batch: int, repeats: int,
+                 batch_events: int = 200) -> dict[str, float]:
+    """Replay figures (medians over ``repeats``); the reference model loop runs micro-batches
+    of ``batch_events`` rows (the pipeline's are at most that, cut by event-time windows)."""
     from pipelines.pipeline import PipelineConfig, run_pipeline
 
     def wall(rows: int) -> float:
         started = time.perf_counter()
         run_pipeline(PipelineConfig(run_dir=run_dir, log_path=log_path, stop_row=rows,
-                                    fresh_state=True, max_batch=batch))
+                                    fresh_state=True, max_batch=batch,
+                                    batch_events=batch_events))
         return time.perf_counter() - started
 
     rates, startups, refs = [], [], []
@@ -92,12 +94,12 @@ def bench_replay(run_dir: str, log_path: str, events: int, batch: int,
         startup, full = wall(1), wall(events)
         rates.append(events / max(full - startup, 1e-9))
         startups.append(startup)
-        refs.append(events / _bare_loop(run_dir, log_path, events, batch))
+        refs.append(events / _bare_loop(run_dir, log_path, events, batch_events))
     rate, ref = statistics.median(rates), statistics.median(refs)
     return {"replay_events_per_s": rate, "replay_events_per_s_runs": rates,
             "replay_startup_s": statistics.median(startups),
             "reference_model_events_per_s": ref, "replay_vs_reference": rate / ref,
-            "replay_events": events, "batch_size": batch}
+            "replay_events": events, "batch_size": batch, "batch_events": batch_events}
 
 
 def _produce_main(argv: list[str]) -> None:
@@ -156,7 +158,7 @@ def bare_consume_latency(bootstrap: str, log_path: str, rate: float,
 
 
 #: Latency parts of :func:`latency_breakdown`, in passing order.
-PARTS = ("before_poll", "poll", "parse", "memory", "fuse", "write")
+PARTS = ("before_poll", "poll", "parse", "seal", "memory", "fuse", "write")
 
 
 def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
@@ -164,10 +166,13 @@ def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]
 
     Parts of one event's latency (they add up to it):
 
-    * ``before_poll``: produce → start of the poll that returned it (producer batching, broker,
-      and the pipeline busy with earlier batches or between bundles: queue wait);
+    * ``before_poll``: produce → start of the poll whose records sealed the event's
+      micro-batch (producer batching, broker, the wait for the watermark — the rest of its
+      micro-batch and every partition's clock passing it — and the pipeline busy with earlier
+      batches or between bundles);
     * ``poll``: start of that poll (or produce, if later) → records decoded;
-    * ``parse``, ``memory``, ``fuse``: each stage's compute for its batch;
+    * ``parse``, ``seal``, ``memory``, ``fuse``: each stage's compute for that poll's batch
+      (``seal``: the watermark stage);
     * ``write``: fusion done → embeddings handed to the producer and the store.
 
     Args:
@@ -187,8 +192,9 @@ def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]
         parts["before_poll"].append(started - produced)
         parts["poll"].append(marks["fetch"] - started)
         previous = marks["fetch"]
-        for stage, end in (("parse", marks["parse"]), ("memory", marks["memory"]),
-                           ("fuse", marks["fuse"]), ("write", emitted)):
+        for stage, end in (("parse", marks["parse"]), ("seal", marks.get("seal", marks["parse"])),
+                           ("memory", marks["memory"]), ("fuse", marks["fuse"]),
+                           ("write", emitted)):
             parts[stage].append(np.full(len(produced), end - previous))
             previous = end
         totals.append(emitted - produced)
@@ -202,8 +208,10 @@ def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]
 
 
 def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: int,
-               call_s: float = 0.25) -> dict[str, object]:
-    """Live figures: latency percentiles and lag over a run at ``rate`` events/s."""
+               call_s: float = 0.25, batch_events: int = 200,
+               idle_s: float = 1.0) -> dict[str, object]:
+    """Live figures: latency percentiles and lag over a run at ``rate`` events/s (every event
+    counted, the last ones sealed by the idle bound after the stream stops)."""
     from pipelines import outputs
     from pipelines.pipeline import PipelineConfig, run_pipeline
     from pipelines.sources import StopFlag
@@ -216,7 +224,8 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         stop = StopFlag()
         config = PipelineConfig(run_dir=run_dir, state_dir=state,
                                 bootstrap_servers=broker.bootstrap_servers, max_batch=batch,
-                                request_profiles=False, call_seconds=call_s)
+                                request_profiles=False, call_seconds=call_s,
+                                batch_events=batch_events, idle_seconds=idle_s)
         outputs.LATENCY_LOG = emitted = []
         pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
         pipeline.start()
@@ -239,6 +248,8 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         while _consumed() - base < limit and time.monotonic() < deadline:
             time.sleep(0.1)
         drain_s = time.monotonic() - started - samples[-1][0]
+        while sum(len(e[0]) for e in emitted) < limit and time.monotonic() < deadline:
+            time.sleep(0.1)  # the last micro-batches: sealed once the partitions are idle
         stop.set()
         pipeline.join(60)
         reference = bare_consume_latency(broker.bootstrap_servers, log_path, rate,
@@ -274,13 +285,14 @@ def _bench(args: argparse.Namespace) -> int:
                                      "threads": args.threads}
         if not args.skip_replay:
             report.update(bench_replay(run_dir, log_path, args.events, args.batch_size,
-                                       args.repeats))
+                                       args.repeats, args.batch_events))
             print(f"replay: {report['replay_events_per_s']:,.0f} events/s (model alone "
                   f"{report['reference_model_events_per_s']:,.0f}/s, ratio "
                   f"{report['replay_vs_reference']:.2f})", flush=True)
         if not args.skip_live:
             report.update(bench_live(run_dir, log_path, args.rate, args.seconds,
-                                     args.live_batch, args.call_seconds))
+                                     args.live_batch, args.call_seconds, args.batch_events,
+                                     args.idle_seconds))
             print(f"live @ {args.rate:,.0f}/s for {args.seconds:.0f}s: p50 "
                   f"{report['live_p50_ms']:.0f} ms, p99 {report['live_p99_ms']:.0f} ms "
                   f"(bare consumer p99 {report['reference_consume_p99_ms']:.0f} ms), "
@@ -300,7 +312,11 @@ def add_bench_arguments(bench_targets: argparse._SubParsersAction) -> None:
     bench.add_argument("--data", default="data/cj26", help="dataset directory (data/cj26)")
     bench.add_argument("--run", help="run directory (default: an untrained model; timing only)")
     bench.add_argument("--events", type=int, default=100_000, help="replayed events (100000)")
-    bench.add_argument("--batch-size", type=int, default=2000, help="replay batch (2000)")
+    bench.add_argument("--batch-size", type=int, default=2000, help="replay rows per read (2000)")
+    bench.add_argument("--batch-events", type=int, default=200,
+                       help="events per micro-batch, live and replay (200)")
+    bench.add_argument("--idle-seconds", type=float, default=1.0,
+                       help="live: idle bound of a quiet partition (1)")
     bench.add_argument("--repeats", type=int, default=3, help="replay repeats (3)")
     bench.add_argument("--rate", type=float, default=2000.0, help="live events/s (2000)")
     bench.add_argument("--seconds", type=float, default=60.0, help="live duration (60)")
