@@ -1,12 +1,14 @@
-"""A shard's state: graph memory, neighbour buffers and consumed offsets, saved together.
+"""A shard's state: graph memory, neighbour buffers and the event-time frontier, saved together.
 
 Users are split into shards by a stable hash of their id (:func:`shard_of`). Every shard holds a
 full model — weights, its users' memory and neighbours, and its own copy of every item's — and
-applies the events of its users in event-time order. Its checkpoint
-``STATE_DIR/shard-K-of-N.pt`` holds the model state *and* the next offset per source partition
-in one file written atomically (temp file + ``os.replace``, by ``TGNRecommender.save``), so a
-restart resumes exactly: the reader starts at the smallest saved position of any shard, and each
-shard skips offsets it had already applied (:meth:`ShardState.accept`).
+applies its users' part of each sealed micro-batch (:mod:`pipelines.watermark`) in event-time
+order. Its checkpoint ``STATE_DIR/shard-K-of-N.pt`` holds the model state *and* the frontier of
+the last micro-batch it applied (resume offset per source partition, the last sealed event) in
+one file written atomically (temp file + ``os.replace``, by ``TGNRecommender.save``), so a
+restart resumes exactly: the sealer and the reader start at the oldest frontier of any shard,
+rebuild the same micro-batches, and each shard drops what it had already applied
+(:meth:`ShardState.accept`).
 """
 
 from __future__ import annotations
