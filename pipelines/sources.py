@@ -96,32 +96,42 @@ class CheckpointPolicy:
 
 
 class IdleWatch:
-    """Which partitions are idle: the reader holds everything the broker has there (lag 0 in
-    the last fetch) and no record came from them for ``idle_s`` (wall clock).
+    """Which partitions are idle: for ``idle_s`` of polling, the reader held everything the
+    broker had there (lag 0 in the last fetch, no fetched records waiting) and got none.
 
     Idle partitions stop holding the event-time watermark back (:mod:`pipelines.watermark`);
     when all are idle, the open micro-batches are sealed. This is the bounded wait: an event
     waits for the other partitions' clocks at most ``idle_s`` after they went quiet.
 
+    Only time spent polling counts (at most :attr:`STEP_S` per poll): while the pipeline is
+    busy (a large batch, a checkpoint, a starved CPU) no fetch reaches the reader, so a
+    partition's silence then says nothing; counted, it made a partition whose records were
+    still on their way idle, and the others' clocks sealed its events as late.
+
     Args:
-        idle_s: seconds without records before a caught-up partition counts as idle.
+        idle_s: seconds of polling without records before a caught-up partition is idle.
     """
+
+    #: Most seconds one poll interval adds to a partition's quiet time.
+    STEP_S = 0.1
 
     def __init__(self, idle_s: float) -> None:
         self.idle_s = idle_s
-        self._last: dict[int, float] = {}
+        self._quiet: dict[int, float] = {}
+        self._polled: float | None = None
         self.reported: frozenset[int] = frozenset()  # as told in the last emitted batch
 
-    def update(self, records: list, partitions, lag) -> frozenset[int]:
+    def update(self, records: list, partitions, lag, buffered) -> frozenset[int]:
         """The idle partitions after a poll that returned ``records`` (``lag(p)``: records
-        not read yet, ``None`` unknown)."""
+        not read yet, ``None`` unknown; ``buffered(p)``: fetched records not returned yet)."""
         now = time.monotonic()
-        for partition in partitions:
-            self._last.setdefault(partition, now)
-        for partition in {r.partition for r in records}:
-            self._last[partition] = now
-        return frozenset(p for p in partitions
-                         if lag(p) == 0 and now - self._last[p] >= self.idle_s)
+        step = 0.0 if self._polled is None else min(now - self._polled, self.STEP_S)
+        self._polled = now
+        delivered = {r.partition for r in records}
+        for p in partitions:
+            busy = p in delivered or lag(p) != 0 or buffered(p)
+            self._quiet[p] = 0.0 if busy else self._quiet.get(p, 0.0) + step
+        return frozenset(p for p in partitions if self._quiet[p] >= self.idle_s)
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,10 @@ class LiveReader:
     def lag(self, partition: int) -> int | None:
         """Records not yet read: the fetch high watermark minus the next offset."""
         return self._reader.lag(partition) if self._reader is not None else None
+
+    def buffered(self, partition: int) -> bool:
+        """Fetched records of ``partition`` that no poll returned yet."""
+        return self._reader is not None and self._reader.buffered(partition)
 
     def close(self) -> None:
         """Close the consumer."""
@@ -286,7 +300,7 @@ class _ReadKafkaFn(beam.DoFn):
             lag = self._reader.lag(partition)
             if lag is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(lag)
-        idle = self._idle.update(records, position, self._reader.lag)
+        idle = self._idle.update(records, position, self._reader.lag, self._reader.buffered)
         if idle != self._idle.reported:
             log.info("idle partitions of %s: %s", topic, sorted(idle) or "none")
         if not records:

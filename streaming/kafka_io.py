@@ -230,6 +230,18 @@ class TopicReader:
         end = self._consumer.highwater(TopicPartition(self.topic, partition))
         return None if end is None else max(0, end - self.positions[partition])
 
+    def buffered(self, partition: int) -> bool:
+        """Whether the consumer holds fetched records of ``partition`` not returned by
+        :meth:`poll` yet (kafka-python 3.0's fetcher drains one partition's fetch at a time, so
+        a partition can wait behind another's backlog for many polls, its high watermark
+        unread meanwhile)."""
+        fetcher = self._consumer._fetcher
+        current = fetcher._next_partition_records
+        if current is not None and current.topic_partition.partition == partition and current:
+            return True
+        return any(f.topic_partition.partition == partition
+                   for f in list(fetcher._completed_fetches))
+
     def topic_id(self) -> str | None:
         """The topic's id (KIP-516) in the latest metadata, ``None`` while unknown.
 

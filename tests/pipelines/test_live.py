@@ -70,6 +70,7 @@ def test_live_pipeline_metrics_dlq_outputs_and_restart(kafka_broker, prometheus,
     server = metrics.start_metrics_server(0)
     prom = prometheus({"pipeline": [f"127.0.0.1:{server.server_port}"]})
     consumed0, dlq0 = _sample("dynllm_events_consumed_total"), _dead_lettered()
+    applied0 = _sample("dynllm_memory_update_batch_events_sum")
     pipeline = LivePipeline(run_dir, tmp_path, kafka_broker)
     prom.wait_for('up{job="pipeline"}', lambda v: v == 1, timeout_s=60)
     producer = json_producer(kafka_broker)
@@ -99,7 +100,10 @@ def test_live_pipeline_metrics_dlq_outputs_and_restart(kafka_broker, prometheus,
     pipeline = LivePipeline(run_dir, tmp_path, kafka_broker)
     produce_events(producer, "purchases", second, progress=False)
     pipeline.wait_consumed(consumed0 + len(BAD) + first.num_rows + second.num_rows)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30  # the last micro-batches: sealed once the input is idle
+    while _sample("dynllm_memory_update_batch_events_sum") - applied0 < 4000:
+        assert time.monotonic() < deadline, "the last events were never sealed"
+        time.sleep(0.1)
     pipeline.stop()
     producer.close()
     from tgn.model import TGNRecommender

@@ -7,6 +7,8 @@ micro-batches a replay of the same events in one sorted log cuts.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,3 +142,25 @@ def test_an_idle_partition_stops_holding_the_watermark_back(events):
     sealed = sum(len(b) for b in out)
     assert 0 < sealed < 200  # up to the watermark of partition 0; its newest basket waits
     assert out[-1].frontier.resume[1] == 0 and out[-1].frontier.resume[0] > 0
+
+
+def test_only_time_spent_polling_makes_a_quiet_partition_idle():
+    from pipelines.sources import IdleWatch
+
+    def poll(watch, records=(), lag=0, buffered=False):
+        return watch.update(list(records), [0, 1], lambda p: lag, lambda p: buffered)
+
+    class Rec:
+        partition = 0
+
+    watch = IdleWatch(idle_s=0.25)
+    poll(watch, [Rec()])
+    time.sleep(1.0)  # the pipeline was busy: no poll, no fetch; this must not count
+    assert poll(watch, [Rec()]) == frozenset()
+    for _ in range(3):  # polling while partition 1 brings nothing, caught up
+        time.sleep(0.11)
+        idle = poll(watch, [Rec()])
+    assert idle == frozenset({1})
+    assert poll(watch, [Rec()], buffered=True) == frozenset()  # fetched, not yet returned
+    time.sleep(0.11)
+    assert poll(watch, [Rec()], lag=None) == frozenset()  # its end not known yet
