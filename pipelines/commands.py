@@ -170,8 +170,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--batch-events", type=positive_int, default=200,
                          help="most events per micro-batch (200; docs/pipeline.md, "
                               "'Event time')")
-        sub.add_argument("--batch-window", type=positive_float, default=3600.0,
-                         help="a micro-batch spans at most this many event-time seconds (3600)")
+        sub.add_argument("--batch-window", type=positive_float, default=86400.0,
+                         help="a micro-batch spans at most this many event-time seconds "
+                              "(86400; with real-time event stamps at low rates, e.g. 1)")
         sub.add_argument("--allowed-lateness", type=non_negative_float, default=0.0,
                          help="event-time seconds an event may be behind its partition's "
                               "newest and still be applied; older: dead letter late_event (0)")

@@ -96,7 +96,7 @@ class PipelineConfig:
     call_seconds: float = 0.25
     request_profiles: bool = True
     batch_events: int = 200
-    batch_window_s: float = 3600.0
+    batch_window_s: float = 86400.0
     lateness_s: float = 0.0
     idle_seconds: float = 1.0
 

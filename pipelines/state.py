@@ -255,11 +255,12 @@ class ShardState:
         """Keep the ids of the applied events below the resume positions: those the restarted
         reader does not read again (one read again must not be taken for its own duplicate)."""
         resume = batch.frontier.resume if batch.frontier is not None else {}
-        floor = np.array([resume.get(int(p), np.iinfo(np.int64).max)
-                          for p in batch.partitions[order]], np.int64)
-        below = batch.offsets[order] < floor
+        parts, offsets = batch.partitions[order], batch.offsets[order]
+        below = np.ones(len(order), bool)
+        for partition, start in resume.items():
+            below &= (parts != partition) | (offsets < start)
         ids = batch.events.column("event_id").take(order).filter(pa.array(below))
-        self.applied_ids.add(ids, batch.partitions[order][below], batch.offsets[order][below])
+        self.applied_ids.add(ids, parts[below], offsets[below])
 
     def _empty(self, batch: EventsBatch) -> UserStates:
         none = np.zeros(0, np.int64)

@@ -67,7 +67,7 @@ class BatchRule:
     """
 
     events: int | None = 200
-    window_s: float = 3600.0
+    window_s: float = 86400.0
     lateness_s: float = 0.0
 
     def __post_init__(self) -> None:
