@@ -37,6 +37,8 @@ class Span:
             watermark back, :mod:`pipelines.watermark`).
         end: the end of the input (a replay's last rows, or the last read of a log that was
             replaced): every open micro-batch is sealed.
+        last: the reader's last batch (it stops): every shard finishes its checkpoint write
+            before the pipeline ends.
     """
 
     ranges: dict[int, tuple[int, int]]
@@ -44,16 +46,17 @@ class Span:
     trace: tuple[tuple[str, float], ...] = field(default=(), compare=False)
     idle: frozenset[int] = frozenset()
     end: bool = False
+    last: bool = False
 
     @classmethod
     def of(cls, partition: int, start: int, end: int, checkpoint: bool = False,
-           end_of_input: bool = False) -> Span:
+           end_of_input: bool = False, last: bool = False) -> Span:
         """A span over one partition.
 
         >>> Span.of(3, 10, 15).ranges
         {3: (10, 15)}
         """
-        return cls({partition: (start, end)}, checkpoint, end=end_of_input)
+        return cls({partition: (start, end)}, checkpoint, end=end_of_input, last=last)
 
     def mark(self, stage: str, at: float | None = None) -> Span:
         """This span with ``stage`` marked as passed at ``at`` (default: now)."""

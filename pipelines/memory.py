@@ -73,6 +73,8 @@ class _ApplyToMemoryFn(beam.DoFn):
             self._unsaved[shard] = self._unsaved.get(shard, 0) + len(ready)
             if ready.span.checkpoint:
                 state.save()
+            if ready.span.last:  # the pipeline ends after this batch: the file must be there
+                state.wait()
                 applied.write((applied.read() or 0) + self._unsaved.pop(shard))
                 self._write_evaluation()
             if len(out) or ready.span.checkpoint:  # an empty one still carries the checkpoint

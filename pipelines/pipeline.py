@@ -40,7 +40,6 @@ from pipelines.state import (
     check_shard_count,
     resume_frontier,
     resume_positions,
-    wait_for_checkpoints,
 )
 from pipelines.watermark import LATE_EVENTS, BatchRule, SealMicroBatches
 
@@ -188,4 +187,3 @@ def _run_once(config: PipelineConfig, stop: StopFlag, beam_args: Sequence[str],
         runner = FnApiRunner()
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         build(pipeline, config, stop, topic_id)
-    wait_for_checkpoints()

@@ -18,10 +18,13 @@ Replay reads ``events.parquet`` in row batches; the row number is the offset.
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import tempfile
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -38,43 +41,53 @@ from tgn.data import batch_bounds as event_batch_bounds
 
 log = logging.getLogger(__name__)
 
-#: Stop and restart events by flag name: DoFns are pickled, so they find them by name.
-_STOP_FLAGS: dict[str, threading.Event] = {}
-_RESTARTS: dict[str, threading.Event] = {}
+def _remove(*paths: str) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 class StopFlag:
-    """A picklable handle on process-wide events that stop the readers, for good or to restart."""
+    """Stop (for good, or to restart) signalled as data: two marker files.
 
-    def __init__(self) -> None:
-        self.name = uuid.uuid4().hex
-        _STOP_FLAGS[self.name] = threading.Event()
-        _RESTARTS[self.name] = threading.Event()
+    A DoFn gets a pickled copy of the flag, possibly in another process or on another worker of
+    a shared filesystem; it reads the markers (a ``stat`` per poll) instead of a process-wide
+    registry. The files are removed when the flag that made them is garbage-collected (copies
+    made by pickling never remove them).
+
+    Args:
+        directory: where the markers live (default: the system's temp directory; give a shared
+            one when workers run on other machines).
+    """
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        base = Path(directory or tempfile.gettempdir())
+        self.stop_path = str(base / f"dynllm-stop-{uuid.uuid4().hex}")
+        self.restart_path = f"{self.stop_path}.restart"
+        weakref.finalize(self, _remove, self.stop_path, self.restart_path)
 
     def set(self) -> None:
         """Ask every reader holding this flag to finish."""
-        _STOP_FLAGS[self.name].set()
+        Path(self.stop_path).touch()
 
     def restart(self) -> bool:
         """Ask the readers to finish so the pipeline can run again; False if already asked."""
-        event = _RESTARTS[self.name]
-        if event.is_set():
+        try:
+            Path(self.restart_path).touch(exist_ok=False)
+        except FileExistsError:
             return False
-        event.set()
         return True
 
     def restart_pending(self) -> bool:
         """A restart was asked for and no stop for good."""
-        return _RESTARTS[self.name].is_set() and not _STOP_FLAGS[self.name].is_set()
+        return os.path.exists(self.restart_path) and not os.path.exists(self.stop_path)
 
     def rearm(self) -> None:
         """Forget a restart request (the pipeline is about to run again)."""
-        _RESTARTS[self.name].clear()
+        Path(self.restart_path).unlink(missing_ok=True)
 
     def is_set(self) -> bool:
         """Whether :meth:`set` or :meth:`restart` was called."""
-        return any(events.get(self.name, threading.Event()).is_set()
-                   for events in (_STOP_FLAGS, _RESTARTS))
+        return os.path.exists(self.stop_path) or os.path.exists(self.restart_path)
 
 
 @dataclass
@@ -213,11 +226,12 @@ _WATERMARK = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_
 
 
 def _empty_batch(positions: dict[int, int], checkpoint: bool = True,
-                 idle: frozenset[int] = frozenset(), end: bool = False) -> RawBatch:
+                 idle: frozenset[int] = frozenset(), end: bool = False,
+                 last: bool = False) -> RawBatch:
     """A batch with no records that still carries the positions, the idle partitions and a
-    ``checkpoint`` (or end-of-input) mark."""
+    ``checkpoint`` (or end-of-input, or last-batch) mark."""
     return RawBatch(Span({p: (o, o) for p, o in positions.items()}, checkpoint, idle=idle,
-                         end=end), [],
+                         end=end, last=last), [],
                     np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int32))
 
 
@@ -287,7 +301,7 @@ class _ReadKafkaFn(beam.DoFn):
             tracker.try_claim(None)
             # a stop leaves open micro-batches open (read again at the next start); the last
             # read of a replaced log seals them, as its records cannot be read again
-            yield _empty_batch(position, end=self.stop.restart_pending())
+            yield _empty_batch(position, end=self.stop.restart_pending(), last=True)
             return
         tracker.defer_remainder(Duration.of(0))
 
@@ -362,7 +376,7 @@ class _ReadLogFn(beam.DoFn):
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             metrics.EVENTS_CONSUMED.inc(hi - lo)
             span = Span.of(0, lo, hi, checkpoint=hi == stop or self.policy.due(hi - lo),
-                           end_of_input=hi == log.num_rows)
+                           end_of_input=hi == log.num_rows, last=hi == stop)
             yield RawBatch(span.mark("fetch"), _compact(log.slice(lo, hi - lo)),
                            np.arange(lo, hi, dtype=np.int64), np.full(hi - lo, time.time()),
                            np.zeros(hi - lo, np.int32))

@@ -141,6 +141,7 @@ class ShardState:
         self.last: Key = frontier.last if frontier is not None else START
         self._saved = dict(positions)  # positions of the last checkpoint
         self._saved_last = self.last
+        self._writer: threading.Thread | None = None  # the checkpoint write in progress
         # this shard's part of the duplicate filter, saved with the positions it goes with
         self.applied_ids = AppliedIds(RECENT_IDS_CAPACITY // num_shards)
         self._pending: list[EventsBatch] = []
@@ -273,12 +274,12 @@ class ShardState:
 
         The model's tensors are copied first, so the file holds exactly the state at this point
         and the positions that go with it while the stream goes on; the previous write is finished
-        first, so checkpoints land in order. :func:`wait_for_checkpoints` waits for all.
+        first, so checkpoints land in order; :meth:`wait` waits for it.
         """
         if self.path is None or (self.positions == self._saved and self.last == self._saved_last
                                  and self.path.exists()):
             return  # nothing applied since the last checkpoint
-        wait_for_checkpoints()
+        self.wait()
         snapshot = _snapshot(self.model)
         self._saved, self._saved_last = dict(self.positions), self.last
         extra = {"positions": dict(self.positions), "saved_at": time.time(),
@@ -293,9 +294,14 @@ class ShardState:
             write_checkpoint({**snapshot, "extra": extra}, self.path)
             metrics.CHECKPOINT_TIMESTAMP.set(extra["saved_at"])
 
-        thread = threading.Thread(target=write, name=f"checkpoint-{self.shard}")
-        _WRITES.append(thread)
-        thread.start()
+        self._writer = threading.Thread(target=write, name=f"checkpoint-{self.shard}")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Block until this shard's last checkpoint write is on disk."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
 
 
 def _snapshot(model) -> dict:
@@ -306,12 +312,3 @@ def _snapshot(model) -> dict:
     payload["state"] = {name: tensor.clone() for name, tensor in payload["state"].items()}
     return payload
 
-
-#: Checkpoint writes started by :meth:`ShardState.save` and not yet waited for.
-_WRITES: list[threading.Thread] = []
-
-
-def wait_for_checkpoints() -> None:
-    """Block until every checkpoint write started in this process is on disk."""
-    while _WRITES:
-        _WRITES.pop().join()

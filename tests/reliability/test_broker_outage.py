@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pipelines.outputs import load_store
-from pipelines.state import checkpoint_path, wait_for_checkpoints
+from pipelines.state import checkpoint_path
 from streaming.broker import Broker, free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -145,7 +145,7 @@ def test_checkpoints_keep_the_topic_id_and_a_reset_stores_the_new_one(run_dir, t
     state = ShardState.open(run_dir, tmp_path, 1, 2, topic_id="A")
     state.positions = {0: 9}
     state.save()
-    wait_for_checkpoints()
+    state.wait()
     assert checkpoint_topic_ids(tmp_path, 2) == {"A"}
     assert ShardState.open(run_dir, tmp_path, 1, 2).topic_id == "A"  # kept when not given
     mark_log_reset(tmp_path, "purchases")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.applied_ids import AppliedIds, load_applied_ids
-from pipelines.state import ShardState, checkpoint_path, wait_for_checkpoints
+from pipelines.state import ShardState, checkpoint_path
 from streaming.deadletter import decode_raw
 
 PHASE_A, PHASE_B, RESENT = 60, 40, 10
@@ -64,6 +64,6 @@ def test_shard_checkpoints_carry_their_ids(run_dir, cj_small, tmp_path):
         state.applied_ids.add(ids.slice(shard * 15, 15))
         state.positions = {0: 30}
         state.save()
-    wait_for_checkpoints()
+        state.wait()
     assert load_applied_ids(tmp_path, 2) == ids.to_pylist()
     assert ShardState.open(run_dir, tmp_path, 1, 2).applied_ids.to_list() == ids.to_pylist()[15:]
