@@ -322,7 +322,9 @@ class _ReadKafkaFn(beam.DoFn):
             if not due and idle == self._idle.reported:
                 return None
             self._idle.reported = idle
-            return _empty_batch(position, due, idle)
+            empty = _empty_batch(position, due, idle)  # it may seal events: trace its poll
+            empty.span = empty.span.mark("poll", polled).mark("fetch", fetched)
+            return empty
         self._idle.reported = idle
         metrics.EVENTS_CONSUMED.inc(len(records))
         batch = _records_batch(records, position, self._reader.positions,
