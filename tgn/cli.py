@@ -28,7 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     from tgn.train import TrainConfig
 
     model_config = TGNConfig(repeat=not args.no_repeat)
-    sampling = {k: getattr(args, k) for k in ("negatives", "history_negatives", "history_steps")
+    sampling = {k: getattr(args, k) for k in ("loss", "negatives", "history_negatives",
+                                               "history_steps")
                 if getattr(args, k) is not None}  # unset: TrainConfig's defaults
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, patience=args.patience,
@@ -109,6 +110,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=positive_int, default=200)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--patience", type=positive_int, default=2)
+    train.add_argument("--loss", choices=("bpr", "softmax"),  # tgn.train.LOSSES (no torch here)
+                       help="stage 1: BPR, or a sampled softmax over 1,000 shared negatives "
+                            "(default: TrainConfig's)")
     train.add_argument("--negatives", type=positive_int,
                        help="BPR negatives per purchase (default: TrainConfig's)")
     train.add_argument("--history-negatives", type=share, metavar="SHARE",
