@@ -245,17 +245,23 @@ class ServingShard:
             signals.pinned, self._refreshed = index, key
         return True
 
-    def score(self, embedding: np.ndarray, user_id: str) -> Tensor:
-        """Served scores ``[I]``: the dot product with the item vectors, mixed with the
-        user's purchase history at :attr:`t` (the model's :meth:`mix_history`)."""
-        scores = self.item_vectors @ torch.from_numpy(embedding)
+    def score(self, embeddings: np.ndarray, user_ids: list[str]) -> Tensor:
+        """Served scores ``[B, I]`` of users ``user_ids [B]`` with ``embeddings [B, E]``: the
+        dot products with the item vectors, mixed with each user's purchase history at
+        :attr:`t` (the model's :meth:`mix_history`, one call for the batch)."""
+        scores = torch.from_numpy(embeddings) @ self.item_vectors.T  # [B, I]
         model = self.model
-        if model.repeat is None or user_id not in model.users:
+        known = [b for b, user in enumerate(user_ids) if user in model.users]
+        if model.repeat is None or not known:
             return scores
-        index = torch.from_numpy(model.users.encode([user_id], grow=False))
+        index = torch.from_numpy(model.users.encode([user_ids[b] for b in known], grow=False))
+        rows = torch.tensor(known)
         with torch.no_grad():
-            return model.mix_history(scores.unsqueeze(0), index,
-                                     torch.tensor([self.t], dtype=torch.float64))[0]
+            scores[rows] = model.mix_history(scores[rows], index,
+                                             torch.full((len(known),), self.t,
+                                                        dtype=torch.float64))
+        return scores
+
 
 def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_EVERY_S) -> None:
     """Poll ``topic_reader`` until ``stop``; every ``every_s`` pass the JSON values gathered

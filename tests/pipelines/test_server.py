@@ -99,6 +99,21 @@ def test_recommend_serves_the_models_full_score(run_dir, one_shard_state):
     assert abs(float(full[top]) - float(full.max())) < 1e-3  # the best item (or a tie of it)
 
 
+def test_a_batch_of_requests_gets_each_requests_own_answer(run_dir, one_shard_state):
+    """The server scores concurrent requests in one batch: the same answers as one by one."""
+    recommender = Recommender(run_dir, one_shard_state)
+    users = [str(u) for u in load_store(one_shard_state / "embeddings-shard-0-of-1.npz")[0][:6]]
+    requests = [(users[0], 5), ("nobody", 3), *((u, 1 + i) for i, u in enumerate(users[1:]))]
+    batch = recommender.recommend_many(requests)
+    assert batch[1] is None
+    for (user, k), answer in zip(requests, batch, strict=True):
+        if answer is not None:
+            alone = recommender.recommend(user, k)
+            assert [i["item_id"] for i in answer["items"]] == [i["item_id"] for i in alone["items"]]
+            assert [i["score"] for i in answer["items"]] == [i["score"] for i in alone["items"]]
+            assert len(answer["items"]) == k and answer["user_id"] == user
+
+
 def test_pinned_pair_index_gives_the_reference_knn_terms(run_dir, one_shard_state):
     """The pinned pair index gives ``PurchaseSignals.neighbor_scores`` and ``item_scores``
     (≤ 1e-6); the user-KNN term also for a user whose purchases came after the pin (his row
