@@ -4,13 +4,14 @@ tensor (the CI test, ``tests/reliability/test_crash_safety.py``, does the same o
 
 Two local brokers get the same first ``--events`` of a dataset at ``--rate`` events/s, keyed by
 user, produced live at the same time. ``dynllm run`` reads one of them uninterrupted; on the
-other it is killed with SIGKILL ``--kills`` times, each at a random number of consumed records
-(seeded), and restarted on the same state directory. When every event is sealed both get SIGTERM;
+other it is killed with SIGKILL ``--kills`` times, each once it has written a checkpoint of its
+own and then read a random number (seeded) of further records, and restarted on the same state
+directory. When every event is sealed both get SIGTERM;
 then the same events are replayed as one sorted log through the same pipeline. An untrained TGN
 whose id maps cover the dataset (the state's equality does not depend on the weights).
 
     flock -x /tmp/dynllm-bench.lock python benchmarks/crash_determinism.py --data data/cj26 \\
-        --events 100000 --rate 2000 --kills 6 --json benchmarks/crash_determinism.json
+        --events 100000 --rate 1000 --kills 6 --json benchmarks/crash_determinism.json
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/cj26")
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--checkpoint-events", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=17)
@@ -145,15 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         streams = [_produce(b.bootstrap_servers, values, args.rate) for b in (crashing, steady)]
         uninterrupted = Incarnation(steady.bootstrap_servers, run_dir, clean, extra)
         for _ in range(args.kills):
-            start_at = _offsets_total(crashed)
+            start_at, born = _offsets_total(crashed), time.time()
             incarnation = Incarnation(crashing.bootstrap_servers, run_dir, crashed, extra)
-            target = min(rng.randint(1000, 10_000), args.events - start_at)
+            incarnation.wait(lambda i=incarnation, b=born, r=args.events - start_at: i.value(
+                "dynllm_checkpoint_timestamp_seconds") > b or i.value(
+                "dynllm_events_consumed_total") >= r, 600, "writing a checkpoint")
+            more = rng.randint(0, 3000)
+            target = min(incarnation.value("dynllm_events_consumed_total") + more,
+                         args.events - start_at)
             incarnation.wait(lambda i=incarnation, t=target: i.value(
-                "dynllm_events_consumed_total") >= t, 300, f"consuming {target}")
+                "dynllm_events_consumed_total") >= t, 600, f"consuming {target}")
             incarnation.process.send_signal(signal.SIGKILL)
             incarnation.process.wait()
             report["kills"].append({"at_s": round(time.monotonic() - started, 1),
-                                    "resumed_from": start_at, "consumed": target,
+                                    "resumed_from": start_at, "consumed": int(target),
                                     "producing": any(s.is_alive() for s in streams)})
         final = Incarnation(crashing.bootstrap_servers, run_dir, crashed, extra)
         for process, remaining in ((final, args.events - _offsets_total(crashed)),
