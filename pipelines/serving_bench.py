@@ -8,13 +8,15 @@ events/s, and a load process sending ``/recommend`` requests at ``--request-rate
 1. **State**: the run's model warmed on the first ``--warm-events`` events (memory, neighbours
    and purchase statistics: a server with a realistic user-KNN matrix), saved as the run the
    pipeline and the server start from; the live stream continues the log after them.
-2. **Freshness**: every ``--probe-every`` seconds this process produces one purchase for one
-   of ``--probe-users`` probe households (ids no log event uses, so nothing else moves their
-   version) and polls ``/recommend`` for that household every ``--poll-ms`` until the answer's
-   ``version`` counts the purchase. Freshness = that answer's arrival − the produce time (the
-   Kafka record's timestamp): produce → pipeline → changelog → server → answer, quantised by
-   the poll interval. These polls are ``/recommend`` requests too, on top of the load
-   (``probe_requests_per_s`` in the report).
+2. **Freshness**: every ``--probe-every`` seconds the producer process puts one purchase for
+   one of ``--probe-users`` probe households (ids no log event uses, so nothing else moves
+   their version) into its stream, with the event time of the log row it sent last (the
+   pipeline seals micro-batches by an event-time watermark: a probe out of time order would be
+   late); this process polls ``/recommend`` for that household every ``--poll-ms`` until the
+   answer's ``version`` counts the purchase. Freshness = that answer's arrival − the time the
+   producer sent it: produce → pipeline (including the wait for the watermark) → changelog →
+   server → answer, quantised by the poll interval. These polls are ``/recommend`` requests
+   too, on top of the load (``probe_requests_per_s`` in the report).
 3. **Latency**: the load process sends requests open-loop at a fixed schedule (households of
    the stream's first seconds, ``k=10``) over ``--connections`` keep-alive connections; a
    request's latency is its answer's arrival − its scheduled send time, so a server that falls
@@ -70,33 +72,85 @@ def _get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
         return 0, {}
 
 
+def _probe_value(n: int, probe_users: int, item: str, ts: float) -> tuple[str, int, bytes]:
+    """Probe ``n``: ``(household, the version that counts it, the event as JSON)``."""
+    user = f"probe-{n % probe_users}"
+    return user, n // probe_users + 1, json.dumps({
+        "event_id": f"probe-{n}", "user_id": user, "item_id": item, "ts": ts,
+        "quantity": 1.0, "price": 1.0}).encode()
+
+
 def _produce_main(argv: list[str]) -> None:
-    """Child process: send rows ``[start, start + rate·seconds)`` of the log at ``rate``/s."""
+    """Child process: send rows ``[start, start + rate·seconds)`` of the log at ``rate``/s, and
+    every ``probe_every`` s from ``probe_from`` s to ``probe_until`` s one probe purchase with
+    the event time of the row sent last (in time order with the stream, so never late); each
+    probe is printed as a JSON line ``{"user", "version", "produced"}``."""
     import pyarrow.parquet as pq
 
-    from pipelines.load_bench import fast_producer
+    from pipelines.load_bench import _send, fast_producer
 
     bootstrap, log_path, start, rate, seconds = (argv[0], argv[1], int(argv[2]),
                                                  float(argv[3]), float(argv[4]))
+    probe_every, probe_from, probe_until = float(argv[5]), float(argv[6]), float(argv[7])
+    probe_users, probe_item, n = int(argv[8]), argv[9], int(argv[10])
     rows = pq.read_table(log_path).slice(start, int(rate * seconds)).to_pylist()
     values = [json.dumps({k: v for k, v in row.items() if v is not None}).encode()
               for row in rows]
     producer = fast_producer(bootstrap)
     print("ready", flush=True)
     began = time.monotonic()
+    next_probe = began + probe_from
     for i, value in enumerate(values):
         delay = began + i / rate - time.monotonic()
         if delay > 0.001:
             time.sleep(delay)
-        while True:
-            try:
-                producer.produce(TOPIC, value)
-                break
-            except BufferError:
-                producer.poll(0.01)
+        _send(producer, value)
+        if time.monotonic() >= next_probe and next_probe < began + probe_until:
+            user, version, probe = _probe_value(n, probe_users, probe_item, rows[i]["ts"])
+            produced = time.time()
+            _send(producer, probe)
+            print(json.dumps({"user": user, "version": version, "produced": produced}),
+                  flush=True)
+            n, next_probe = n + 1, next_probe + probe_every
         producer.poll(0)
     producer.flush(30)
     print(json.dumps({"sent": len(values), "seconds": time.monotonic() - began}), flush=True)
+
+
+def _follow_probes(lines, seen, deadline_s: float, poll_ms: float) -> tuple[list[float], int, int]:
+    """Poll ``/recommend`` (``seen(user, version)``) for every probe the feeder announces on
+    ``lines`` (its stdout) until it reports its end; returns ``(freshness ms per probe seen,
+    probes missed, polls)`` and leaves the feeder's last line in ``lines.report``."""
+    announced: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in lines:
+            announced.put(json.loads(line))
+        announced.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    fresh, outstanding, missed, polls, done = [], [], 0, 0, False
+    while not done or outstanding:
+        while True:
+            try:
+                item = announced.get_nowait()
+            except queue.Empty:
+                break
+            if item is None or "sent" in item:
+                done = done or item is None
+                lines.report = item or lines.report
+            else:
+                outstanding.append(item)
+        for probe in list(outstanding):
+            polls += 1
+            if seen(probe["user"], probe["version"]):
+                fresh.append((time.time() - probe["produced"]) * 1000.0)
+                outstanding.remove(probe)
+            elif time.time() - probe["produced"] > deadline_s:
+                missed += 1
+                outstanding.remove(probe)
+        time.sleep(poll_ms / 1000)
+    return fresh, missed, polls
 
 
 def _load_main(argv: list[str]) -> None:
@@ -151,6 +205,16 @@ def _load_main(argv: list[str]) -> None:
                       "ok": sum(s == 200 for s in statuses),
                       "statuses": {str(s): statuses.count(s) for s in set(statuses)}}),
           flush=True)
+
+
+class _Lines:
+    """A child's stdout lines, with the last report line kept (:func:`_follow_probes`)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.report = stream, None
+
+    def __iter__(self):
+        return iter(self.stream)
 
 
 def _child(args: list[str], log: Path | None = None) -> subprocess.Popen:
@@ -208,14 +272,14 @@ def bench_serving(data_dir: str, warm_events: int, rate: float, seconds: float,
             _wait(lambda: _get_json(f"{base}/healthz")[0] == 200, 300, "for the server")
             producer = json_producer(bootstrap, linger_ms=0)
 
-            def probe(n: int) -> tuple[str, int, float]:
-                user = f"probe-{n % probe_users}"
-                produced = time.time()
-                producer.send(TOPIC, key=user, value={
-                    "event_id": f"probe-{n}", "user_id": user, "item_id": probe_item,
-                    "ts": probe_t + n, "quantity": 1.0, "price": 1.0})
+            def probe(n: int) -> tuple[str, int]:
+                # before the stream in event time (nothing it sends is late behind these), and
+                # in the order sent (the sealer orders ties by event id: "probe-10" < "probe-9")
+                ts = probe_t - 1.0 + n / (10.0 * probe_users)
+                user, version, value = _probe_value(n, probe_users, probe_item, ts)
+                producer.send(TOPIC, key=user, value=json.loads(value))
                 producer.flush()
-                return user, n // probe_users + 1, produced
+                return user, version
 
             def seen(user: str, version: int) -> bool:
                 status, body = _get_json(f"{base}/recommend?user={user}&k=1")
@@ -223,40 +287,28 @@ def bench_serving(data_dir: str, warm_events: int, rate: float, seconds: float,
 
             # the pipeline is up and the server follows it once a first probe comes back
             for n in range(probe_users):
-                user, version, _ = probe(n)
+                user, version = probe(n)
                 _wait(lambda u=user, v=version: seen(u, v), 300, "for the first probes")
+            warmup = min(5.0, seconds / 6)  # the stream's own warm-up
             feeder = _child(["-m", "pipelines.serving_bench", "produce", bootstrap, log_path,
-                             str(warm_events), str(rate), str(seconds)])
+                             str(warm_events), str(rate), str(seconds), str(probe_every),
+                             str(warmup + 1.0), str(seconds - 12), str(probe_users),
+                             probe_item, str(probe_users)])
             feeder.stdout.readline()  # ready
-            time.sleep(min(5.0, seconds / 6))  # the stream's own warm-up
+            time.sleep(warmup)
             loader = _child(["-m", "pipelines.serving_bench", "load", "127.0.0.1", str(port),
                              str(request_rate), str(seconds - 10), str(connections),
                              str(work / "users.json")])
             loader.stdout.readline()  # ready
             load_avg.append(os.getloadavg())
-            fresh: list[float] = []
-            missed, polls, polling_from = 0, 0, time.monotonic()
-            n = probe_users
-            until = time.monotonic() + seconds - 12
-            while time.monotonic() < until:
-                next_at = time.monotonic() + probe_every
-                user, version, produced = probe(n)
-                n += 1
-                deadline = time.monotonic() + 10
-                while not seen(user, version):
-                    polls += 1
-                    if time.monotonic() > deadline:
-                        missed += 1
-                        break
-                    time.sleep(poll_ms / 1000)
-                else:
-                    fresh.append((time.time() - produced) * 1000.0)
-                time.sleep(max(0.0, next_at - time.monotonic()))
+            polling_from = time.monotonic()
+            lines = _Lines(feeder.stdout)
+            fresh, missed, polls = _follow_probes(lines, seen, 10.0, poll_ms)
             polling_s = time.monotonic() - polling_from
             load_avg.append(os.getloadavg())
             load = json.loads(loader.stdout.readline())
             loader.wait(60)
-            produced_report = json.loads(feeder.stdout.readlines()[-1])
+            produced_report = lines.report
             feeder.wait(60)
             load_avg.append(os.getloadavg())
             producer.close()
