@@ -46,9 +46,18 @@ class _OnePerCall(beam.DoFn):
 
 
 def test_runner_metrics_do_not_grow_with_bundles():
-    bound_runner_metrics()
+    assert bound_runner_metrics()  # the installed release is one the patch was measured on
     with beam.Pipeline(runner=FnApiRunner()) as pipeline:
         _ = (pipeline | beam.Create([CALLS]) | beam.ParDo(_OnePerCall())
              | beam.Map(lambda x: x + 1))
     # unpatched, Beam 2.77 keeps two lazy chains per bundle alive (~500 more here)
     assert CHAINS[CALLS - 1] - CHAINS[50] < 25, CHAINS
+
+
+def test_other_beam_releases_are_left_alone(caplog):
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    before = fn_runner.consolidate_monitoring_infos
+    assert bound_runner_metrics(version="99.0.0") is False
+    assert fn_runner.consolidate_monitoring_infos is before
+    assert "not applied" in caplog.text
