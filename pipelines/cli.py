@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from streaming.errors import UsageError
+from streaming.errors import BrokerUnreachable, UsageError
 
 #: Modules that contribute subcommands, in help order.
 COMMAND_MODULES = (
@@ -73,11 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_log_filters()  # kafka-python's close race logs a traceback for a closed socket
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError, BrokerUnreachable) as exc:
         if os.environ.get("DYNLLM_DEBUG"):
             raise
         print(f"dynllm: error: {exc}", file=sys.stderr)
-        return 2
+        return 69 if isinstance(exc, BrokerUnreachable) else 2
     except KeyboardInterrupt:
         return 130
 

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 from kafka.serializer import Serializer
 
+from streaming.errors import BrokerUnreachable
+
 #: Producer settings: ordered, acknowledged, duplicate-free delivery with batching for throughput.
 PRODUCER_DEFAULTS: dict[str, Any] = {
     # Idempotence (Tansu supports it) keeps per-partition order and drops duplicates on retry
@@ -110,12 +112,21 @@ def json_producer(bootstrap_servers: str, **overrides: Any):
                          key_serializer=_KeySerializer(), **config)
 
 
-def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4) -> None:
-    """Create topics that do not exist yet (existing ones are left as they are)."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4,
+                  timeout_ms: int = 30_000) -> None:
+    """Create topics that do not exist yet (existing ones are left as they are).
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    Raises :class:`~streaming.errors.BrokerUnreachable` when no broker answers within
+    ``timeout_ms`` (the command line prints it as one line).
+    """
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
+                                 bootstrap_timeout_ms=timeout_ms)
+    except KafkaTimeoutError as exc:
+        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(n, num_partitions=partitions, replication_factor=1)
