@@ -145,9 +145,7 @@ def bpr_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Ten
     z = model.item_embeddings(t, items)
     pos = (users * z[:b]).sum(-1)  # [B]
     neg = (users.repeat_interleave(r, 0) * z[b:]).sum(-1).view(b, r)
-    loss = -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
-    extra = getattr(model.user_head, "extra_loss", None)
-    return loss + extra() if callable(extra) else loss
+    return -F.logsigmoid(pos.unsqueeze(1) - neg).mean()
 
 
 def softmax_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) -> Tensor:
@@ -160,9 +158,7 @@ def softmax_loss(model: TGNRecommender, batch: EventBatch, negatives: Tensor) ->
     pos = (users * z[:b]).sum(-1, keepdim=True)  # [B, 1]
     neg = (users @ z[b:].T).masked_fill(negatives == batch.items.unsqueeze(1), -torch.inf)
     logits = torch.cat([pos, neg], dim=1)  # [B, 1 + S]
-    loss = F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
-    extra = getattr(model.user_head, "extra_loss", None)
-    return loss + extra() if callable(extra) else loss
+    return F.cross_entropy(logits, torch.zeros(b, dtype=torch.long))
 
 
 def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: EventBatch,
@@ -184,6 +180,8 @@ def train_epoch(model: TGNRecommender, optimizer: torch.optim.Optimizer, train: 
         else:
             negatives = draw_negatives(model, batch, seen_items[:known], config, generator)
             loss = bpr_loss(model, batch, negatives)
+        if callable(extra := getattr(model.user_head, "extra_loss", None)):
+            loss = loss + extra()  # the user head's own term (the DynLLM head's distillation)
         loss.backward()
         optimizer.step()
         model.detach()
