@@ -45,6 +45,10 @@ RECENT_ITEMS = 10
 RECENT_DECAY = 0.8
 #: Prior strength (pseudo-events) of the shrunk rates and mean intervals.
 PRIOR = 5.0
+#: Largest exponent ``rate · (t − origin)`` of the scaled item popularity before the table is
+#: rescaled to a new origin (``2**200``, far from float64's ``2**1024``; 600 days of events at
+#: the 3-day half-life).
+POP_RESCALE_EXPONENT = 200 * math.log(2)
 
 
 def _rates(tau_days: tuple[float, ...]) -> Tensor:
@@ -97,8 +101,11 @@ class PurchaseSignals:
         self.user_stats = torch.zeros(0, 4, dtype=torch.float64)
         # items: purchases, first-time purchases, repeats, Σ log interval days, intervals
         self.item_stats = torch.zeros(0, 5, dtype=torch.float64)
+        # decayed item popularity scaled to `origin`: at time t it is item_pop·exp(−rate·(t −
+        # origin)), so an event adds exp(rate·(t_event − origin)) and the rest stays untouched
         self.item_pop = torch.zeros(0, 2 * len(ITEM_HALF_LIVES), dtype=torch.float64)
-        self.clock = -math.inf  # time the decayed item popularity refers to
+        self.origin = -math.inf
+        self.clock = -math.inf  # newest time of the last update: features never decay before it
 
     # -- state -------------------------------------------------------------------------------
 
@@ -181,14 +188,21 @@ class PurchaseSignals:
         stats[:, 3].index_add_(0, items[has_gap], torch.log(gap[has_gap]))
         stats[:, 4].index_add_(0, items[has_gap], torch.ones(int(has_gap.sum()),
                                                              dtype=torch.float64))
-        now = float(t.max())
+        self.clock = float(t.max())
+        if not abs(self.clock - self.origin) * float(self.item_rates.max()) \
+                <= POP_RESCALE_EXPONENT:  # rare (or the first batch): O(items)
+            self.item_pop = self._item_pop_at(self.item_pop, self.clock)
+            self.origin = self.clock
         h = len(ITEM_HALF_LIVES)
-        if math.isfinite(self.clock):
-            self.item_pop *= torch.exp(-(now - self.clock) * self.item_rates).repeat(2)
-        share = torch.exp(-(now - t).unsqueeze(1) * self.item_rates)  # [B, H]
+        share = torch.exp((t - self.origin).unsqueeze(1) * self.item_rates)  # [B, H]
         self.item_pop[:, :h].index_add_(0, items, share)
         self.item_pop[:, h:].index_add_(0, items[first], share[first])
-        self.clock = now
+
+    def _item_pop_at(self, pop: Tensor, t: float) -> Tensor:
+        """Scaled popularity rows ``pop [N, 2H]`` as the decayed popularity at time ``t``."""
+        if not math.isfinite(self.origin):
+            return pop.clone()  # no event yet: all zero
+        return pop * torch.exp(-(t - self.origin) * self.item_rates).repeat(2)
 
     # -- features ----------------------------------------------------------------------------
 
@@ -295,25 +309,30 @@ class PurchaseSignals:
         purchases, log first-time buyers, re-buy rate (logit), log decayed popularity of all
         purchases and of first-time purchases."""
         stats = _grow(self.item_stats, num_items)[:num_items]
-        pop = _grow(self.item_pop, num_items)[:num_items]
-        if math.isfinite(self.clock):
-            pop = pop * torch.exp(-max(0.0, t - self.clock) * self.item_rates).repeat(2)
         rebuy = (stats[:, 2] + 1) / (stats[:, 0] + 2)
         cols = [torch.log1p(stats[:, 0]), torch.log1p(stats[:, 1]), _logit(rebuy),
-                *torch.log1p(pop).unbind(1)]
+                *torch.log1p(self.item_popularity(t, num_items)).unbind(1)]
         return torch.stack(cols, 1).float()
+
+    def item_popularity(self, t: float, num_items: int) -> Tensor:
+        """Decayed popularity ``[num_items, 2H]`` (float64) at time ``t`` (no earlier than the
+        last update's newest event): ``Σ exp(−rate · (t − t_event))`` over each item's
+        purchases (the first ``H`` columns, one per :data:`ITEM_HALF_LIVES`) and over its
+        first-time purchases (the last ``H``)."""
+        pop = _grow(self.item_pop, num_items)[:num_items]
+        return self._item_pop_at(pop, max(t, self.clock))
 
     # -- saving ------------------------------------------------------------------------------
 
     def packed(self) -> Tensor:
         """A copy of the whole state as one 1-D float64 tensor: the pair, user and item row
-        counts and the clock, then the ``[P, 4 + H]`` pairs (user, item, count, last, decayed),
-        ``[U, 4]`` user and ``[I, 5 + 2H']`` item rows, flattened (ids are exact in float64 up
-        to 2**53)."""
+        counts, the clock and the popularity's origin, then the ``[P, 4 + H]`` pairs (user,
+        item, count, last, decayed), ``[U, 4]`` user and ``[I, 5 + 2H']`` item rows (stats,
+        scaled popularity), flattened (ids are exact in float64 up to 2**53)."""
         n, users, items = self.size, self.user_stats.size(0), self.item_stats.size(0)
         pairs = torch.cat([self.pair_user[:n, None].double(), self.pair_item[:n, None].double(),
                            self.count[:n, None], self.last[:n, None], self.decayed[:n]], 1)
-        head = torch.tensor([n, users, items, self.clock], dtype=torch.float64)
+        head = torch.tensor([n, users, items, self.clock, self.origin], dtype=torch.float64)
         return torch.cat([head, pairs.flatten(), self.user_stats.flatten(),
                           torch.cat([self.item_stats, self.item_pop[:items]], 1).flatten()])
 
@@ -321,9 +340,13 @@ class PurchaseSignals:
         """Restore what :meth:`packed` returned (replaces the current state)."""
         self.reset_state()
         n, users, items = (int(x) for x in state[:3].tolist())
-        self.clock = float(state[3])
         h, w_item = len(PAIR_HALF_LIVES), 5 + 2 * len(ITEM_HALF_LIVES)
-        pairs, rest = state[4:4 + n * (4 + h)].view(n, 4 + h), state[4 + n * (4 + h):]
+        head = state.numel() - n * (4 + h) - users * 4 - items * w_item
+        # a 4-value head (from before the origin) holds the popularity at the clock: origin =
+        # clock is the same state
+        self.clock = float(state[3])
+        self.origin = float(state[4]) if head == 5 else self.clock
+        pairs, rest = state[head:head + n * (4 + h)].view(n, 4 + h), state[head + n * (4 + h):]
         self.pair_user, self.pair_item = pairs[:, 0].long(), pairs[:, 1].long()
         self.count, self.last = pairs[:, 2].clone(), pairs[:, 3].clone()
         self.decayed = pairs[:, 4:].clone()
