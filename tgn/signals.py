@@ -121,7 +121,6 @@ class PurchaseSignals:
             return
         self.generation += 1
         t = t.to(torch.float64)
-        before = self.slots(users, items)  # history before the batch
         slots, size = [], self.size
         for user, item in zip(users.tolist(), items.tolist(), strict=True):
             own = self.slots_of.setdefault(user, {})
@@ -131,6 +130,7 @@ class PurchaseSignals:
                 size += 1
             slots.append(slot)
         index = torch.tensor(slots, dtype=torch.long)
+        before = torch.where(index < self.size, index, -1)  # history before the batch
         if size > self.size:
             self.pair_user, self.pair_item = _grow(self.pair_user, size), _grow(self.pair_item,
                                                                                  size)
@@ -139,10 +139,10 @@ class PurchaseSignals:
             new = index >= self.size
             self.pair_user[index[new]], self.pair_item[index[new]] = users[new], items[new]
             self.size = size
-        self._update_items(users, items, t, before, index)
+        touched, inverse = torch.unique(index, return_inverse=True)  # [T], [B]
+        self._update_items(items, t, before, inverse)
         self._update_users(users, t, before)
         # pairs: decay the stored values to the pair's newest time, add each event's share
-        touched, inverse = torch.unique(index, return_inverse=True)
         old = self.last[touched]
         newest = old.clone().scatter_reduce_(0, inverse, t, "amax")  # [T]
         gap = torch.where(torch.isinf(old), 0.0, newest - old)
@@ -157,26 +157,26 @@ class PurchaseSignals:
         self.user_stats = _grow(self.user_stats, top)
         stats = self.user_stats
         # a basket = a distinct (user, time) not yet counted: newer than the user's last time
-        key = torch.stack([users.double(), t], 1)
-        uniq = torch.unique(key, dim=0)
-        uu = uniq[:, 0].long()
-        fresh = uniq[:, 1] > torch.where(stats[uu, 0] > 0, stats[uu, 3], -math.inf)
+        times, t_rank = torch.unique(t, return_inverse=True)
+        key = torch.unique(users * times.numel() + t_rank)  # distinct (user, time) as one int
+        uu, ut = key // times.numel(), times[key % times.numel()]
+        fresh = ut > torch.where(stats[uu, 0] > 0, stats[uu, 3], -math.inf)
         ones = torch.ones(users.numel(), dtype=torch.float64)
         stats[:, 0].index_add_(0, users, ones)
         stats[:, 1].index_add_(0, uu[fresh], torch.ones(int(fresh.sum()), dtype=torch.float64))
         stats[:, 2].index_add_(0, users, (before >= 0).double())
         stats[:, 3].scatter_reduce_(0, users, t, "amax")
 
-    def _update_items(self, users: Tensor, items: Tensor, t: Tensor, before: Tensor,
-                      index: Tensor) -> None:
+    def _update_items(self, items: Tensor, t: Tensor, before: Tensor, pair: Tensor) -> None:
+        """Item rows of purchases ``items [B]`` at ``t [B]``; ``before [B]``: each one's pair
+        slot before the batch (-1: none); ``pair [B]``: which of the batch's distinct pairs."""
         top = int(items.max()) + 1
         self.item_stats, self.item_pop = _grow(self.item_stats, top), _grow(self.item_pop, top)
         repeat = before >= 0
         # a pair first bought in this batch counts once as a first-time purchase
         first = torch.zeros(items.numel(), dtype=torch.bool)
-        uniq, inv = torch.unique(index, return_inverse=True)
-        first_pos = torch.full((uniq.numel(),), items.numel()).scatter_reduce_(
-            0, inv, torch.arange(items.numel()), "amin")
+        first_pos = torch.full((int(pair.max()) + 1,), items.numel()).scatter_reduce_(
+            0, pair, torch.arange(items.numel()), "amin")
         first[first_pos] = True
         first &= ~repeat
         stats = self.item_stats
