@@ -12,7 +12,8 @@ item ``i`` for user ``u`` at time ``t`` is a log-probability of a two-way mixtur
 
 with ``g``, ``prior`` and the gate small MLPs over :class:`~tgn.signals.PurchaseSignals`
 features (counts, decayed counts, recency against the item's repurchase cycle, the user's
-repeat propensity, item popularity and first-time buyers), ``dot`` the temporal model's
+repeat propensity, item popularity and first-time buyers; ``g`` sees the pair's item features
+too), ``dot`` the temporal model's
 dot product, ``knn`` the user-KNN score of the 2-hop neighbourhood
 (:meth:`~tgn.signals.PurchaseSignals.neighbor_scores`) and ``near`` the item-KNN score of the
 user's newest items (:meth:`~tgn.signals.PurchaseSignals.item_scores`). Scores are comparable
@@ -39,12 +40,14 @@ from tgn.signals import ITEM_FEATURES, PAIR_FEATURES, USER_FEATURES, PurchaseSig
 NEIGHBOR_SCALE = 100.0
 #: Width of the hidden layer of ``g``.
 HIDDEN = 32
+#: Parameters of terms added after checkpoints were first written (loaded as zero if absent).
+ADDED_TERMS = ("item_weight", "repeat_dot_weight", "explore_terms.")
 
 
-def _scaled(weight: Tensor, score: Tensor) -> Tensor:
-    """``weight [2]`` applied to ``[log1p(NEIGHBOR_SCALE · score), score > 0]`` → like
-    ``score [Q, N]``."""
-    return weight[0] * torch.log1p(NEIGHBOR_SCALE * score) + weight[1] * (score > 0).float()
+def _features(score: Tensor) -> tuple[Tensor, Tensor]:
+    """A KNN score ``[Q, N]`` as the two terms its weights apply to:
+    ``log1p(NEIGHBOR_SCALE · score)`` and ``score > 0``."""
+    return torch.log1p(NEIGHBOR_SCALE * score), (score > 0).float()
 
 
 class RepeatScore(nn.Module):
@@ -52,7 +55,8 @@ class RepeatScore(nn.Module):
 
     * ``g``: the repeat term of a (user, item) pair with history, an MLP over
       :meth:`~tgn.signals.PurchaseSignals.pair_features` (counts, decayed counts, recency, the
-      item's repurchase cycle, the user's repeat propensity);
+      item's repurchase cycle, the user's repeat propensity) and the item's
+      :meth:`~tgn.signals.PurchaseSignals.item_features` (its popularity now);
     * ``prior``: an item prior shared by every user, an MLP over
       :meth:`~tgn.signals.PurchaseSignals.item_features` (popularity, recent popularity,
       first-time buyers, the item's re-buy rate).
@@ -65,19 +69,26 @@ class RepeatScore(nn.Module):
 
     def __init__(self, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.g = nn.Sequential(nn.Linear(PAIR_FEATURES, hidden), nn.ReLU(),
+        self.g = nn.Sequential(nn.Linear(PAIR_FEATURES + ITEM_FEATURES, hidden), nn.ReLU(),
                                nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.prior = nn.Sequential(nn.Linear(ITEM_FEATURES, hidden), nn.ReLU(),
                                    nn.Linear(hidden, 1))
         self.gate = nn.Sequential(nn.Linear(USER_FEATURES, hidden), nn.ReLU(),
                                   nn.Linear(hidden, 1))
+        #: per-user change of the explore part's five term weights (dot product, user-KNN and
+        #: item-KNN: log and indicator each) from the user's features: how far to trust the
+        #: personal terms over the prior depends on how much history there is (zero at start)
+        self.explore_terms = nn.Sequential(nn.Linear(USER_FEATURES, hidden), nn.ReLU(),
+                                           nn.Linear(hidden, 5))
         self.explore_weight = nn.Parameter(torch.zeros(()))
+        #: weight of the temporal model's dot product inside the repeat part
+        self.repeat_dot_weight = nn.Parameter(torch.zeros(()))
         #: weights of log1p(NEIGHBOR_SCALE · s) and [s > 0], s the user-KNN score of an item
         self.neighbor_weight = nn.Parameter(torch.zeros(2))
         #: weights of log1p(NEIGHBOR_SCALE · s) and [s > 0], s the item-KNN score of an item
         self.item_weight = nn.Parameter(torch.zeros(2))
         with torch.no_grad():
-            for last in (self.g[-1], self.prior[-1], self.gate[-1]):
+            for last in (self.g[-1], self.prior[-1], self.gate[-1], self.explore_terms[-1]):
                 last.weight.zero_()
                 last.bias.zero_()
         self.signals = PurchaseSignals()
@@ -147,19 +158,25 @@ class RepeatScore(nn.Module):
 
     # -- scores ------------------------------------------------------------------------------
 
-    def _g(self, slot: Tensor, t: Tensor) -> Tensor:
-        """``g`` of pairs with history ``slot [M]`` (all >= 0) at times ``t [M]`` → ``[M]``."""
-        return self.g(self.signals.pair_features(slot, t)).squeeze(1)
+    def _g(self, slot: Tensor, t: Tensor, item_features: Tensor) -> Tensor:
+        """``g`` of pairs with history ``slot [M]`` (all >= 0) at times ``t [M]`` → ``[M]``:
+        the pair's features and its item's row of ``item_features [N, ITEM_FEATURES]`` (an item
+        bought more by everyone this week is likelier bought again, too)."""
+        items = self.signals.pair_item[slot].clamp_max(item_features.size(0) - 1)
+        return self.g(torch.cat([self.signals.pair_features(slot, t), item_features[items]],
+                                1)).squeeze(1)
 
     def item_prior(self, t: float, num_items: int) -> Tensor:
         """The item prior ``[num_items]`` at time ``t`` (same for every user)."""
         return self.prior(self.signals.item_features(t, num_items)).squeeze(1)
 
-    def user_terms(self, users: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def user_terms(self, users: Tensor, t: Tensor, item_features: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
         """Sparse term of every pair of each row's user: ``(rows [M], items [M], values [M])``.
 
         ``g`` runs once per distinct ``(user, t)`` of ``users [B]``, ``t [B]`` (a basket is many
-        rows of one user at one time) and its values are gathered for each row.
+        rows of one user at one time) and its values are gathered for each row;
+        ``item_features [N, ITEM_FEATURES]`` are the items' features at the batch's time.
         """
         if users.numel() == 0:
             empty = torch.zeros(0, dtype=torch.long)
@@ -170,7 +187,8 @@ class RepeatScore(nn.Module):
         slot = picked[(first - offsets).repeat_interleave(lens)
                       + torch.arange(int(lens.sum()))]  # [S] query by query
         q_time = query_t.repeat_interleave(lens)
-        values = self._g(slot, q_time) if slot.numel() else torch.zeros(0)  # [S]
+        values = (self._g(slot, q_time, item_features) if slot.numel()
+                  else torch.zeros(0))  # [S]
         # rows: each row b takes the entries of its query inverse[b]
         row_lens = lens[inverse]  # [B]
         rows = torch.arange(users.numel()).repeat_interleave(row_lens)  # [M]
@@ -189,21 +207,26 @@ class RepeatScore(nn.Module):
         A user without history explores with probability 1. Differentiable in the weights.
         """
         q, n = explore.shape
-        prior = self.item_prior(float(t.min()) if q else 0.0, n)  # [N]
-        rows, items, values = self.user_terms(users, t)
+        now = float(t.min()) if q else 0.0
+        prior = self.item_prior(now, n)  # [N]
+        rows, items, values = self.user_terms(users, t, self.signals.item_features(now, n))
         keep = items < n
-        rows, items, values = rows[keep], items[keep], values[keep]
+        rows, items = rows[keep], items[keep]
+        values = values[keep] + self.repeat_dot_weight * explore[rows, items]
         history = torch.zeros(q, n, dtype=torch.bool)
         history[rows, items] = True
         bought = self.signals.bought(n)  # [N]
-        near = self.signals.neighbor_scores(users, float(t.min()) if q else 0.0, n)  # [Q, N]
+        near = self.signals.neighbor_scores(users, now, n)  # [Q, N]
         similar = self.signals.item_scores(users, n)  # [Q, N]
-        neighbor = (_scaled(self.neighbor_weight, near) + _scaled(self.item_weight, similar))
-        others = (prior + self.explore_weight * explore + neighbor).masked_fill(
-            history | ~bought, -torch.inf)
+        user_features = self.signals.user_features(users, t)  # [Q, USER_FEATURES]
+        weights = (torch.cat([self.explore_weight.view(1), self.neighbor_weight,
+                              self.item_weight]) + self.explore_terms(user_features))  # [Q, 5]
+        terms = (explore, *_features(near), *_features(similar))  # 5 × [Q, N]
+        others = sum((w.unsqueeze(1) * x for w, x in zip(weights.unbind(1), terms, strict=True)),
+                     prior.expand(q, n)).masked_fill(history | ~bought, -torch.inf)
         repeat = torch.full((q, n), -torch.inf).index_put((rows, items), values)
         has = history.any(1)
-        gate = self.gate(self.signals.user_features(users, t)).squeeze(1)  # [Q] logit
+        gate = self.gate(user_features).squeeze(1)  # [Q] logit
         log_repeat = torch.where(has, F.logsigmoid(gate), -torch.inf)
         log_explore = torch.where(has, F.logsigmoid(-gate), 0.0)
         log_repeat_items = torch.log_softmax(repeat[has], 1)
@@ -230,8 +253,16 @@ class RepeatScore(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
-        # checkpoints from before the item-KNN term: weight 0 is exactly the model they saved
-        state_dict.setdefault(f"{prefix}item_weight", torch.zeros(2))
+        # checkpoints from before a term was added load with the term at zero, which is exactly
+        # the model they saved: missing parameters of the added terms, and ``g``'s first layer
+        # without the item-feature columns
+        for name, param in self.named_parameters():
+            if name.startswith(ADDED_TERMS):
+                state_dict.setdefault(prefix + name, torch.zeros_like(param))
+        first = state_dict.get(f"{prefix}g.0.weight")
+        if first is not None and first.size(1) == PAIR_FEATURES:
+            state_dict[f"{prefix}g.0.weight"] = torch.cat(
+                [first, first.new_zeros(first.size(0), ITEM_FEATURES)], 1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_extra_state(self) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.repeat import RepeatScore
-from tgn.signals import PurchaseSignals
+from tgn.signals import PAIR_FEATURES, PurchaseSignals
 from tgn.train import TrainConfig, fit_history
 
 DAY = 86_400.0
@@ -193,11 +193,55 @@ def test_item_scores_follow_the_newest_items_co_buyers():
     assert s.item_scores(torch.tensor([0]), 12, recent=1)[0, 9] == 0
 
 
-def test_a_checkpoint_from_before_the_item_knn_term_loads_as_weight_zero():
-    saved = RepeatScore().state_dict()
-    del saved["item_weight"]
-    fresh = RepeatScore()
+def test_a_checkpoint_from_before_the_added_terms_loads_as_the_model_it_saved():
+    torch.manual_seed(0)
+    saved = RepeatScore()
     with torch.no_grad():
-        fresh.item_weight.fill_(1.0)
-    fresh.load_state_dict(saved)  # strict: nothing else missing
-    assert fresh.item_weight.tolist() == [0.0, 0.0]
+        for p in saved.parameters():
+            p.normal_(0, 0.5)
+        # the model an old checkpoint describes: the added terms at zero
+        saved.g[0].weight[:, PAIR_FEATURES:] = 0.0
+        saved.item_weight.zero_()
+        saved.repeat_dot_weight.zero_()
+        saved.explore_terms[-1].weight.zero_()
+        saved.explore_terms[-1].bias.zero_()
+    saved.update(torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 3, 2]), _t(0, 0, 0, DAY))
+    old = {k: v for k, v in saved.state_dict().items()
+           if not k.startswith(("item_weight", "repeat_dot_weight", "explore_terms."))}
+    old["g.0.weight"] = old["g.0.weight"][:, :PAIR_FEATURES].clone()
+    fresh = RepeatScore()
+    fresh.load_state_dict(old)  # strict: nothing else missing
+    explore, users = torch.randn(3, 6), torch.tensor([0, 1, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.log_probs(explore, users, _t(2 * DAY, 2 * DAY, 2 * DAY)),
+                                   saved.log_probs(explore, users, _t(2 * DAY, 2 * DAY, 2 * DAY)))
+
+
+def test_g_reads_the_items_popularity_and_explore_weights_the_users_history():
+    repeat = RepeatScore()
+    # user 0 bought items 1 and 2 once each; users 1..4 bought item 2 since; user 5 3 and 4
+    repeat.update(torch.tensor([0, 0]), torch.tensor([1, 2]), _t(0, 0))
+    repeat.update(torch.tensor([1, 2, 3, 4, 5, 5]), torch.tensor([2, 2, 2, 2, 3, 4]),
+                  _t(*[DAY] * 6))
+    with torch.no_grad():
+        # g = the item's log purchases (first item-feature column), through its ReLU layers
+        repeat.g[0].weight.zero_()
+        repeat.g[0].bias.zero_()
+        repeat.g[0].weight[0, PAIR_FEATURES] = 1.0
+        repeat.g[2].weight.zero_()
+        repeat.g[2].weight[0, 0] = 1.0
+        repeat.g[-1].weight[0, 0] = 1.0
+    logp = repeat.log_probs(torch.zeros(1, 5), torch.tensor([0]), _t(2 * DAY)).detach()
+    assert logp[0, 2] > logp[0, 1]  # same pair history; item 2 is what everyone buys now
+    # explore: the dot product's weight grows with the user's lines (first user feature)
+    explore = torch.tensor([[0.0, 0.0, 0.0, 5.0, 0.0]]).expand(2, 5)
+    users, t = torch.tensor([0, 9]), _t(2 * DAY, 2 * DAY)
+    before = repeat.log_probs(explore, users, t).detach()
+    with torch.no_grad():
+        repeat.explore_terms[0].weight.zero_()
+        repeat.explore_terms[0].bias.zero_()
+        repeat.explore_terms[0].weight[0, 0] = 1.0
+        repeat.explore_terms[-1].weight[0, 0] = 1.0
+    after = repeat.log_probs(explore, users, t).detach()
+    gain = (after - before)[:, 3]  # item 3: the one of the unbought 3, 4 with a dot product
+    assert gain[0] > 0.1 and abs(float(gain[1])) < 1e-6  # user 9 has no history: unchanged
