@@ -41,6 +41,11 @@ from tgn.data import batch_bounds as event_batch_bounds
 
 log = logging.getLogger(__name__)
 
+#: Longest wait of one fetch of the live reader (ms). A sealed micro-batch waits for a poll that
+#: shows every partition past it, so the poll rate bounds the latency: a bare consumer at 2,000
+#: events/s on the local broker, p50/p99 47/~100 ms at 100 ms, 21-25/60-83 ms at 20 ms.
+FETCH_MAX_WAIT_MS = 20
+
 def _remove(*paths: str) -> None:
     for path in paths:
         Path(path).unlink(missing_ok=True)
@@ -186,9 +191,12 @@ class LiveReader:
         # During an outage, retry the connection at least every second (kafka-python's backoff
         # grows to 30 s by default), and after it refresh metadata at least every 5 s, so that
         # a recreated topic (new id) is noticed within seconds.
+        # A fetch waits at most FETCH_MAX_WAIT_MS for records (Tansu holds it that long even
+        # when records are there): the watermark moves on every poll.
         self._reader = TopicReader(self.bootstrap_servers, self.topic, sorted(positions),
                                    positions, max_batch=self.max_batch, check_crcs=False,
-                                   reconnect_backoff_max_ms=1000, metadata_max_age_ms=5000)
+                                   reconnect_backoff_max_ms=1000, metadata_max_age_ms=5000,
+                                   fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
 
     @property
     def positions(self) -> dict[int, int]:
