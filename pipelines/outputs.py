@@ -112,13 +112,23 @@ def user_events(states: UserStates) -> list[list[list[object]]]:
 def embedding_message(states: UserStates, i: int,
                       events: list[list[object]] | None = None) -> dict[str, object]:
     """The ``user-embeddings`` message of user ``i`` of a batch (``events``: its applied
-    events, from :func:`user_events`)."""
+    events, from :func:`user_events`). Values are rounded to 6 decimals in float64 (rounded
+    in float32 they printed as 17 digits: twice the bytes, twice the encoding time)."""
     weights = states.facet_weights
     return {"user_id": states.user_ids[i], "ts": float(states.ts[i]),
             "version": int(states.version[i]),
-            "embedding": np.round(states.embedding[i], 6).tolist(),
-            "facet_weights": None if weights is None else np.round(weights[i], 6).tolist(),
+            "embedding": _rounded(states.embedding[i]),
+            "facet_weights": None if weights is None else _rounded(weights[i]),
             "events": events or []}
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """``values [N]`` as floats rounded to 6 decimals (printed as such in JSON).
+
+    >>> _rounded(np.array([0.1257299929857254, 2.0], np.float32))
+    [0.12573, 2.0]
+    """
+    return np.round(values.astype(np.float64), 6).tolist()
 
 
 class _WriteFn(beam.DoFn):
