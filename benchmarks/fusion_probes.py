@@ -1,5 +1,5 @@
-"""Validation-only probes behind issue 5's investigation (BENCHMARKS.md, "Why the profiles do
-not lift TGN"). Nothing here reads the test split.
+"""Validation-only probes behind issue 5's investigation (docs/lab-notes/fusion.md, "Why the
+profiles do not lift TGN"). Nothing here reads the test split.
 
 * ``text``: zero-shot signal of the profiles. Every validation purchase is ranked by the cosine
   between the user's latest profile facet (strictly before the purchase) and the MiniLM vector

@@ -56,7 +56,7 @@ class TrainConfig:
     #: rest uniform over the items seen so far), so the repeat term learns which past items
     #: not to repeat; needs the repeat term's history (``TGNConfig.repeat``), else all uniform.
     #: 0.0 by default: 0.1 won on cj26 validation by +0.002 Recall@10 but lost 17% on cj-top150
-    #: validation (BENCHMARKS.md, "History negatives for the repeat term")
+    #: validation (docs/lab-notes/temporal-model.md, "History negatives for the repeat term")
     history_negatives: float = 0.0
     patience: int = 2  # epochs without a better validation Recall@10 before stopping
     seed: int = 0
