@@ -6,7 +6,7 @@ its own offsets does not need one. Values are read as raw ``bytes`` and handed t
 :func:`streaming.validation.validate_event`, so a malformed message becomes a dead letter instead of
 a crash in a deserializer.
 
-Two broker quirks shape this module (see docs/ARCHITECTURE.md): ``acks=0`` lost messages, so
+Two broker quirks shape this module (see docs/kafka.md): ``acks=0`` lost messages, so
 producers use ``acks >= 1``; and the broker can misreport partition end offsets after batched
 produce, so readers count what they read instead of trusting ``end_offsets``.
 """
