@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,7 @@ def _produce_main(argv: list[str]) -> None:
         argv[4])
     messages = list(event_messages(pq.read_table(log_path).slice(0, limit)))
     producer = fast_producer(bootstrap)
+    _wait_for_leaders(producer, topic)
     print("ready", flush=True)
     started, reported = time.monotonic(), 0.0
     for i, (key, value, _ts) in enumerate(messages):
@@ -130,6 +132,18 @@ def _produce_main(argv: list[str]) -> None:
     producer.flush(60)
     print(len(messages), flush=True)
     print("done", flush=True)
+
+
+def _wait_for_leaders(producer: Any, topic: str, timeout_s: float = 10.0) -> None:
+    """Wait until librdkafka knows a leader for every partition of ``topic``: a topic created
+    just before held the first ~0.5 s of sends back otherwise (3 of 4 bare-consumer runs, max
+    ~520 ms), where kafka-python's first send blocked until then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        partitions = producer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+        if partitions and all(p.leader >= 0 and p.error is None for p in partitions.values()):
+            return
+        time.sleep(0.05)
 
 
 def _start_producer(bootstrap: str, topic: str, log_path: str, limit: int, rate: float):
@@ -149,9 +163,10 @@ def bare_consume_latency(bootstrap: str, log_path: str, rate: float,
 
     topic, limit = "bench-reference", int(rate * seconds)
     create_topics(bootstrap, [topic], partitions=4)
-    child = _start_producer(bootstrap, topic, log_path, limit, rate)
     latencies: list[float] = []
     with TopicReader(bootstrap, topic, max_batch=2000, check_crcs=False) as reader:
+        reader.poll(0.1)  # connected before the first send
+        child = _start_producer(bootstrap, topic, log_path, limit, rate)
         for batch in reader.batches(limit=limit, idle_timeout_s=30.0, poll_timeout_s=0.05):
             now = time.time()
             latencies.extend(now - r.timestamp_ms / 1000.0 for r in batch)
