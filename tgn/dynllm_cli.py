@@ -128,7 +128,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
     try:
         result = quality.run_quality(args.data, args.models, args.seeds, args.split,
                                      args.profiles, config,
-                                     on_result=lambda r: quality.save(r, out, merge=True))
+                                     on_result=lambda r: quality.save(r, out, merge=True),
+                                     workers=args.workers)
     except ValueError as error:
         raise UsageError(str(error)) from None
     quality.save(result, out, merge=True)
@@ -193,6 +194,8 @@ def register_bench(bench_targets: argparse._SubParsersAction) -> None:
                     help="split to score (choose settings on val; read test once)")
     qu.add_argument("--epochs", type=positive_int, default=10, help="at most (early stopping)")
     qu.add_argument("--threads", type=positive_int, default=2)
+    qu.add_argument("--workers", type=positive_int, default=1,
+                    help="runs at once, each in its own process with --threads threads")
     qu.add_argument("--json", default="benchmarks/quality.json",
                     help="JSON to write (other datasets already in it are kept)")
     qu.add_argument("--readme", help="rewrite this README's quality rows (between "

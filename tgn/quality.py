@@ -26,8 +26,10 @@ baskets under ``all/``.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -118,10 +120,13 @@ def summarise(runs: Mapping[str, Sequence[dict[str, float]]]) -> dict[str, Any]:
 def run_quality(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int], split: str,
                 profiles: str | Path | None = None, train_config: TrainConfig | None = None,
                 model_config: TGNConfig | None = None, progress: bool = True,
-                on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_result: Callable[[dict[str, Any]], None] | None = None,
+                workers: int = 1) -> dict[str, Any]:
     """Score ``models`` on ``split`` of ``data_dir``; returns the JSON (see the module doc).
 
     ``on_result`` is called with the partial result after every run (progress files).
+    ``workers`` > 1 runs the (model, seed) runs in that many processes at once, each with the
+    caller's torch thread count; the result is the same as one after the other.
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -133,20 +138,38 @@ def run_quality(data_dir: str | Path, models: Sequence[str], seeds: Sequence[int
     train_config, model_config = train_config or TrainConfig(), model_config or TGNConfig()
     name = Path(data_dir).resolve().name
     jobs = [(m, s) for m in models for s in (seeds[:1] if m in HEURISTICS else seeds)]
-    runs: dict[str, list[dict[str, float]]] = {}
+    done: dict[int, dict[str, float]] = {}
     result: dict[str, Any] = {}
-    for model, seed in tqdm(jobs, desc="quality", disable=not progress):
-        runs.setdefault(model, []).append(evaluate_one(model, data, seed, split, profiles,
-                                                       train_config, model_config))
+
+    def record(job: int, metrics: dict[str, float]) -> None:
+        nonlocal result
+        done[job] = metrics
+        runs: dict[str, list[dict[str, float]]] = {}
+        for j in sorted(done):  # job order, whatever order the runs end in
+            runs.setdefault(jobs[j][0], []).append(done[j])
         result = {name: {**summarise(runs), "meta": {
             "data": str(data_dir), "split": split, "seeds": list(seeds),
             "counts": data.meta["counts"], "profiles": str(profiles) if profiles else None,
             "train_config": asdict(train_config), "model_config": asdict(model_config),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "workers": workers,
             "load_average": Path("/proc/loadavg").read_text().split()[:3]
             if Path("/proc/loadavg").exists() else None}}}
         if on_result is not None:
             on_result(result)
+
+    if workers <= 1:
+        for job, (model, seed) in enumerate(tqdm(jobs, desc="quality", disable=not progress)):
+            record(job, evaluate_one(model, data, seed, split, profiles, train_config,
+                                     model_config))
+        return result
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        futures = {pool.submit(evaluate_one, model, data, seed, split, profiles, train_config,
+                               model_config): job for job, (model, seed) in enumerate(jobs)}
+        for future in tqdm(as_completed(futures), total=len(jobs), desc="quality",
+                           disable=not progress):
+            record(futures[future], future.result())
     return result
 
 

@@ -71,3 +71,20 @@ def test_dynllm_models_need_a_profile_store(tiny_dataset):
         run_quality(tiny_dataset, ["dynllm"], seeds=[0], split="val", progress=False)
     with pytest.raises(ValueError, match="unknown models"):
         run_quality(tiny_dataset, ["nope"], seeds=[0], split="val", progress=False)
+
+
+def test_runs_in_worker_processes_give_the_same_result(tiny_dataset, tiny_config):
+    config = replace(tiny_config, repeat=False)
+    args = (tiny_dataset, ["tgn", "popularity"], [0, 1], "val")
+    one = run_quality(*args, train_config=FAST, model_config=config, progress=False)
+    partial: list[dict] = []
+    two = run_quality(*args, train_config=FAST, model_config=config, progress=False,
+                      on_result=partial.append, workers=2)
+    name = tiny_dataset.name
+    for part in ("per_event", "basket", "slices"):
+        for model, metrics in one[name][part].items():
+            if part == "slices":
+                continue
+            assert {k: v for k, v in metrics.items() if "seconds" not in k} == {
+                k: v for k, v in two[name][part][model].items() if "seconds" not in k}
+    assert len(partial) == 3 and two[name]["meta"]["workers"] == 2
