@@ -330,21 +330,21 @@ class Recommender:
         for i, row in enumerate(rows):
             if row is not None:
                 members.setdefault(row.shard, []).append(i)
-        scored: dict[int, tuple[Tensor, list[str], float]] = {}
+        scored: dict[int, tuple[Tensor, Tensor, list[str], float]] = {}
         with self._lock:
             for number, batch in members.items():
                 shard = self.shards[number]
-                scores = shard.score(np.stack([rows[i].embedding for i in batch]),
-                                     [requests[i][0] for i in batch])
-                scored.update((i, (scores[j], shard.item_ids, shard.t))
-                              for j, i in enumerate(batch))
-        return [None if row is None else self._answer(user, k, row, *scored[i])
+                values, items = shard.top(np.stack([rows[i].embedding for i in batch]),
+                                          [requests[i][0] for i in batch],
+                                          max(requests[i][1] for i in batch))
+                scored.update((i, (values[j, :requests[i][1]], items[j, :requests[i][1]],
+                                   shard.item_ids, shard.t)) for j, i in enumerate(batch))
+        return [None if row is None else self._answer(user, row, *scored[i])
                 for i, ((user, k), row) in enumerate(zip(requests, rows, strict=True))]
 
-    def _answer(self, user: str, k: int, row: UserRow, scores: Tensor, item_ids: list[str],
-                t: float) -> dict[str, object]:
-        """The ``/recommend`` answer from a user's scores ``[I]``."""
-        values, indices = torch.topk(scores, min(k, scores.numel()))
+    def _answer(self, user: str, row: UserRow, values: Tensor, indices: Tensor,
+                item_ids: list[str], t: float) -> dict[str, object]:
+        """The ``/recommend`` answer from a user's ``k`` best scores and item rows ``[k]``."""
         finite = torch.isfinite(values)  # -inf: probability 0 (e.g. never bought by anyone)
         values, indices = values[finite], indices[finite]
         facet = row.facet_weights

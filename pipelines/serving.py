@@ -245,22 +245,33 @@ class ServingShard:
             signals.pinned, self._refreshed = index, key
         return True
 
-    def score(self, embeddings: np.ndarray, user_ids: list[str]) -> Tensor:
-        """Served scores ``[B, I]`` of users ``user_ids [B]`` with ``embeddings [B, E]``: the
-        dot products with the item vectors, mixed with each user's purchase history at
-        :attr:`t` (the model's :meth:`mix_history`, one call for the batch)."""
+    def top(self, embeddings: np.ndarray, user_ids: list[str], k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best items of users ``user_ids [B]`` with ``embeddings [B, E]`` by the
+        served score: ``(scores [B, k'], item rows [B, k'])``, best first, ``k' = min(k, I)``;
+        -inf scores (probability 0) last. The score is the dot product with the item vectors
+        mixed with each user's purchase history at :attr:`t` (the model's
+        :meth:`~tgn.model.TGNRecommender.mix_history`, one call for the batch), taken by
+        :meth:`tgn.repeat.Mixture.top` without building the ``[B, I]`` log-probabilities."""
         scores = torch.from_numpy(embeddings) @ self.item_vectors.T  # [B, I]
         model = self.model
-        known = [b for b, user in enumerate(user_ids) if user in model.users]
-        if model.repeat is None or not known:
-            return scores
+        k = min(k, scores.size(1))
+        known = ([b for b, user in enumerate(user_ids) if user in model.users]
+                 if model.repeat is not None else [])
+        if len(known) < len(user_ids):  # no history to mix: the dot product alone
+            values, items = torch.topk(scores, k, dim=1)
+        else:
+            values, items = torch.full((len(user_ids), k), -torch.inf), torch.zeros(
+                len(user_ids), k, dtype=torch.long)
+        if not known:
+            return values, items
         index = torch.from_numpy(model.users.encode([user_ids[b] for b in known], grow=False))
         rows = torch.tensor(known)
         with torch.no_grad():
-            scores[rows] = model.mix_history(scores[rows], index,
-                                             torch.full((len(known),), self.t,
-                                                        dtype=torch.float64))
-        return scores
+            mixture = model.repeat.mixture(scores[rows], index,
+                                           torch.full((len(known),), self.t,
+                                                      dtype=torch.float64))
+            values[rows], items[rows] = mixture.top(k)
+        return values, items
 
 
 def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_EVERY_S) -> None:

@@ -26,6 +26,7 @@ by the negative log-likelihood of each purchase over the full catalog
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,82 @@ def _features(score: Tensor) -> tuple[Tensor, Tensor]:
     """A KNN score ``[Q, N]`` as the two terms its weights apply to:
     ``log1p(NEIGHBOR_SCALE · score)`` and ``score > 0``."""
     return torch.log1p(NEIGHBOR_SCALE * score), (score > 0).float()
+
+
+@dataclass
+class Mixture:
+    """The repeat/explore mixture of ``Q`` queries over ``N`` items in parts
+    (:meth:`RepeatScore.mixture`): the explore logits of the whole catalogue and the repeat
+    logits of the ``M`` (query, item) entries of each query's history, before either softmax.
+
+    Attributes:
+        others: ``[Q, N]`` explore logits; -inf for an item of the query's history or one
+            nobody bought.
+        rows: ``[M]`` query of each history entry.
+        items: ``[M]`` item of each history entry (all ``< N``).
+        values: ``[M]`` repeat logit of each history entry.
+        has: ``[Q]`` bool, the query's user has history.
+        log_repeat: ``[Q]`` log P(repeat) (-inf without history).
+        log_explore: ``[Q]`` log P(explore) (0 without history).
+    """
+
+    others: Tensor
+    rows: Tensor
+    items: Tensor
+    values: Tensor
+    has: Tensor
+    log_repeat: Tensor
+    log_explore: Tensor
+
+    def dense(self) -> Tensor:
+        """Log-probabilities ``[Q, N]`` of every item (:meth:`RepeatScore.log_probs`)."""
+        q, n = self.others.shape
+        rows, items, has = self.rows, self.items, self.has
+        history = torch.zeros(q, n, dtype=torch.bool)
+        history[rows, items] = True
+        repeat = torch.full((q, n), -torch.inf).index_put((rows, items), self.values)
+        log_repeat_items = torch.log_softmax(repeat[has], 1)
+        out = (self.log_explore.unsqueeze(1) + torch.log_softmax(self.others, 1)
+               ).masked_fill(history, 0.0)
+        out = out.index_put((has.nonzero().squeeze(1),),
+                            torch.where(history[has], self.log_repeat[has].unsqueeze(1)
+                                        + log_repeat_items, out[has]))
+        return out.masked_fill(torch.isnan(out), -torch.inf)  # a row with nothing to explore
+
+    def top(self, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best items of each query by :meth:`dense` without building it:
+        ``(log-probabilities [Q, k], items [Q, k])``, best first (equal ones by item);
+        ``-inf`` entries (fewer than ``k`` items with probability > 0) last. Each softmax
+        normaliser is one logsumexp, so the values equal :meth:`dense`'s up to float rounding
+        (≤ 1e-5)."""
+        q, n = self.others.shape
+        rows = self.rows
+        k_explore = min(k, n)
+        # explore: the row's best explore logits, shifted by its normaliser
+        best, best_items = torch.topk(self.others, k_explore, dim=1)  # [Q, k]
+        norm = self.log_explore - torch.logsumexp(self.others, 1)  # [Q]
+        best = best + norm.unsqueeze(1)
+        # repeat: every history entry, log softmax within its query
+        top_value = torch.full((q,), -torch.inf).scatter_reduce(0, rows, self.values, "amax")
+        total = torch.zeros(q).index_add_(0, rows, torch.exp(self.values - top_value[rows]))
+        entry = self.log_repeat[rows] + self.values - (top_value + torch.log(total))[rows]
+        # each query's entries side by side after its explore candidates: [Q, k + most M]
+        counts = torch.bincount(rows, minlength=q)
+        width = k_explore + (int(counts.max()) if rows.numel() else 0)
+        values = torch.full((q, width), -torch.inf)
+        items = torch.zeros(q, width, dtype=torch.long)
+        values[:, :k_explore], items[:, :k_explore] = best, best_items
+        order = torch.argsort(rows, stable=True)
+        start = counts.cumsum(0) - counts
+        col = k_explore + torch.arange(rows.numel()) - start[rows[order]]
+        values[rows[order], col] = entry[order]
+        items[rows[order], col] = self.items[order]
+        values = values.masked_fill(torch.isnan(values), -torch.inf)  # nothing to explore
+        # best first, ties by item (the same order whatever else the batch holds)
+        by_item = torch.argsort(items, dim=1, stable=True)
+        values, items = values.gather(1, by_item), items.gather(1, by_item)
+        at = torch.argsort(values, dim=1, descending=True, stable=True)[:, :min(k, n)]
+        return values.gather(1, at), items.gather(1, at)
 
 
 class RepeatScore(nn.Module):
@@ -205,7 +282,14 @@ class RepeatScore(nn.Module):
         item bought by anyone so far (the rest: -inf). ``explore [Q, N]``: a user-dependent
         explore logit (the temporal model's dot product; zeros for none), ``w`` is learned.
         A user without history explores with probability 1. Differentiable in the weights.
+        (:meth:`mixture` in parts, :meth:`Mixture.dense`.)
         """
+        return self.mixture(explore, users, t).dense()
+
+    def mixture(self, explore: Tensor, users: Tensor, t: Tensor) -> Mixture:
+        """The terms of :meth:`log_probs` before its normalisation (:class:`Mixture`): what
+        both the dense log-probabilities and the served top-k (:meth:`Mixture.top`) are made
+        of. Arguments as :meth:`log_probs`."""
         q, n = explore.shape
         now = float(t.min()) if q else 0.0
         prior = self.item_prior(now, n)  # [N]
@@ -213,8 +297,6 @@ class RepeatScore(nn.Module):
         keep = items < n
         rows, items = rows[keep], items[keep]
         values = values[keep] + self.repeat_dot_weight * explore[rows, items]
-        history = torch.zeros(q, n, dtype=torch.bool)
-        history[rows, items] = True
         bought = self.signals.bought(n)  # [N]
         near = self.signals.neighbor_scores(users, now, n)  # [Q, N]
         similar = self.signals.item_scores(users, n)  # [Q, N]
@@ -223,18 +305,13 @@ class RepeatScore(nn.Module):
                               self.item_weight]) + self.explore_terms(user_features))  # [Q, 5]
         terms = (explore, *_features(near), *_features(similar))  # 5 × [Q, N]
         others = sum((w.unsqueeze(1) * x for w, x in zip(weights.unbind(1), terms, strict=True)),
-                     prior.expand(q, n)).masked_fill(history | ~bought, -torch.inf)
-        repeat = torch.full((q, n), -torch.inf).index_put((rows, items), values)
-        has = history.any(1)
+                     prior.expand(q, n)).masked_fill(~bought, -torch.inf)
+        others = others.index_put((rows, items), others.new_tensor(-torch.inf))  # the history
+        has = torch.zeros(q, dtype=torch.bool).index_fill_(0, rows, True)
         gate = self.gate(user_features).squeeze(1)  # [Q] logit
-        log_repeat = torch.where(has, F.logsigmoid(gate), -torch.inf)
-        log_explore = torch.where(has, F.logsigmoid(-gate), 0.0)
-        log_repeat_items = torch.log_softmax(repeat[has], 1)
-        out = (log_explore.unsqueeze(1) + torch.log_softmax(others, 1)).masked_fill(history, 0.0)
-        out = out.index_put((has.nonzero().squeeze(1),),
-                            torch.where(history[has], log_repeat[has].unsqueeze(1)
-                                        + log_repeat_items, out[has]))
-        return out.masked_fill(torch.isnan(out), -torch.inf)  # a row with nothing to explore
+        return Mixture(others, rows, items, values, has,
+                       torch.where(has, F.logsigmoid(gate), -torch.inf),
+                       torch.where(has, F.logsigmoid(-gate), 0.0))
 
     def mix(self, scores: Tensor, users: Tensor, t: Tensor) -> Tensor:
         """The model's final scores ``[B, N]`` from dot products ``scores [B, N]`` of rows
@@ -275,4 +352,4 @@ class RepeatScore(nn.Module):
         self.signals.load_packed(state)
 
 
-__all__ = ["RepeatScore"]
+__all__ = ["Mixture", "RepeatScore"]
