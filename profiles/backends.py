@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from profiles.grammar import HEADINGS, MAX_ANSWER_TOKENS, answer_grammar
+from profiles.grammar import MAX_ANSWER_TOKENS, AnswerFormat
 from profiles.prompt import PREFILL, AnswerChoices
 from streaming import metrics
 from streaming.errors import UsageError
@@ -93,19 +93,33 @@ class _GrammarDecoder:
       and the grammar asked about that one token; only when it rejects it is the grammar
       applied to the whole vocabulary and the best allowed token taken (greedy: the same token
       the eager grammar gives).
-    - **Forced headings**: after the n-th line break the grammar allows one text only (the
-      next heading); its tokens are fed with the break's step instead of one step each.
+    - **Jump-forward**: wherever the grammar leaves one continuation only (the rest of a name
+      after its first distinctive token, a separator, the line break and heading after a
+      line's last name; :meth:`profiles.grammar.AnswerFormat.forced`), its tokens are fed with
+      the sampled token in the same ``llama_decode``, without logits or a pick of their own;
+      text that ends the answer is not fed at all. The forced text is fed as the tokenizer
+      splits it, less any last tokens whose split could change with what follows (a space
+      before the model's next word): the model continues from the tokens it would have
+      written. ``jump=False`` decodes one token per step (the reference of the tests).
+    - **Logits where needed**: the prompt asks for the last position's only, a step for each
+      answer's last fed token; the grammar is applied to the whole vocabulary only when none
+      of the model's 256 best tokens is allowed.
 
     Args:
         llm: The loaded model (its weights and tokenizer; the decoder has its own context).
-        headings: Text forced after the n-th line break (``headings[n]``, without the break).
         threads: llama.cpp threads.
         n_seq: Most answers decoded together (a longer call is decoded in chunks).
         seq_tokens: Key/value cells per sequence (prompt + answer).
+        jump: Feed forced text without asking the model (jump-forward).
     """
 
-    def __init__(self, llm, headings: tuple[str, ...], threads: int, n_seq: int,
-                 seq_tokens: int) -> None:
+    #: Tokens of the model's best the grammar is asked about before the whole vocabulary.
+    TOP = 256
+    #: Characters of each text that may follow forced text, checked for a changed split.
+    LOOKAHEAD = 24
+
+    def __init__(self, llm, threads: int, n_seq: int, seq_tokens: int,
+                 jump: bool = True) -> None:
         import contextlib
         import ctypes
 
@@ -115,7 +129,7 @@ class _GrammarDecoder:
 
         self._lib, self._ct, self._np = llama_cpp, ctypes, np
         self.llm = llm
-        self.n_seq, self.seq_tokens = n_seq, seq_tokens
+        self.n_seq, self.seq_tokens, self.jump = n_seq, seq_tokens, jump
         self.vocab = llm._model.vocab
         self.n_vocab = llm.n_vocab()
         params = llama_cpp.llama_context_default_params()
@@ -130,13 +144,14 @@ class _GrammarDecoder:
         self.batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._stack.callback(llama_cpp.llama_batch_free, self.batch)
         self._head: list[int] = []  # tokens held by sequence 0 at positions 0..len-1
-        self._heading_tokens = [llm.tokenize(h.encode(), add_bos=False, special=False)
-                                for h in headings]
         self._full = (llama_cpp.llama_token_data * self.n_vocab)()
         self._full_view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
         self._full_view["id"] = np.arange(self.n_vocab)
+        self._top = (llama_cpp.llama_token_data * self.TOP)()
+        self._top_view = np.ctypeslib.as_array(self._top)
         self._one = (llama_cpp.llama_token_data * 1)()
         self._pieces: dict[int, str] = {}
+        self._splits: dict[str, list[int]] = {}  # text -> tokens, kept for one decode call
 
     def close(self) -> None:
         """Free the context and the batch."""
@@ -162,12 +177,26 @@ class _GrammarDecoder:
             self._pieces[token] = self.llm.detokenize([token]).decode("utf-8", "replace")
         return self._pieces[token]
 
+    def _tokens(self, text: str) -> list[int]:
+        if text not in self._splits:
+            self._splits[text] = self.llm.tokenize(text.encode(), add_bos=False, special=False)
+        return self._splits[text]
+
     def _pick(self, logits, sampler, rng) -> int:
         """The next token: the model's choice if the grammar allows it, else the best allowed."""
         np = self._np
         token = int(logits.argmax()) if rng is None else _sample(logits, rng)
         if self._allowed(sampler, token):
             return token
+        if rng is None:  # the best allowed is nearly always among the model's best few
+            top = np.argpartition(logits, -self.TOP)[-self.TOP:]
+            top = top[np.lexsort((top, -logits[top]))]  # best first, ties by id as argmax
+            self._top_view["id"], self._top_view["logit"], self._top_view["p"] = \
+                top, logits[top], 0.0
+            self._apply(sampler, self._top, self.TOP)
+            allowed = np.isfinite(self._top_view["logit"])
+            if allowed.any():
+                return int(top[allowed.argmax()])
         self._full_view["logit"] = logits
         self._full_view["p"] = 0.0
         self._apply(sampler, self._full, self.n_vocab)
@@ -213,10 +242,10 @@ class _GrammarDecoder:
                 for seq, p in enumerate(prompts) for j, t in enumerate(p[head:])]
         return head, kept, self._decode(rows)
 
-    def decode(self, prompts: list[list[int]], grammars: list[str], max_tokens: int,
+    def decode(self, prompts: list[list[int]], formats: list[AnswerFormat], max_tokens: int,
                rng=None) -> list[tuple[list[int], int]]:
-        """``(answer tokens, reused prompt tokens)`` per prompt, each under its GBNF grammar
-        (root rule ``root``); ``rng``: sample, not greedy.
+        """``(answer tokens, reused prompt tokens)`` per prompt, each under its answer format
+        (GBNF grammar, root rule ``root``); ``rng``: sample, not greedy.
 
         Reused tokens: the shared head counts as evaluated once (for the first prompt, less
         what the previous call had already evaluated), reused for every other prompt.
@@ -224,26 +253,27 @@ class _GrammarDecoder:
         out: list[tuple[list[int], int]] = []
         for start in range(0, len(prompts), self.n_seq):
             end = start + self.n_seq
-            out += self._decode_chunk(prompts[start:end], grammars[start:end], max_tokens, rng)
+            out += self._decode_chunk(prompts[start:end], formats[start:end], max_tokens, rng)
         return out
 
-    def _decode_chunk(self, prompts: list[list[int]], grammars: list[str], max_tokens: int,
-                      rng) -> list[tuple[list[int], int]]:
+    def _decode_chunk(self, prompts: list[list[int]], formats: list[AnswerFormat],
+                      max_tokens: int, rng) -> list[tuple[list[int], int]]:
         lib = self._lib
         if (longest := max(len(p) for p in prompts)) + max_tokens > self.seq_tokens:
             raise BackendError(f"a prompt of {longest} tokens leaves no room for a "
                                f"{max_tokens}-token answer in {self.seq_tokens} cells")
         head, kept, index = self._prefill(prompts)
-        samplers = [lib.llama_sampler_init_grammar(self.vocab, g.encode(), b"root")
-                    for g in grammars]
+        samplers = [lib.llama_sampler_init_grammar(self.vocab, f.gbnf.encode(), b"root")
+                    for f in formats]
         if not all(samplers):
             for sampler in filter(None, samplers):
                 lib.llama_sampler_free(sampler)
             raise BackendError("llama.cpp rejected an answer grammar")
         answers: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)  # each answer's text so far, after the pre-filled heading
         pos = [len(p) for p in prompts]
-        breaks = [0] * len(prompts)
         live = list(range(len(prompts)))
+        self._splits.clear()
         try:
             while live:
                 rows, stepping = [], []
@@ -252,17 +282,14 @@ class _GrammarDecoder:
                     if lib.llama_vocab_is_eog(self.vocab, token):
                         continue
                     lib.llama_sampler_accept(samplers[seq], token)
-                    step = [token]
-                    if self._piece(token).endswith("\n") and \
-                            breaks[seq] < len(self._heading_tokens):
-                        for forced in self._heading_tokens[breaks[seq]]:
-                            if not self._allowed(samplers[seq], forced):
-                                break
-                            lib.llama_sampler_accept(samplers[seq], forced)
-                            step.append(forced)
-                    breaks[seq] += sum(self._piece(t).count("\n") for t in step)
+                    texts[seq] += self._piece(token)
+                    step, done = [token], False
+                    if self.jump:
+                        forced, done = self._forced(samplers[seq], formats[seq], texts[seq])
+                        step += forced
+                        texts[seq] += "".join(self._piece(t) for t in forced)
                     answers[seq] += step
-                    if len(answers[seq]) >= max_tokens:
+                    if done or len(answers[seq]) >= max_tokens:
                         continue
                     rows += [(t, pos[seq] + j, seq, j == len(step) - 1)
                              for j, t in enumerate(step)]
@@ -274,6 +301,29 @@ class _GrammarDecoder:
                 lib.llama_sampler_free(sampler)
         reused = [kept] + [head] * (len(prompts) - 1)
         return list(zip(answers, reused, strict=True))
+
+    def _forced(self, sampler, fmt: AnswerFormat, text: str) -> tuple[list[int], bool]:
+        """The tokens the grammar forces after ``text`` (accepted by ``sampler``), and whether
+        the answer is complete after them.
+
+        The forced text is split as the tokenizer splits it; where something may follow, only
+        the tokens that stay the same whatever follows are taken (so a space is left to join
+        the model's next word); the model writes the rest.
+        """
+        forced, follow = fmt.forced(text)
+        if not forced:
+            return [], follow == ("",)
+        tokens = self._tokens(forced)
+        keep = len(tokens) if follow else len(tokens) - 1  # free words: the last may join them
+        for after in dict.fromkeys(f[:self.LOOKAHEAD] for f in follow if f):
+            keep = min(keep, len(os.path.commonprefix([tokens, self._tokens(forced + after)])))
+        out = []
+        for token in tokens[:keep]:
+            if not self._allowed(sampler, token):  # not what the grammar forces: stop here
+                return out, False
+            self._lib.llama_sampler_accept(sampler, token)
+            out.append(token)
+        return out, follow == ("",) and len(out) == len(tokens)
 
 
 def _sample(logits, rng, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 40) -> int:
@@ -300,10 +350,11 @@ class _LlamaSession:
         n_ctx: Key/value cells per answer (prompt + answer).
         repeat_penalty: llama.cpp repeat penalty of the unconstrained reference (1.0: none).
         n_seq: Answers the grammar decoder writes together.
+        jump_forward: Feed the text the grammar forces without asking the model.
     """
 
     def __init__(self, model_file: str, threads: int, seed: int, n_ctx: int,
-                 repeat_penalty: float, n_seq: int) -> None:
+                 repeat_penalty: float, n_seq: int, jump_forward: bool = True) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -318,7 +369,7 @@ class _LlamaSession:
         eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode()
         self.template = Jinja2ChatFormatter(template, eos_token=eos, bos_token="") \
             if template else None
-        self._decoder_args = (HEADINGS, threads, n_seq, n_ctx)
+        self._decoder_args = (threads, n_seq, n_ctx, jump_forward)
         self._decoder: _GrammarDecoder | None = None  # built on first constrained call
         self._retries = 0
 
@@ -349,8 +400,8 @@ class _LlamaSession:
             self._retries += 1
             rng = np.random.default_rng([self.seed, self._retries])
         gens = []
-        grammars = [answer_grammar(c) for c in choices or [None] * len(prompts)]
-        decoded = self._decoder.decode(tokens, grammars, MAX_ANSWER_TOKENS, rng)
+        formats = [AnswerFormat.of(c) for c in choices or [None] * len(prompts)]
+        decoded = self._decoder.decode(tokens, formats, MAX_ANSWER_TOKENS, rng)
         for prompt, (out, reused) in zip(tokens, decoded, strict=True):
             answer = PREFILL + self.llm.detokenize(out).decode("utf-8", "replace")
             gens.append(Generation(answer.removesuffix("\n"), len(out), len(prompt), reused))
@@ -413,17 +464,20 @@ class LlamaCppBackend:
         repeat_penalty: llama.cpp's repeat penalty of the unconstrained reference (1.0: off).
         n_seq: Answers each process decodes together (its share of a ``generate`` call is
             decoded in chunks of this many).
+        jump_forward: Feed the text the grammar forces (the rest of a name, separators, the next
+            heading) with the sampled token, without logits (``False``: one token per step,
+            the reference of the tests).
     """
 
     def __init__(self, model_file: str | Path, model_id: str | None = None, threads: int = 2,
                  processes: int = 1, constrained: bool = True, reuse_prefix: bool = True,
                  seed: int = 0, n_ctx: int = 640, repeat_penalty: float = 1.0,
-                 n_seq: int = 8) -> None:
+                 n_seq: int = 8, jump_forward: bool = True) -> None:
         self.model_file = Path(model_file)
         self.model_id = f"llama.cpp:{model_id or self.model_file.stem}"
         self.threads, self.processes = threads, processes
         self.constrained, self.reuse_prefix = constrained, reuse_prefix
-        args = (str(self.model_file), threads, seed, n_ctx, repeat_penalty, n_seq)
+        args = (str(self.model_file), threads, seed, n_ctx, repeat_penalty, n_seq, jump_forward)
         self._session = _LlamaSession(*args) if processes == 1 else None
         self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         if processes > 1:

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from profiles.facets import grounding, parse_facets, repeats_a_facet
-from profiles.grammar import ITEM_WORDS, MAX_ITEMS
+from profiles.grammar import ITEM_WORDS, MAX_ITEMS, AnswerFormat
 from profiles.graph import PurchaseGraph
 from profiles.modelpack import DEFAULT_MODEL, packaged_gguf
 from profiles.prompt import (
@@ -112,3 +112,70 @@ def test_worker_processes_answer_like_one_process(llama, households):
     for gen in shared:
         _check_format(gen.text)
     assert shared[2].reused_tokens < 80 <= shared[3].reused_tokens  # each worker its own cache
+
+
+def _grammar_accepts(llm, gbnf: str, text: str) -> bool:
+    """llama.cpp's own grammar sampler takes ``text`` token by token and may stop after it."""
+    import ctypes
+
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")
+    one = (llama_cpp.llama_token_data * 1)()
+
+    def allowed(token: int) -> bool:
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+        arr = llama_cpp.llama_token_data_array(one, 1, -1, False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(arr))
+        return one[0].logit != float("-inf")
+
+    try:
+        for token in llm.tokenize(text.encode(), add_bos=False, special=False):
+            if not allowed(token):
+                return False
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return allowed(llm.token_eos())
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def test_answer_format_texts_are_the_grammars_language(llama, households):
+    """The line texts the decoder jumps forward on are answers llama.cpp's grammar takes, and
+    what ``forced`` says is forced is what every admitted answer continues with."""
+    llm = llama._session.llm
+    fmt = AnswerFormat.of(answer_choices(households[0]))
+    seg, interests, categories, brands = fmt.lines
+    picks = [(seg[0], interests[0], categories[-1], brands[len(brands) // 2]),
+             (seg[-1], interests[-1], categories[0], brands[-1])]
+    for lines in picks:
+        answer = "\n".join(lines)
+        assert _grammar_accepts(llm, fmt.gbnf, answer), answer
+        for cut in range(len(answer)):
+            forced, follow = fmt.forced(answer[:cut])
+            assert answer[cut:].startswith(forced), (answer[:cut], forced)
+            rest = answer[cut + len(forced):]
+            assert follow == ("",) and rest == "" or \
+                any(rest.startswith(f.removesuffix("\n")) for f in follow) or not follow
+    twice = f"{seg[0]}\n{interests[0]}, {interests[0].split(': ')[1]}\n{categories[0]}\n" \
+        f"{brands[0]}"
+    assert not _grammar_accepts(llm, fmt.gbnf, twice)  # a name twice: neither admits it
+
+
+def test_jump_forward_writes_the_token_by_token_text(llama, households):
+    """Feeding forced text without the model gives the answers of one token per step, on the
+    same prompts decoded in the same layout (greedy)."""
+    from profiles.backends import LlamaCppBackend
+
+    prompts = [build_messages(c) for c in households]
+    choices = [answer_choices(c) for c in households]
+    step = LlamaCppBackend(llama.model_file, DEFAULT_MODEL.name, threads=1, reuse_prefix=False,
+                           jump_forward=False)
+    jump = LlamaCppBackend(llama.model_file, DEFAULT_MODEL.name, threads=1, reuse_prefix=False)
+    try:
+        slow = step.generate(prompts, choices=choices)
+        fast = jump.generate(prompts, choices=choices)
+    finally:
+        step.close()
+        jump.close()
+    assert [g.text for g in fast] == [g.text for g in slow]
