@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
+
 TOPIC = "purchases"
 
 
@@ -59,7 +61,8 @@ def _messages(log_path: str, start: int = 0):
             yield json.dumps(row, separators=(",", ":")).encode()
 
 
-def fast_producer(bootstrap_servers: str, on_delivery=None):
+def fast_producer(bootstrap_servers: str, on_delivery=None,
+                  settings: KafkaSettings = PLAINTEXT):
     """A librdkafka (``confluent-kafka``) producer with the pipeline's delivery guarantees.
 
     Idempotent with ``acks=all`` like :data:`streaming.kafka_io.PRODUCER_DEFAULTS`, but it sends
@@ -69,13 +72,16 @@ def fast_producer(bootstrap_servers: str, on_delivery=None):
     Args:
         bootstrap_servers: Kafka ``host:port``.
         on_delivery: ``f(err, msg)`` called (inside ``poll``/``flush``) once per record.
+        settings: TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
     from confluent_kafka import Producer
 
-    config = {"bootstrap.servers": bootstrap_servers, "enable.idempotence": True,
-              "acks": "all", "linger.ms": 20, "batch.size": 1 << 20,
-              "queue.buffering.max.messages": 1_000_000,
-              "queue.buffering.max.kbytes": 1 << 20, "log_level": 3}
+    from streaming.kafka_io import librdkafka_config
+
+    config = librdkafka_config(bootstrap_servers, settings, **{
+        "enable.idempotence": True, "acks": "all", "linger.ms": 20, "batch.size": 1 << 20,
+        "queue.buffering.max.messages": 1_000_000, "queue.buffering.max.kbytes": 1 << 20,
+        "log_level": 3})
     if on_delivery is not None:
         config["on_delivery"] = on_delivery
     return Producer(config)

@@ -41,6 +41,7 @@ import torch
 from pipelines.state import checkpoint_path
 from streaming import metrics
 from streaming.broker import reachable
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,16 @@ def checkpoint_topic_ids(state_dir: str | Path, num_shards: int) -> set[str]:
     return ids - {None}
 
 
-def current_topic_id(bootstrap_servers: str, topic: str, timeout_s: float = 5.0) -> str | None:
+def current_topic_id(bootstrap_servers: str, topic: str, timeout_s: float = 5.0,
+                     settings: KafkaSettings = PLAINTEXT) -> str | None:
     """The id of ``topic`` on the broker (created with 4 partitions if missing, as the reader
-    would); ``None`` if the broker names none within ``timeout_s`` (no KIP-516 support)."""
+    would); ``None`` if the broker names none within ``timeout_s`` (no KIP-516 support).
+    ``settings``: Kafka TLS/SASL settings."""
     from streaming.kafka_io import TopicReader, create_topics
 
-    create_topics(bootstrap_servers, [topic], partitions=4)
+    create_topics(bootstrap_servers, [topic], partitions=4, settings=settings)
     deadline = time.monotonic() + timeout_s
-    with TopicReader(bootstrap_servers, topic) as reader:
+    with TopicReader(bootstrap_servers, topic, settings=settings) as reader:
         while (found := reader.topic_id()) is None and time.monotonic() < deadline:
             time.sleep(0.1)
     if found is None or set(found) <= set("0-"):  # the null id: the broker keeps none
@@ -165,11 +168,13 @@ def current_topic_id(bootstrap_servers: str, topic: str, timeout_s: float = 5.0)
 
 
 def prepare_input_log(state_dir: str | Path | None, num_shards: int,
-                      bootstrap_servers: str | None, topic: str) -> str | None:
+                      bootstrap_servers: str | None, topic: str,
+                      settings: KafkaSettings = PLAINTEXT) -> str | None:
     """Before a (re)start: finish a marked reset, or do one if the checkpoints were taken on
     another log of ``topic`` than the broker's now; the current topic id (``None`` for a replay).
     """
-    topic_id = current_topic_id(bootstrap_servers, topic) if bootstrap_servers else None
+    topic_id = (current_topic_id(bootstrap_servers, topic, settings=settings)
+                if bootstrap_servers else None)
     if finish_log_reset(state_dir, num_shards, topic_id) or state_dir is None or topic_id is None:
         return topic_id
     saved = checkpoint_topic_ids(state_dir, num_shards)

@@ -25,6 +25,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
 from pipelines.elements import UserStates
 from streaming import metrics
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 #: Output topic of the live pipeline.
 EMBEDDING_TOPIC = "user-embeddings"
@@ -143,8 +144,8 @@ class _WriteFn(beam.DoFn):
     _written = beam.DoFn.StateParam(WRITTEN)
 
     def __init__(self, bootstrap_servers: str | None, topic: str, state_dir: str | None,
-                 num_shards: int) -> None:
-        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+                 num_shards: int, settings: KafkaSettings) -> None:
+        self.bootstrap_servers, self.topic, self.settings = bootstrap_servers, topic, settings
         self.state_dir, self.num_shards = state_dir, num_shards
 
     def setup(self) -> None:
@@ -155,10 +156,10 @@ class _WriteFn(beam.DoFn):
             from streaming.bounded_send import BoundedSender
             from streaming.kafka_io import create_topics, json_producer
 
-            create_topics(self.bootstrap_servers, [self.topic])
+            create_topics(self.bootstrap_servers, [self.topic], settings=self.settings)
             # kafka-python 3 buffers sends without a bound: wait for it past MAX_UNACKED
-            self._producer = BoundedSender(json_producer(self.bootstrap_servers, linger_ms=5),
-                                           MAX_UNACKED)
+            self._producer = BoundedSender(
+                json_producer(self.bootstrap_servers, self.settings, linger_ms=5), MAX_UNACKED)
 
     def process(self, keyed: tuple[int, UserStates], written=_written):
         shard, states = keyed
@@ -200,12 +201,15 @@ class WriteEmbeddings(beam.PTransform):
         topic: output topic.
         state_dir: where the store files live (``None``: no store).
         num_shards: the shard count (part of the store file names).
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, bootstrap_servers: str | None = None, topic: str = EMBEDDING_TOPIC,
-                 state_dir: str | None = None, num_shards: int = 1) -> None:
+                 state_dir: str | None = None, num_shards: int = 1,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         super().__init__()
-        self.fn = _WriteFn(bootstrap_servers, topic, state_dir and str(state_dir), num_shards)
+        self.fn = _WriteFn(bootstrap_servers, topic, state_dir and str(state_dir), num_shards,
+                           settings)
 
     def expand(self, states):
         return (states

@@ -18,6 +18,7 @@ from apache_beam import pvalue
 
 from pipelines.elements import EventsBatch, RawBatch
 from streaming import metrics
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from streaming.schema import EVENT_SCHEMA, REQUIRED_EVENT_FIELDS, events_to_table
 from streaming.validation import (
     MAX_ID_CHARS,
@@ -197,13 +198,15 @@ class ParseAndValidate(beam.PTransform):
 
 
 class _WriteDeadLettersFn(beam.DoFn):
-    def __init__(self, bootstrap_servers: str | None, path: str | None) -> None:
-        self.bootstrap_servers, self.path = bootstrap_servers, path
+    def __init__(self, bootstrap_servers: str | None, path: str | None,
+                 settings: KafkaSettings) -> None:
+        self.bootstrap_servers, self.path, self.settings = bootstrap_servers, path, settings
 
     def setup(self) -> None:
         from streaming.deadletter import JsonlDeadLetterSink, KafkaDeadLetterSink
 
-        self._sink = (KafkaDeadLetterSink(self.bootstrap_servers) if self.bootstrap_servers
+        self._sink = (KafkaDeadLetterSink(self.bootstrap_servers, settings=self.settings)
+                      if self.bootstrap_servers
                       else JsonlDeadLetterSink(self.path))
 
     def process(self, letter: DeadLetter):
@@ -217,14 +220,16 @@ class _WriteDeadLettersFn(beam.DoFn):
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Send dead letters to the Kafka topic ``purchases.dlq`` (live) or a JSONL file (replay)."""
+    """Send dead letters to the Kafka topic ``purchases.dlq`` (live, with the Kafka TLS/SASL
+    ``settings``) or a JSONL file (replay)."""
 
-    def __init__(self, bootstrap_servers: str | None = None, path: str | None = None) -> None:
+    def __init__(self, bootstrap_servers: str | None = None, path: str | None = None,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         super().__init__()
         if (bootstrap_servers is None) == (path is None):
             raise ValueError("give exactly one of bootstrap_servers and path")
-        self.bootstrap_servers, self.path = bootstrap_servers, path
+        self.bootstrap_servers, self.path, self.settings = bootstrap_servers, path, settings
 
     def expand(self, letters):
         return letters | "Write" >> beam.ParDo(_WriteDeadLettersFn(self.bootstrap_servers,
-                                                                  self.path))
+                                                                  self.path, self.settings))

@@ -42,6 +42,7 @@ from pipelines.state import (
     resume_positions,
 )
 from pipelines.watermark import LATE_EVENTS, BatchRule, SealMicroBatches
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class PipelineConfig:
         state_dir: shard checkpoints and embedding stores (``None``: keep nothing).
         shards: how many shards split the users.
         bootstrap_servers: Kafka ``host:port`` (live); ``None`` for a replay.
+        kafka_settings: TLS/SASL settings of every Kafka client of the run (live).
         topic: purchases topic (live).
         log_path: ``events.parquet`` to replay.
         stop_row: replay rows before this one only.
@@ -81,6 +83,7 @@ class PipelineConfig:
     state_dir: str | None = None
     shards: int = 1
     bootstrap_servers: str | None = None
+    kafka_settings: KafkaSettings = PLAINTEXT
     topic: str = "purchases"
     log_path: str | None = None
     stop_row: int | None = None
@@ -126,7 +129,7 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
         bootstrap_servers=config.bootstrap_servers, topic=config.topic, positions=positions,
         log_path=config.log_path, stop_row=config.stop_row, cut_row=config.cut_row, stop=stop,
         max_batch=config.max_batch, call_s=config.call_seconds, policy=policy,
-        state_dir=config.state_dir, idle_s=config.idle_seconds)
+        state_dir=config.state_dir, idle_s=config.idle_seconds, settings=config.kafka_settings)
     parsed = raw | "ParseAndValidate" >> ParseAndValidate(state_dir=config.state_dir,
                                                           num_shards=config.shards,
                                                           start=positions)
@@ -134,17 +137,21 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
     dlq_path = None if config.live else config.dead_letter_path
     if config.live or dlq_path:
         _ = ((parsed[DEAD_LETTERS], sealed[LATE_EVENTS]) | "AllDeadLetters" >> beam.Flatten()
-             | "WriteDeadLetters" >> WriteDeadLetters(config.bootstrap_servers, dlq_path))
+             | "WriteDeadLetters" >> WriteDeadLetters(config.bootstrap_servers, dlq_path,
+                                                      config.kafka_settings))
     states = sealed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
         config.run_dir, config.state_dir, config.shards, config.fresh_state,
         config.evaluate_to, config.test_from, topic_id)
     if config.live and config.request_profiles:
-        _ = states | "RequestProfiles" >> RequestProfiles(config.bootstrap_servers)
+        _ = states | "RequestProfiles" >> RequestProfiles(config.bootstrap_servers,
+                                                          settings=config.kafka_settings)
     _ = (states
-         | "FuseEmbeddings" >> FuseEmbeddings(config.run_dir, config.bootstrap_servers, stop=stop)
+         | "FuseEmbeddings" >> FuseEmbeddings(config.run_dir, config.bootstrap_servers, stop=stop,
+                                              settings=config.kafka_settings)
          | "WriteEmbeddings" >> WriteEmbeddings(config.bootstrap_servers,
                                                 state_dir=config.state_dir,
-                                                num_shards=config.shards))
+                                                num_shards=config.shards,
+                                                settings=config.kafka_settings))
 
 
 def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
@@ -166,7 +173,7 @@ def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,
     while True:
         # finishes a reset the reader marked (or a crash interrupted), or finds one from before
         topic_id = prepare_input_log(config.state_dir, config.shards, config.bootstrap_servers,
-                                     config.topic)
+                                     config.topic, config.kafka_settings)
         _run_once(config, stop, beam_args, topic_id)
         if not stop.restart_pending():
             return

@@ -21,6 +21,7 @@ import numpy as np
 from pipelines.elements import UserStates
 from pipelines.sources import StopFlag
 from streaming import metrics
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,16 @@ class ProfileTrigger:
 
 
 class _RequestProfilesFn(beam.DoFn):
-    def __init__(self, bootstrap_servers: str, topic: str, trigger: ProfileTrigger) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, trigger: ProfileTrigger,
+                 settings: KafkaSettings) -> None:
         self.bootstrap_servers, self.topic, self.trigger = bootstrap_servers, topic, trigger
+        self.settings = settings
 
     def setup(self) -> None:
         from streaming.kafka_io import create_topics, json_producer
 
-        create_topics(self.bootstrap_servers, [self.topic])
-        self._producer = json_producer(self.bootstrap_servers)
+        create_topics(self.bootstrap_servers, [self.topic], settings=self.settings)
+        self._producer = json_producer(self.bootstrap_servers, self.settings)
 
     def process(self, states: UserStates):
         due = np.flatnonzero(self.trigger.fires(states.events_before, states.version))
@@ -81,12 +84,15 @@ class RequestProfiles(beam.PTransform):
         bootstrap_servers: Kafka ``host:port``.
         topic: request topic.
         trigger: when a user is due for a (new) profile.
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, bootstrap_servers: str, topic: str = REQUEST_TOPIC,
-                 trigger: ProfileTrigger | None = None) -> None:
+                 trigger: ProfileTrigger | None = None,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         super().__init__()
-        self.fn = _RequestProfilesFn(bootstrap_servers, topic, trigger or ProfileTrigger())
+        self.fn = _RequestProfilesFn(bootstrap_servers, topic, trigger or ProfileTrigger(),
+                                     settings)
 
     def expand(self, states):
         return states | "Publish" >> beam.ParDo(self.fn)
@@ -142,9 +148,9 @@ class LiveProfiles:
 
 class _FuseFn(beam.DoFn):
     def __init__(self, run_dir: str, bootstrap_servers: str | None, topic: str,
-                 stop: StopFlag | None) -> None:
+                 stop: StopFlag | None, settings: KafkaSettings) -> None:
         self.run_dir, self.bootstrap_servers, self.topic = run_dir, bootstrap_servers, topic
-        self.stop = stop
+        self.stop, self.settings = stop, settings
 
     def setup(self) -> None:
         from pipelines.state import load_run_model
@@ -168,8 +174,8 @@ class _FuseFn(beam.DoFn):
 
         from streaming.kafka_io import TopicReader, create_topics
 
-        create_topics(self.bootstrap_servers, [self.topic])
-        with TopicReader(self.bootstrap_servers, self.topic) as reader:
+        create_topics(self.bootstrap_servers, [self.topic], settings=self.settings)
+        with TopicReader(self.bootstrap_servers, self.topic, settings=self.settings) as reader:
             while not (self._stop.is_set() or (self.stop is not None and self.stop.is_set())):
                 for record in reader.poll(0.5):
                     try:
@@ -218,12 +224,14 @@ class FuseEmbeddings(beam.PTransform):
             fuses with the checkpoint's profiles only (replay).
         topic: the profile update topic.
         stop: ends following ``profile-updates`` when the pipeline stops.
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, run_dir: str, bootstrap_servers: str | None = None,
-                 topic: str = UPDATE_TOPIC, stop: StopFlag | None = None) -> None:
+                 topic: str = UPDATE_TOPIC, stop: StopFlag | None = None,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         super().__init__()
-        self.fn = _FuseFn(str(run_dir), bootstrap_servers, topic, stop)
+        self.fn = _FuseFn(str(run_dir), bootstrap_servers, topic, stop, settings)
 
     def expand(self, states):
         return states | "Fuse" >> beam.ParDo(self.fn)

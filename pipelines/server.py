@@ -54,6 +54,7 @@ from pipelines.serving import KNN_REFRESH_S, ServingShard, UserRow, follow
 from pipelines.state import checkpoint_path, load_run_model, shard_of
 from streaming import metrics
 from streaming.errors import UsageError
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from tgn.fusion import FACETS
 from tgn.model import TGNRecommender
 
@@ -143,6 +144,7 @@ class Recommender:
         bootstrap_servers: Kafka ``host:port`` to follow the changelog from (``None``: the
             state files only, fresh to a checkpoint interval).
         topic: the changelog topic.
+        kafka_settings: TLS/SASL settings of the changelog reader.
 
     Attributes:
         users: user id → its newest :class:`~pipelines.serving.UserRow`.
@@ -151,9 +153,10 @@ class Recommender:
 
     def __init__(self, run_dir: str | Path, state_dir: str | Path,
                  data_dir: str | Path | None = None, bootstrap_servers: str | None = None,
-                 topic: str = EMBEDDING_TOPIC) -> None:
+                 topic: str = EMBEDDING_TOPIC, kafka_settings: KafkaSettings = PLAINTEXT) -> None:
         self.run_dir, self.state_dir = Path(run_dir), Path(state_dir)
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.kafka_settings = kafka_settings
         self.items = self._item_text(data_dir)
         self.num_shards = self._shard_count()
         self._lock = threading.Lock()
@@ -278,9 +281,9 @@ class Recommender:
             return self
         from streaming.kafka_io import TopicReader, create_topics
 
-        create_topics(self.bootstrap_servers, [self.topic])
+        create_topics(self.bootstrap_servers, [self.topic], settings=self.kafka_settings)
         reader = TopicReader(self.bootstrap_servers, self.topic, max_batch=5000,
-                             check_crcs=False)
+                             check_crcs=False, settings=self.kafka_settings)
 
         def run() -> None:
             try:

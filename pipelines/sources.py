@@ -37,6 +37,7 @@ from pipelines.elements import RawBatch, Span
 from pipelines.outages import BrokerWatch, mark_log_reset
 from pipelines.positions import Positions, TopicPositionsProvider, as_positions
 from streaming import metrics
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from tgn.data import batch_bounds as event_batch_bounds
 
 log = logging.getLogger(__name__)
@@ -154,11 +155,13 @@ class IdleWatch:
 
 @dataclass(frozen=True)
 class KafkaTopic:
-    """The element the live reader starts from: a topic and the first offset of each partition."""
+    """The element the live reader starts from: a topic and the first offset of each partition,
+    and the Kafka TLS/SASL settings to read it with (data, so they travel to any worker)."""
 
     bootstrap_servers: str
     topic: str
     positions: Positions
+    settings: KafkaSettings = PLAINTEXT
 
 
 class LiveReader:
@@ -171,10 +174,13 @@ class LiveReader:
         bootstrap_servers: Kafka ``host:port``.
         topic: the topic.
         max_batch: most records one poll returns.
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str, max_batch: int) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, max_batch: int,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         self.bootstrap_servers, self.topic, self.max_batch = bootstrap_servers, topic, max_batch
+        self.settings = settings
         self._reader = None
         self._topic_id: str | None = None  # the topic's id when first seen
 
@@ -196,7 +202,7 @@ class LiveReader:
         self._reader = TopicReader(self.bootstrap_servers, self.topic, sorted(positions),
                                    positions, max_batch=self.max_batch, check_crcs=False,
                                    reconnect_backoff_max_ms=1000, metadata_max_age_ms=5000,
-                                   fetch_max_wait_ms=FETCH_MAX_WAIT_MS)
+                                   fetch_max_wait_ms=FETCH_MAX_WAIT_MS, settings=self.settings)
 
     @property
     def positions(self) -> dict[int, int]:
@@ -287,7 +293,8 @@ class _ReadKafkaFn(beam.DoFn):
     @beam.DoFn.unbounded_per_element()
     def process(self, element: KafkaTopic, tracker=_POSITIONS, watermark=_WATERMARK):
         if self._reader is None:
-            self._reader = LiveReader(element.bootstrap_servers, element.topic, self.max_batch)
+            self._reader = LiveReader(element.bootstrap_servers, element.topic, self.max_batch,
+                                      element.settings)
             self._watch = BrokerWatch(element.bootstrap_servers)
         position = dict(tracker.current_restriction().start)  # advanced by every claim
         deadline = time.monotonic() + self.call_s
@@ -416,6 +423,7 @@ class ReadPurchases(beam.PTransform):
         state_dir: where a recreated input topic is marked (see :mod:`pipelines.outages`).
         idle_s: a caught-up partition without records for this long is reported idle (live;
             :class:`IdleWatch`).
+        settings: Kafka TLS/SASL settings (live; :mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, *, bootstrap_servers: str | None = None, topic: str = "purchases",
@@ -424,7 +432,7 @@ class ReadPurchases(beam.PTransform):
                  stop: StopFlag | None = None,
                  max_batch: int = 2000, poll_s: float = 0.05, call_s: float = 1.0,
                  policy: CheckpointPolicy | None = None, state_dir: str | None = None,
-                 idle_s: float = 1.0) -> None:
+                 idle_s: float = 1.0, settings: KafkaSettings = PLAINTEXT) -> None:
         super().__init__()
         if (bootstrap_servers is None) == (log_path is None):
             raise ValueError("give exactly one of bootstrap_servers and log_path")
@@ -433,7 +441,7 @@ class ReadPurchases(beam.PTransform):
         self.stop, self.max_batch, self.poll_s = stop or StopFlag(), max_batch, poll_s
         self.call_s = call_s
         self.policy = policy or CheckpointPolicy()
-        self.state_dir, self.idle_s = state_dir, idle_s
+        self.state_dir, self.idle_s, self.settings = state_dir, idle_s, settings
 
     def expand(self, pbegin):
         if self.log_path is not None:
@@ -443,7 +451,7 @@ class ReadPurchases(beam.PTransform):
                                                          self.cut_row)))
         start = as_positions({p: self.positions.get(p, 0) for p in self._partitions()})
         return (pbegin | "Topic" >> beam.Create([KafkaTopic(self.bootstrap_servers, self.topic,
-                                                            start)])
+                                                            start, self.settings)])
                 | "ReadKafka" >> beam.ParDo(_ReadKafkaFn(
                     self.stop, self.max_batch, self.poll_s, self.call_s, self.policy,
                     self.state_dir, self.idle_s)))
@@ -452,7 +460,7 @@ class ReadPurchases(beam.PTransform):
         """The topic's partitions (created with 4 if missing); later-added ones are not read."""
         from streaming.kafka_io import TopicReader, create_topics
 
-        create_topics(self.bootstrap_servers, [self.topic], partitions=4)
+        create_topics(self.bootstrap_servers, [self.topic], partitions=4, settings=self.settings)
 
-        with TopicReader(self.bootstrap_servers, self.topic) as reader:
+        with TopicReader(self.bootstrap_servers, self.topic, settings=self.settings) as reader:
             return sorted(reader.positions)

@@ -27,6 +27,7 @@ import numpy as np
 from profiles.graph import PurchaseGraph
 from streaming import metrics
 from streaming.kafka_io import TopicReader, create_topics
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from streaming.validation import DeadLetter, RecentIds, ValidationRules, validate_event
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,16 @@ class PurchaseFollower:
         graph: The graph to grow (seeded already).
         topic: The purchases topic.
         max_batch: Most records per poll.
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, bootstrap_servers: str, graph: PurchaseGraph,
-                 topic: str = PURCHASES_TOPIC, max_batch: int = 5000) -> None:
+                 topic: str = PURCHASES_TOPIC, max_batch: int = 5000,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         self.graph = graph
-        create_topics(bootstrap_servers, [topic])
-        self.reader = TopicReader(bootstrap_servers, topic, max_batch=max_batch)
+        create_topics(bootstrap_servers, [topic], settings=settings)
+        self.reader = TopicReader(bootstrap_servers, topic, max_batch=max_batch,
+                                  settings=settings)
         self._rules = ValidationRules(catalog=graph.catalog)
         self._recent = RecentIds()
         self.added = 0

@@ -50,6 +50,7 @@ from profiles.store import ProfileStore
 from profiles.writer import ProfileWriter
 from streaming import metrics
 from streaming.kafka_io import TopicReader, create_topics, json_producer
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +138,27 @@ class ProfileWorker:
         purchases_topic: The purchases topic the graph follows.
         sync_timeout_s: Longest wait, per batch, for the purchases its requests are about to
             reach the graph (they are on the topic before the request; this covers read lag).
+        settings: Kafka TLS/SASL settings of its clients (:mod:`streaming.kafka_settings`).
     """
 
     def __init__(self, bootstrap_servers: str, graph: PurchaseGraph, writer: ProfileWriter,
                  policy: TriggerPolicy, hops: int = 2, batch_size: int = 8,
                  max_queue: int = 64, backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 purchases_topic: str = PURCHASES_TOPIC, sync_timeout_s: float = 2.0) -> None:
+                 purchases_topic: str = PURCHASES_TOPIC, sync_timeout_s: float = 2.0,
+                 settings: KafkaSettings = PLAINTEXT) -> None:
         self.graph, self.writer, self.store = graph, writer, writer.store
         self.sync_timeout_s = sync_timeout_s
         self.policy, self.hops = policy, hops
         self.batch_size, self.max_queue = batch_size, max_queue
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self._failures = 0  # consecutive batches the backend failed
-        create_topics(bootstrap_servers, [REQUESTS_TOPIC, UPDATES_TOPIC])
-        self.follower = PurchaseFollower(bootstrap_servers, graph, purchases_topic)
+        create_topics(bootstrap_servers, [REQUESTS_TOPIC, UPDATES_TOPIC], settings=settings)
+        self.follower = PurchaseFollower(bootstrap_servers, graph, purchases_topic,
+                                         settings=settings)
         self.reader = TopicReader(bootstrap_servers, REQUESTS_TOPIC,
-                                  offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue)
-        self.producer = json_producer(bootstrap_servers)
+                                  offsets=self.store.offsets(REQUESTS_TOPIC), max_batch=max_queue,
+                                  settings=settings)
+        self.producer = json_producer(bootstrap_servers, settings)
         self.queue: dict[str, Request] = {}
         self.stopping = False
         self._writing = False  # a batch is being written or published: SIGTERM interrupts it

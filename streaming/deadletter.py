@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from streaming.validation import DeadLetter
 
 #: The Kafka topic of dead letters from the live pipeline.
@@ -131,16 +132,18 @@ class KafkaDeadLetterSink(DeadLetterSink):
         bootstrap_servers: ``"host:port"``.
         topic: Dead-letter topic (created with one partition if missing).
         producer: An existing producer to share (then :meth:`close` only flushes it).
+        settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str = DLQ_TOPIC, producer: Any = None):
+    def __init__(self, bootstrap_servers: str, topic: str = DLQ_TOPIC, producer: Any = None,
+                 settings: KafkaSettings = PLAINTEXT):
         from streaming.kafka_io import create_topics, json_producer
 
         super().__init__()
         self.topic = topic
-        create_topics(bootstrap_servers, [topic], partitions=1)
+        create_topics(bootstrap_servers, [topic], partitions=1, settings=settings)
         self._owns_producer = producer is None
-        self._producer = producer or json_producer(bootstrap_servers)
+        self._producer = producer or json_producer(bootstrap_servers, settings)
 
     def _write(self, record: dict[str, Any]) -> None:
         self._producer.send(self.topic, key=record["reason"], value=record)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from streaming import kafka_io
 from streaming.broker import Broker
 from streaming.dataset import Dataset
 from streaming.kafka_io import TopicReader, create_topics, json_producer
@@ -64,10 +65,9 @@ def _bare_produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes, f
 
 
 def _bare_consume(bootstrap: str, topic: str, count: int) -> float:
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                             enable_auto_commit=False, consumer_timeout_ms=5000)
+    consumer = kafka_io.consumer(bootstrap, consumer_timeout_ms=5000)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
     consumer.assign(partitions)
     for tp in partitions:

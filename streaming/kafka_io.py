@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from kafka.serializer import Serializer
 
 from streaming.errors import BrokerUnreachable
+from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 #: Producer settings: ordered, acknowledged, duplicate-free delivery with batching for throughput.
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -98,23 +99,48 @@ class _KeySerializer(Serializer):
         return key.encode("utf-8") if isinstance(key, str) else key
 
 
-def json_producer(bootstrap_servers: str, **overrides: Any):
+def client_config(bootstrap_servers: str, settings: KafkaSettings,
+                  **config: Any) -> dict[str, Any]:
+    """The keyword arguments of every kafka-python client dynllm builds: the bootstrap list,
+    ``config``, and the security settings over them (they cannot be overridden per client)."""
+    return {"bootstrap_servers": bootstrap_servers, **config, **settings.kafka_python_kwargs()}
+
+
+def librdkafka_config(bootstrap_servers: str, settings: KafkaSettings,
+                      **config: Any) -> dict[str, Any]:
+    """The configuration of every confluent-kafka (librdkafka) client dynllm builds:
+    ``bootstrap.servers``, ``config`` (librdkafka names), and the security settings over them."""
+    return {"bootstrap.servers": bootstrap_servers, **config, **settings.librdkafka_config()}
+
+
+def json_producer(bootstrap_servers: str, settings: KafkaSettings = PLAINTEXT,
+                  **overrides: Any):
     """A ``KafkaProducer`` whose values are JSON (or raw bytes) and keys UTF-8 strings.
 
     Args:
         bootstrap_servers: ``"host:port[,host:port]"``.
+        settings: TLS/SASL settings (:mod:`streaming.kafka_settings`).
         **overrides: Any ``KafkaProducer`` setting, replacing :data:`PRODUCER_DEFAULTS`.
     """
     from kafka import KafkaProducer
 
-    config = {**PRODUCER_DEFAULTS, **overrides}
-    return KafkaProducer(bootstrap_servers=bootstrap_servers, value_serializer=_JsonSerializer(),
-                         key_serializer=_KeySerializer(), **config)
+    return KafkaProducer(**client_config(
+        bootstrap_servers, settings, value_serializer=_JsonSerializer(),
+        key_serializer=_KeySerializer(), **{**PRODUCER_DEFAULTS, **overrides}))
+
+
+def consumer(bootstrap_servers: str, settings: KafkaSettings = PLAINTEXT, **config: Any):
+    """A group-less ``KafkaConsumer`` without auto-commit (offsets are the caller's)."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(**client_config(bootstrap_servers, settings, group_id=None,
+                                         enable_auto_commit=False, **config))
 
 
 def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4,
-                  timeout_ms: int = 30_000) -> None:
-    """Create topics that do not exist yet (existing ones are left as they are).
+                  timeout_ms: int = 30_000, settings: KafkaSettings = PLAINTEXT) -> None:
+    """Create topics that do not exist yet (existing ones are left as they are), connecting
+    with ``settings`` (TLS/SASL).
 
     Raises :class:`~streaming.errors.BrokerUnreachable` when no broker answers within
     ``timeout_ms`` (the command line prints it as one line).
@@ -123,8 +149,8 @@ def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int 
     from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers,
-                                 bootstrap_timeout_ms=timeout_ms)
+        admin = KafkaAdminClient(**client_config(bootstrap_servers, settings,
+                                                 bootstrap_timeout_ms=timeout_ms))
     except KafkaTimeoutError as exc:
         raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
     try:
@@ -151,6 +177,7 @@ class TopicReader:
             not listed starts at its beginning.
         max_batch: Most records returned by one :meth:`poll`.
         metadata_timeout_s: How long to wait for the topic's partitions (``partitions=None``).
+        settings: TLS/SASL settings (:mod:`streaming.kafka_settings`).
         **consumer_config: Extra ``KafkaConsumer`` settings.
 
     Attributes:
@@ -160,14 +187,14 @@ class TopicReader:
 
     def __init__(self, bootstrap_servers: str, topic: str, partitions: Iterable[int] | None = None,
                  offsets: dict[int, int] | None = None, max_batch: int = 5000,
-                 metadata_timeout_s: float = 10.0, **consumer_config: Any) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+                 metadata_timeout_s: float = 10.0, settings: KafkaSettings = PLAINTEXT,
+                 **consumer_config: Any) -> None:
+        from kafka import TopicPartition
 
         config = {"fetch_max_wait_ms": 100, "auto_offset_reset": "earliest", **consumer_config}
         self.topic = topic
         self.max_batch = max_batch
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
-                                       enable_auto_commit=False, **config)
+        self._consumer = consumer(bootstrap_servers, settings, **config)
         chosen = (sorted(partitions) if partitions is not None
                   else self._wait_for_partitions(metadata_timeout_s))
         offsets = offsets or {}
