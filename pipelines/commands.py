@@ -15,6 +15,7 @@ from pathlib import Path
 
 from streaming.arg_types import non_negative_float, positive_float, positive_int
 from streaming.errors import UsageError
+from streaming.kafka_settings import add_kafka_options, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     from streaming import metrics
 
     _check_run(args.run)
+    kafka_settings = settings_from_args(args)
     torch.set_num_threads(args.threads)
     metrics.process_info("pipeline", model_id=str(Path(args.run).resolve()))
     server = metrics.start_metrics_server(args.metrics_port)
@@ -56,12 +58,13 @@ def _run(args: argparse.Namespace) -> int:
         signal.signal(sig, request_stop)
     config = PipelineConfig(
         run_dir=args.run, state_dir=args.state_dir, shards=args.shards,
-        bootstrap_servers=args.bootstrap_servers, topic=args.topic, max_batch=args.max_batch,
+        bootstrap_servers=args.bootstrap_servers, kafka_settings=kafka_settings,
+        topic=args.topic, max_batch=args.max_batch,
         checkpoint_events=args.checkpoint_events, checkpoint_seconds=args.checkpoint_seconds,
         request_profiles=not args.no_profile_requests, idle_seconds=args.idle_seconds,
         **_batching(args))
-    log.info("pipeline reading %s from %s; /metrics on port %d", args.topic,
-             args.bootstrap_servers, server.server_port)
+    log.info("pipeline reading %s from %s (%s); /metrics on port %d", args.topic,
+             args.bootstrap_servers, kafka_settings.describe(), server.server_port)
     try:
         run_pipeline(config, stop, _beam_args(args))
     finally:
@@ -113,10 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
     from streaming import metrics
 
     _check_run(args.run)
+    kafka_settings = settings_from_args(args)
     torch.set_num_threads(args.threads)
     metrics.process_info("server", model_id=str(Path(args.run).resolve()))
     recommender = Recommender(args.run, args.state_dir, args.data, args.bootstrap_servers,
-                              args.topic).start()
+                              args.topic, kafka_settings).start()
     server = make_server(recommender, args.host, args.port)
     # shutdown() waits for serve_forever() to return: call it off the main thread
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
@@ -139,6 +143,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="live streaming pipeline: Kafka purchases → "
                                           "user embeddings (until SIGTERM/SIGINT)")
     run.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
+    add_kafka_options(run)
     run.add_argument("--run", required=True, help="run directory written by `dynllm train`")
     run.add_argument("--state-dir", help="checkpoints and embedding store (resumed on restart)")
     run.add_argument("--topic", default="purchases", help="purchases topic (default purchases)")
@@ -195,6 +200,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "~1 s behind the pipeline; without it, as of the last checkpoint)")
     serve.add_argument("--topic", default="user-embeddings",
                        help="the changelog topic (user-embeddings)")
+    add_kafka_options(serve)
     serve.set_defaults(func=_serve)
 
 

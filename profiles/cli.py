@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from profiles.modelpack import PACKS
 from streaming.arg_types import positive_int
 from streaming.errors import UsageError
+from streaming.kafka_settings import add_kafka_options, settings_from_args
 
 if TYPE_CHECKING:
     from streaming.dataset import Dataset
@@ -131,6 +132,7 @@ def _worker(args: argparse.Namespace) -> int:
     from profiles.worker import ProfileWorker, TriggerPolicy
     from streaming import metrics
 
+    kafka_settings = settings_from_args(args)  # bad settings fail before the model loads
     dataset = _dataset(args.data)
     graph = PurchaseGraph(dataset, until=_seed_end(dataset, args.seed_until))
     writer = _writer(args, args.store)
@@ -139,7 +141,8 @@ def _worker(args: argparse.Namespace) -> int:
         metrics.start_metrics_server(args.metrics_port)
     policy = TriggerPolicy(args.min_new_events, args.max_age_days * 86400.0)
     worker = ProfileWorker(args.bootstrap_servers, graph, writer, policy, args.hops,
-                           args.batch_size, args.max_queue, purchases_topic=args.purchases_topic)
+                           args.batch_size, args.max_queue, purchases_topic=args.purchases_topic,
+                           settings=kafka_settings)
     worker.run(args.idle_exit)
     return 0
 
@@ -169,6 +172,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     worker = commands.add_parser("worker", help="async LLM profile worker (Kafka)")
     worker.add_argument("--bootstrap-servers", required=True, help="Kafka host:port")
+    add_kafka_options(worker)
     worker.add_argument("--data", required=True,
                         help="dataset directory: the catalog, household attributes and the "
                              "history the purchase graph starts from (then: --purchases-topic)")

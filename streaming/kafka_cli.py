@@ -11,6 +11,7 @@ from pathlib import Path
 
 from streaming.arg_types import number, port, positive_float, positive_int
 from streaming.errors import UsageError
+from streaming.kafka_settings import KafkaSettings, add_kafka_options, settings_from_args
 
 
 def _quiet_kafka(args: argparse.Namespace) -> None:
@@ -38,7 +39,7 @@ def _broker(args: argparse.Namespace) -> int:
     raise UsageError(f"the broker exited on its own with code {code}")
 
 
-def _connect(bootstrap_servers: str):
+def _connect(bootstrap_servers: str, settings: KafkaSettings):
     from kafka.errors import KafkaError
 
     from streaming.broker import reachable
@@ -48,7 +49,7 @@ def _connect(bootstrap_servers: str):
     if not reachable(bootstrap_servers):  # fails in ms instead of kafka-python's 30 s
         raise UsageError(problem)
     try:
-        return json_producer(bootstrap_servers)
+        return json_producer(bootstrap_servers, settings)
     except KafkaError:
         raise UsageError(problem) from None
 
@@ -59,12 +60,13 @@ def _produce(args: argparse.Namespace) -> int:
     from streaming.producer import produce_events
 
     _quiet_kafka(args)
+    settings = settings_from_args(args)
     dataset = Dataset.load(args.data)
     events = dataset.split(args.split) if args.split else dataset.events
     if args.skip or args.limit is not None:
         events = events.slice(args.skip, args.limit)
-    producer = _connect(args.bootstrap_servers)
-    create_topics(args.bootstrap_servers, [args.topic], args.partitions)
+    producer = _connect(args.bootstrap_servers, settings)
+    create_topics(args.bootstrap_servers, [args.topic], args.partitions, settings=settings)
     try:
         report = produce_events(producer, args.topic, events, args.rate, args.speedup)
     finally:
@@ -104,6 +106,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     produce.add_argument("--data", required=True, help="dataset directory")
     produce.add_argument("--topic", default="purchases")
     produce.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="HOST:PORT")
+    add_kafka_options(produce)
     produce.add_argument("--split", choices=("train", "val", "test"),
                          help="send only this chronological split (default: every event)")
     produce.add_argument("--skip", type=number(int, lambda v: v >= 0, "an integer >= 0"),
