@@ -72,16 +72,21 @@ class Broker:
         port: TCP port to listen on; ``None`` picks a free one.
         host: Listen and advertise address (loopback by default).
         quiet: Send the broker's own log to ``/dev/null``.
+        advertise: ``host:port`` the broker names to clients in metadata (default: where it
+            listens), e.g. a TLS terminator in front of it (Tansu's own TLS does not work:
+            docs/kafka.md, "Connecting to a production Kafka").
 
     Attributes:
         bootstrap_servers: ``"host:port"`` for Kafka clients.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", quiet: bool = True):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", quiet: bool = True,
+                 advertise: str | None = None):
         self.host = host
         self.port = port or free_port()
         self.quiet = quiet
         self.bootstrap_servers = f"{host}:{self.port}"
+        self.advertise = advertise or self.bootstrap_servers
         self._process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> Broker:
@@ -91,7 +96,8 @@ class Broker:
         url = f"tcp://{self.host}:{self.port}"
         output = subprocess.DEVNULL if self.quiet else None
         self._process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [tansu_binary(), "broker", "--listener-url", url,
+             "--advertised-listener-url", f"tcp://{self.advertise}",
              "--storage-engine", "memory://tansu/"],
             stdout=output, stderr=output,
         )
