@@ -58,14 +58,47 @@ class ClosedTransportRecvFilter(logging.Filter):
         return not (callable(is_closing) and is_closing())
 
 
+#: Client settings whose values are secrets.
+SECRET_KEYS = frozenset({"sasl_plain_password", "ssl_password", "sasl.password"})
+#: kafka-python loggers that log a client's whole configuration (``KafkaAdminClient`` logs
+#: ``"Starting KafkaAdminClient with configuration: %s"`` at DEBUG, password included).
+CONFIG_LOGGERS = ("kafka.admin.client", "kafka.producer.kafka", "kafka.consumer.group")
+
+
+class SecretConfigFilter(logging.Filter):
+    """Masks secret values (:data:`SECRET_KEYS`) in the configuration dicts a record formats.
+
+    The record is kept; only its arguments are replaced by copies with ``"***"`` for secrets.
+    """
+
+    @staticmethod
+    def _masked(value: Any) -> Any:
+        if isinstance(value, dict) and SECRET_KEYS & value.keys():
+            return {k: ("***" if k in SECRET_KEYS and v is not None else v)
+                    for k, v in value.items()}
+        return value
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True; rewrites ``record.args`` when a dict in them holds a secret."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._masked(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = self._masked(record.args)
+        return True
+
+
 def install_log_filters() -> None:
-    """Add :class:`ClosedTransportRecvFilter` to kafka-python's transport logger (once).
+    """Add :class:`ClosedTransportRecvFilter` to kafka-python's transport logger and
+    :class:`SecretConfigFilter` to the loggers that print client configurations (once each).
 
     Called by the ``dynllm`` entry point, which owns the process's logging set-up.
     """
-    logger = logging.getLogger("kafka.net.transport")
-    if not any(isinstance(f, ClosedTransportRecvFilter) for f in logger.filters):
-        logger.addFilter(ClosedTransportRecvFilter())
+    wanted = [("kafka.net.transport", ClosedTransportRecvFilter)]
+    wanted += [(name, SecretConfigFilter) for name in CONFIG_LOGGERS]
+    for name, kind in wanted:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 class Record(NamedTuple):
