@@ -203,7 +203,9 @@ class PairIndex:
         query = sp.csr_matrix((weights[inside], (rows[inside], items[inside])),
                               shape=(queries, self.width))
         through = (query @ self.buyers_t).toarray()  # [Q, U] weight of each buyer
-        out = self._dense_times(through, self.buyers, num_items)
+        # row-major first: the row maxima and the division over the strided view cost several
+        # times more (the same numbers)
+        out = np.ascontiguousarray(self._dense_times(through, self.buyers, num_items))
         out /= np.maximum(out.max(1, keepdims=True), 1e-12)
         return self._float32(out, num_items)
 
