@@ -266,11 +266,10 @@ class ServingShard:
             return values, items
         index = torch.from_numpy(model.users.encode([user_ids[b] for b in known], grow=False))
         rows = torch.tensor(known)
+        explore = scores if len(known) == len(user_ids) else scores[rows]  # no copy if all
+        t = torch.full((len(known),), self.t, dtype=torch.float64)
         with torch.no_grad():
-            mixture = model.repeat.mixture(scores[rows], index,
-                                           torch.full((len(known),), self.t,
-                                                      dtype=torch.float64))
-            values[rows], items[rows] = mixture.top(k)
+            values[rows], items[rows] = model.repeat.mixture(explore, index, t).top(k)
         return values, items
 
 
