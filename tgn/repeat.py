@@ -92,18 +92,20 @@ class Mixture:
         return out.masked_fill(torch.isnan(out), -torch.inf)  # a row with nothing to explore
 
     def top(self, k: int) -> tuple[Tensor, Tensor]:
-        """The ``k`` best items of each query by :meth:`dense` without building it:
+        """The ``k`` best items of each query by :meth:`dense` without assembling it:
         ``(log-probabilities [Q, k], items [Q, k])``, best first (equal ones by item);
-        ``-inf`` entries (fewer than ``k`` items with probability > 0) last. Each softmax
-        normaliser is one logsumexp, so the values equal :meth:`dense`'s up to float rounding
-        (≤ 1e-5)."""
+        ``-inf`` entries (fewer than ``k`` items with probability > 0) last. The explore part
+        is ranked by its logits and its values are :meth:`dense`'s, bit for bit; the repeat
+        softmax runs over the ``M`` history entries only (a segment logsumexp), equal to
+        :meth:`dense`'s up to float rounding (≤ 1e-5)."""
         q, n = self.others.shape
         rows = self.rows
         k_explore = min(k, n)
-        # explore: the row's best explore logits, shifted by its normaliser
-        best, best_items = torch.topk(self.others, k_explore, dim=1)  # [Q, k]
-        norm = self.log_explore - torch.logsumexp(self.others, 1)  # [Q]
-        best = best + norm.unsqueeze(1)
+        # explore: the row's best explore logits, as :meth:`dense` has them (log_softmax: a
+        # few times faster than logsumexp on CPU, and the same numbers as dense's)
+        best_items = torch.topk(self.others, k_explore, dim=1).indices  # [Q, k]
+        best = self.log_explore.unsqueeze(1) + torch.log_softmax(self.others, 1).gather(
+            1, best_items)
         # repeat: every history entry, log softmax within its query
         top_value = torch.full((q,), -torch.inf).scatter_reduce(0, rows, self.values, "amax")
         total = torch.zeros(q).index_add_(0, rows, torch.exp(self.values - top_value[rows]))
