@@ -45,7 +45,10 @@ def _connect(bootstrap_servers: str, settings: KafkaSettings):
     from streaming.broker import reachable
     from streaming.kafka_io import json_producer
 
-    problem = f"no Kafka broker answers at {bootstrap_servers} (start one with: dynllm broker)"
+    problem = (f"no Kafka broker answers at {bootstrap_servers} (start one with: dynllm broker)"
+               if settings.is_plaintext else
+               f"no Kafka broker lets a {settings.describe()} client in at {bootstrap_servers} "
+               "(check --kafka-config / DYNLLM_KAFKA_*: docs/kafka.md)")
     if not reachable(bootstrap_servers):  # fails in ms instead of kafka-python's 30 s
         raise UsageError(problem)
     try:

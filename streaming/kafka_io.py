@@ -170,6 +170,12 @@ def consumer(bootstrap_servers: str, settings: KafkaSettings = PLAINTEXT, **conf
                                          enable_auto_commit=False, **config))
 
 
+def _security_hint(settings: KafkaSettings) -> str:
+    """`` with SSL ...`` for an error line when the settings are not plaintext (no secrets)."""
+    return "" if settings.is_plaintext else (
+        f" with {settings.describe()} (check the TLS/SASL settings: docs/kafka.md)")
+
+
 def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4,
                   timeout_ms: int = 30_000, settings: KafkaSettings = PLAINTEXT) -> None:
     """Create topics that do not exist yet (existing ones are left as they are), connecting
@@ -185,7 +191,8 @@ def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int 
         admin = KafkaAdminClient(**client_config(bootstrap_servers, settings,
                                                  bootstrap_timeout_ms=timeout_ms))
     except KafkaTimeoutError as exc:
-        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from exc
+        raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers}"
+                                f"{_security_hint(settings)}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(n, num_partitions=partitions, replication_factor=1)

@@ -196,3 +196,37 @@ def test_every_kafka_client_is_built_in_one_place():
     assert found == CLIENT_BUILDERS
     source = (ROOT / "pipelines/load_bench.py").read_text()
     assert "config = librdkafka_config(bootstrap_servers, settings" in source
+
+
+@pytest.mark.kafka
+def test_dynllm_process_shows_no_password_in_its_arguments_or_debug_log(kafka_broker, cj_small,
+                                                                       tmp_path):
+    """``dynllm -v produce`` with the password in ``DYNLLM_KAFKA_SASL_PASSWORD``, against the
+    real broker (which offers no SASL): while it retries, neither its command line (what ``ps``
+    shows) nor its DEBUG log holds the password."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "DYNLLM_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "DYNLLM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "DYNLLM_KAFKA_SASL_USERNAME": "svc",
+           "DYNLLM_KAFKA_SASL_PASSWORD": SECRET}
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", "-v", "produce", "--data", str(cj_small),
+             "--limit", "5", "--bootstrap-servers", kafka_broker],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while "UnsupportedSaslMechanism" not in log.read_text():  # it reached the SASL step
+            assert child.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    finally:
+        child.kill()
+        child.wait()
+    assert "produce" in cmdline and SECRET not in cmdline
+    text = log.read_text()
+    assert " DEBUG " in text and SECRET not in text
