@@ -90,9 +90,8 @@ class _GrammarDecoder:
     - **Lazy grammar**: llama-cpp-python's ``create_completion(grammar=…)`` runs llama.cpp's
       grammar sampler over the whole vocabulary (151,936 tokens for Qwen) before every token.
       As in llama.cpp's own ``common_sampler``, the token is picked without the grammar first
-      and the grammar asked about that one token; only when it rejects it is the grammar
-      applied to the whole vocabulary and the best allowed token taken (greedy: the same token
-      the eager grammar gives).
+      and the grammar asked about that one token; only when it rejects it is the best allowed
+      token looked for (greedy: the same token the eager grammar gives).
     - **Jump-forward**: wherever the grammar leaves one continuation only (the rest of a name
       after its first distinctive token, a separator, the line break and heading after a
       line's last name; :meth:`profiles.grammar.AnswerFormat.forced`), its tokens are fed with
@@ -147,7 +146,8 @@ class _GrammarDecoder:
         self._full = (llama_cpp.llama_token_data * self.n_vocab)()
         self._full_view = np.ctypeslib.as_array(self._full)  # fields id, logit, p
         self._full_view["id"] = np.arange(self.n_vocab)
-        self._top = (llama_cpp.llama_token_data * self.TOP)()
+        self._n_top = min(self.TOP, self.n_vocab)
+        self._top = (llama_cpp.llama_token_data * self._n_top)()
         self._top_view = np.ctypeslib.as_array(self._top)
         self._one = (llama_cpp.llama_token_data * 1)()
         self._pieces: dict[int, str] = {}
@@ -189,11 +189,11 @@ class _GrammarDecoder:
         if self._allowed(sampler, token):
             return token
         if rng is None:  # the best allowed is nearly always among the model's best few
-            top = np.argpartition(logits, -self.TOP)[-self.TOP:]
+            top = np.argpartition(logits, -self._n_top)[-self._n_top:]
             top = top[np.lexsort((top, -logits[top]))]  # best first, ties by id as argmax
             self._top_view["id"], self._top_view["logit"], self._top_view["p"] = \
                 top, logits[top], 0.0
-            self._apply(sampler, self._top, self.TOP)
+            self._apply(sampler, self._top, self._n_top)
             allowed = np.isfinite(self._top_view["logit"])
             if allowed.any():
                 return int(top[allowed.argmax()])
