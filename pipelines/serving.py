@@ -46,11 +46,8 @@ log = logging.getLogger(__name__)
 #: Most seconds the cached whole-catalogue parts of the score (item prior, user-KNN and
 #: item-KNN matrices) lag the statistics they are used with.
 KNN_REFRESH_S = 1.0
-#: Most seconds between two applies of the changelog follower (it also calls its handler
-#: this often when nothing came, so the caches refresh).
+#: Seconds the changelog follower gathers records before applying them in one go.
 APPLY_EVERY_S = 0.1
-#: Fewest seconds between two applies: records that come sooner wait and are applied together.
-APPLY_GAP_S = 0.02
 
 
 class ServedSignals(PurchaseSignals):
@@ -276,31 +273,22 @@ class ServingShard:
         return values, items
 
 
-def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_EVERY_S,
-           gap_s: float = APPLY_GAP_S) -> None:
-    """Poll ``topic_reader`` until ``stop`` and pass the JSON values gathered to ``handle(values,
-    received_at)`` (the changelog loop of :class:`pipelines.server.Recommender`): as soon as a
-    poll brings records and ``gap_s`` has passed since the last call, and at the latest
-    ``every_s`` after it (then possibly with none). A record does not wait for a fixed window
-    to end: it is applied about when it arrives."""
+def follow(topic_reader, handle, stop: threading.Event, every_s: float = APPLY_EVERY_S) -> None:
+    """Poll ``topic_reader`` until ``stop``; every ``every_s`` pass the JSON values gathered
+    (possibly none) to ``handle(values, received_at)`` (the changelog loop of
+    :class:`pipelines.server.Recommender`)."""
     import json
 
-    last = time.monotonic()
     while not stop.is_set():
-        values, until = [], last + every_s
+        values, until = [], time.monotonic() + every_s
         while (left := until - time.monotonic()) > 0:
-            if values:  # records wait only for the gap
-                left = min(left, last + gap_s - time.monotonic())
-                if left <= 0:
-                    break
             for record in topic_reader.poll(left):
                 try:
                     values.append(json.loads(record.value))
                 except (TypeError, ValueError):
                     log.warning("skipping a %s record that is not JSON", topic_reader.topic)
         handle(values, time.time())
-        last = time.monotonic()
 
 
-__all__ = ["APPLY_EVERY_S", "APPLY_GAP_S", "KNN_REFRESH_S", "ServedRepeatScore",
+__all__ = ["APPLY_EVERY_S", "KNN_REFRESH_S", "ServedRepeatScore",
            "ServedSignals", "ServingShard", "UserRow", "follow"]
