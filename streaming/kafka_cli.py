@@ -43,12 +43,11 @@ def _connect(bootstrap_servers: str, settings: KafkaSettings):
     from kafka.errors import KafkaError
 
     from streaming.broker import reachable
-    from streaming.kafka_io import json_producer
+    from streaming.kafka_io import json_producer, security_hint
 
-    problem = (f"no Kafka broker answers at {bootstrap_servers} (start one with: dynllm broker)"
-               if settings.is_plaintext else
-               f"no Kafka broker lets a {settings.describe()} client in at {bootstrap_servers} "
-               "(check --kafka-config / DYNLLM_KAFKA_*: docs/kafka.md)")
+    problem = (f"no Kafka broker answers at {bootstrap_servers}"
+               + (" (start one with: dynllm broker)" if settings.is_plaintext
+                  else security_hint(settings)))
     if not reachable(bootstrap_servers):  # fails in ms instead of kafka-python's 30 s
         raise UsageError(problem)
     try:

@@ -170,10 +170,10 @@ def consumer(bootstrap_servers: str, settings: KafkaSettings = PLAINTEXT, **conf
                                          enable_auto_commit=False, **config))
 
 
-def _security_hint(settings: KafkaSettings) -> str:
+def security_hint(settings: KafkaSettings) -> str:
     """`` with SSL ...`` for an error line when the settings are not plaintext (no secrets)."""
     return "" if settings.is_plaintext else (
-        f" with {settings.describe()} (check the TLS/SASL settings: docs/kafka.md)")
+        f" with {settings.describe()} (check --kafka-config / DYNLLM_KAFKA_*: docs/kafka.md)")
 
 
 def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int = 4,
@@ -192,7 +192,7 @@ def create_topics(bootstrap_servers: str, names: Iterable[str], partitions: int 
                                                  bootstrap_timeout_ms=timeout_ms))
     except KafkaTimeoutError as exc:
         raise BrokerUnreachable(f"cannot reach Kafka at {bootstrap_servers}"
-                                f"{_security_hint(settings)}: {exc}") from exc
+                                f"{security_hint(settings)}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(n, num_partitions=partitions, replication_factor=1)
