@@ -181,7 +181,8 @@ PARTS = ("before_poll", "poll", "parse", "seal", "memory", "fuse", "write")
 
 
 def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
-    """Per-event latency (ms) and where it went, from ``pipelines.outputs.LATENCY_LOG``.
+    """Per-event latency (ms) and where it went, from the pipeline's latency records
+    (:func:`pipelines.outputs.read_latency_log`).
 
     Parts of one event's latency (they add up to it):
 
@@ -231,7 +232,7 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
                idle_s: float = 1.0) -> dict[str, object]:
     """Live figures: latency percentiles and lag over a run at ``rate`` events/s (every event
     counted, the last ones sealed by the idle bound after the stream stops)."""
-    from pipelines import outputs
+    from pipelines.outputs import read_latency_log
     from pipelines.pipeline import PipelineConfig, run_pipeline
     from pipelines.sources import StopFlag
     from streaming.broker import Broker
@@ -241,20 +242,25 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
     with Broker() as broker, tempfile.TemporaryDirectory() as state:
         create_topics(broker.bootstrap_servers, [LIVE_TOPIC], partitions=4)
         stop = StopFlag()
+        latency_log = str(Path(state) / "latency.jsonl")
         config = PipelineConfig(run_dir=run_dir, state_dir=state,
                                 bootstrap_servers=broker.bootstrap_servers, max_batch=batch,
                                 request_profiles=False, call_seconds=call_s,
-                                batch_events=batch_events, idle_seconds=idle_s)
-        outputs.LATENCY_LOG = emitted = []
+                                batch_events=batch_events, idle_seconds=idle_s,
+                                latency_log=latency_log)
         pipeline = threading.Thread(target=run_pipeline, args=(config, stop), daemon=True)
         pipeline.start()
         warm = json_producer(broker.bootstrap_servers)  # one event to know the pipeline is up
         warm.send(LIVE_TOPIC, value={"event_id": "warm-up", "user_id": "warm", "item_id": "w",
                                      "ts": 0.0, "quantity": 1.0, "price": 0.0})
         warm.flush()
-        while not emitted:
+        while not any(len(r[0]) for r in read_latency_log(latency_log)):
             time.sleep(0.1)
-        emitted.clear()
+        warm_records = len(read_latency_log(latency_log))  # not counted
+
+        def emitted() -> list:
+            return read_latency_log(latency_log)[warm_records:]
+
         base = _consumed()
         child = _start_producer(broker.bootstrap_servers, LIVE_TOPIC, log_path, limit, rate)
         samples, started = [], time.monotonic()
@@ -267,13 +273,14 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         while _consumed() - base < limit and time.monotonic() < deadline:
             time.sleep(0.1)
         drain_s = time.monotonic() - started - samples[-1][0]
-        while sum(len(e[0]) for e in emitted) < limit and time.monotonic() < deadline:
+        while sum(len(e[0]) for e in emitted()) < limit and time.monotonic() < deadline:
             time.sleep(0.1)  # the last micro-batches: sealed once the partitions are idle
         stop.set()
         pipeline.join(60)
+        records = emitted()
         reference = bare_consume_latency(broker.bootstrap_servers, log_path, rate,
                                          min(seconds, 30.0))
-    lat_ms, breakdown = latency_breakdown(emitted)
+    lat_ms, breakdown = latency_breakdown(records)
     lags = np.array([s[1] - s[2] for s in samples])
     half = len(lags) // 2
     return {"live_rate": rate, "live_seconds": seconds, "live_events": limit,

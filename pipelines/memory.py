@@ -37,6 +37,16 @@ class _ShardByUserFn(beam.DoFn):
 class _ApplyToMemoryFn(beam.DoFn):
     """Stateful: one :class:`ShardState` per shard key, checkpointed on marked batches.
 
+    The model state is too large for Beam state (a write costs a deep-size walk; cj26's memory
+    is ~28 MB), so the instance holds it and the checkpoint file is what survives a worker: the
+    first batch of a key in a new instance (another worker process, a restarted pipeline) opens
+    the shard's checkpoint from ``state_dir`` (:meth:`ShardState.open`), and the reader resumes
+    at the checkpointed frontier, so nothing is lost or applied twice. Nothing else is kept
+    between elements. A runner that moved a key to a fresh worker *while* a run goes on would
+    find the shard behind the stream (it waits for micro-batches from before its checkpoint);
+    the runners used here fail the job instead, and the restart resumes from the checkpoint.
+    ``state_dir`` (and ``run_dir``) must therefore be paths every worker reaches.
+
     Attributes:
         APPLIED: events this key had applied at its last checkpoint (Beam state; it also makes
             the DoFn keyed). Written at checkpoints only: every state write costs the runner a

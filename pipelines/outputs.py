@@ -7,13 +7,15 @@ of the user came before). The topic is a changelog: ``dynllm serve`` follows it,
 user's newest embedding and replaying ``events`` into its own copy of the purchase statistics
 (the contract is in docs/pipeline.md, "Serving contract"). The store keeps each user's latest
 embedding per shard in ``STATE_DIR/embeddings-shard-K-of-N.npz``, rewritten atomically at every
-checkpoint: what ``dynllm serve`` starts from (and all it reads without a broker).
+checkpoint: what ``dynllm serve`` starts from (and all it reads without a broker). For benchmarks
+the writer can also append a latency record per emitted batch to a file (:func:`read_latency_log`).
 
 Shapes: ``U`` users, ``E`` embedding width, ``F`` facets.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -29,9 +31,8 @@ from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 
 #: Output topic of the live pipeline.
 EMBEDDING_TOPIC = "user-embeddings"
-#: When set to a list, every emitted batch appends ``(produced_at [B], span trace, emit time)``
-#: (benchmarks: per-event latency and where it went).
-LATENCY_LOG: list[tuple[np.ndarray, tuple[tuple[str, float], ...], float]] | None = None
+#: One emitted batch's latency record: ``(produced_at [B], span trace, emit time)``.
+LatencyRecord = tuple[np.ndarray, tuple[tuple[str, float], ...], float]
 #: Most ``user-embeddings`` records sent and not yet acknowledged (~0.8 KB each) before the
 #: writer waits for the producer (:class:`streaming.bounded_send.BoundedSender`).
 MAX_UNACKED = 20_000
@@ -89,6 +90,26 @@ def load_store(path: str | Path) -> tuple[np.ndarray, ...]:
                                        "facet_weights"))
 
 
+def latency_line(states: UserStates, emitted: float) -> bytes:
+    """One JSON line ``{"produced_at": [B], "trace": [[stage, s], ...], "emitted": s}``."""
+    return (json.dumps({"produced_at": states.produced_at.tolist(),
+                        "trace": [list(mark) for mark in states.span.trace],
+                        "emitted": emitted}) + "\n").encode()
+
+
+def read_latency_log(path: str | Path) -> list[LatencyRecord]:
+    """The records a writer appended to ``path`` so far (a line still being written is left
+    for the next read); none if the file is not there yet."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    complete = text[:text.rfind("\n") + 1]  # a writer appends whole lines, each in one write
+    records = [json.loads(line) for line in complete.splitlines()]
+    return [(np.asarray(r["produced_at"], np.float64), tuple(tuple(m) for m in r["trace"]),
+             float(r["emitted"])) for r in records]
+
+
 def user_events(states: UserStates) -> list[list[list[object]]]:
     """Per user of a batch, its applied events ``[[item_id, ts], ...]`` in the order applied.
 
@@ -135,6 +156,10 @@ def _rounded(values: np.ndarray) -> list[float]:
 class _WriteFn(beam.DoFn):
     """Stateful per shard, so one worker owns each shard's store file.
 
+    The stores and the producer live in the instance: a store is what was saved at the last
+    checkpoint plus the embeddings written since, so a new instance (another worker, a restart)
+    starts from the saved file.
+
     Attributes:
         WRITTEN: embeddings this key had written when its store was last saved (Beam state,
             written only then: see ``pipelines.memory._ApplyToMemoryFn.APPLIED``).
@@ -144,14 +169,16 @@ class _WriteFn(beam.DoFn):
     _written = beam.DoFn.StateParam(WRITTEN)
 
     def __init__(self, bootstrap_servers: str | None, topic: str, state_dir: str | None,
-                 num_shards: int, settings: KafkaSettings) -> None:
+                 num_shards: int, settings: KafkaSettings, latency_path: str | None) -> None:
         self.bootstrap_servers, self.topic, self.settings = bootstrap_servers, topic, settings
-        self.state_dir, self.num_shards = state_dir, num_shards
+        self.state_dir, self.num_shards, self.latency_path = state_dir, num_shards, latency_path
 
     def setup(self) -> None:
         self._stores: dict[int, EmbeddingStore] = {}
         self._unsaved: dict[int, int] = {}  # embeddings written since the store was saved
         self._producer = None
+        self._latency_fd = None if self.latency_path is None else os.open(
+            self.latency_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if self.bootstrap_servers:
             from streaming.bounded_send import BoundedSender
             from streaming.kafka_io import create_topics, json_producer
@@ -176,8 +203,8 @@ class _WriteFn(beam.DoFn):
         emitted = time.time()
         for seconds in emitted - states.first_produced_at:  # per embedding, its oldest event
             metrics.EVENT_TO_EMBEDDING_SECONDS.observe(seconds)
-        if LATENCY_LOG is not None:  # per event
-            LATENCY_LOG.append((states.produced_at, states.span.trace, emitted))
+        if self._latency_fd is not None:  # one write per line: writers never interleave
+            os.write(self._latency_fd, latency_line(states, emitted))
         metrics.EMBEDDINGS_EMITTED.inc(len(states))
         self._unsaved[shard] = self._unsaved.get(shard, 0) + len(states)
         if states.span.checkpoint:
@@ -191,6 +218,9 @@ class _WriteFn(beam.DoFn):
         if getattr(self, "_producer", None) is not None:
             self._producer.flush()
             self._producer.producer.close()
+        if getattr(self, "_latency_fd", None) is not None:
+            os.close(self._latency_fd)
+            self._latency_fd = None
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -202,14 +232,17 @@ class WriteEmbeddings(beam.PTransform):
         state_dir: where the store files live (``None``: no store).
         num_shards: the shard count (part of the store file names).
         settings: Kafka TLS/SASL settings (:mod:`streaming.kafka_settings`).
+        latency_path: append one :func:`latency_line` per emitted batch to this file
+            (benchmarks; ``None``: none). The file is data on the workers' filesystem, so the
+            records reach the reader from any worker process.
     """
 
     def __init__(self, bootstrap_servers: str | None = None, topic: str = EMBEDDING_TOPIC,
                  state_dir: str | None = None, num_shards: int = 1,
-                 settings: KafkaSettings = PLAINTEXT) -> None:
+                 settings: KafkaSettings = PLAINTEXT, latency_path: str | None = None) -> None:
         super().__init__()
         self.fn = _WriteFn(bootstrap_servers, topic, state_dir and str(state_dir), num_shards,
-                           settings)
+                           settings, latency_path and str(latency_path))
 
     def expand(self, states):
         return (states

@@ -77,6 +77,8 @@ class PipelineConfig:
             be applied (the watermark waits this long in event time).
         idle_seconds: a caught-up partition without records for this long (wall clock) stops
             holding the watermark back; all idle: the open micro-batches are sealed.
+        latency_log: append a latency record per emitted batch to this JSONL file
+            (``dynllm bench pipeline``; :func:`~pipelines.outputs.read_latency_log`).
     """
 
     run_dir: str
@@ -101,6 +103,7 @@ class PipelineConfig:
     batch_window_s: float = 86400.0
     lateness_s: float = 0.0
     idle_seconds: float = 1.0
+    latency_log: str | None = None
 
     @property
     def rule(self) -> BatchRule:
@@ -151,7 +154,8 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
          | "WriteEmbeddings" >> WriteEmbeddings(config.bootstrap_servers,
                                                 state_dir=config.state_dir,
                                                 num_shards=config.shards,
-                                                settings=config.kafka_settings))
+                                                settings=config.kafka_settings,
+                                                latency_path=config.latency_log))
 
 
 def run_pipeline(config: PipelineConfig, stop: StopFlag | None = None,

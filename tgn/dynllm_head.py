@@ -27,6 +27,14 @@ from tgn.profile_features import ProfileTable
 class DynLLMHead(nn.Module):
     """``head(z [B, D], user_index [B], t [B]) -> [B, D]`` fusing profiles into ``z``.
 
+    The output of the latest call (:attr:`last`, :attr:`last_rows`) is kept on the instance
+    for callers that just scored through the model and want the facet relevance behind it
+    (``dynllm explain``, tests): ``forward`` must return only the embedding to fit the
+    ``user_head`` contract. It is a per-call convenience, not state: nothing in the pipeline or
+    the server reads it (the pipeline's fusion stage calls :attr:`fusion` and passes the
+    weights on as data; the server reads them from the embedding store and changelog), it is
+    not saved, and a concurrent caller of the same head overwrites it.
+
     Args:
         config: fusion sizes and switches; ``config.dim`` must equal the model's embed width.
         profiles: the profile versions to read (empty: every user takes the no-profile path).

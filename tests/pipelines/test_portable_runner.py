@@ -1,0 +1,153 @@
+"""The pipeline beyond one process: a replay on Beam's PortableRunner, against Beam's Python job
+service and an external SDK worker pool (each its own OS process), ends in the in-process run's
+state, tensor for tensor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.outputs import latency_line, load_store, read_latency_log
+from pipelines.state import checkpoint_path
+from streaming.broker import accepts_connections, free_port
+
+
+def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``python -m args...`` in a process group of its own (its children go with it)."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End ``process`` and everything in its process group (the pool's SDK workers)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for(ready, what: str, logs: list[Path], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            tails = "\n".join(p.read_text(errors="replace")[-2000:] for p in logs)
+            raise AssertionError(f"{what} did not start in {timeout_s:.0f} s:\n{tails}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """Beam's Python job service and an external SDK worker pool on free loopback ports.
+
+    Yields ``args`` (the Beam options that submit a pipeline to them) and ``pool_log`` (the
+    pool's output). The pool starts each SDK worker as ``python -c ...``, so the venv's ``bin``
+    goes first on its ``PATH``. Both processes, and the workers the pool started, are ended at
+    teardown.
+    """
+    work = tmp_path_factory.mktemp("portable")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    port_file = work / "job.port"
+    job_log, pool_log = work / "job-service.log", work / "worker-pool.log"
+    job = _start(["apache_beam.runners.portability.local_job_service_main", "--port", "0",
+                  "--port_file", str(port_file)], job_log, env)
+    pool_port = free_port()
+    pool = _start(["apache_beam.runners.worker.worker_pool_main", "--service_port",
+                   str(pool_port)], pool_log, env)
+    try:
+        _wait_for(port_file.exists, "the job service", [job_log])
+        _wait_for(lambda: accepts_connections("127.0.0.1", pool_port), "the worker pool",
+                  [pool_log])
+        yield {"args": ["--runner", "PortableRunner",
+                        "--job_endpoint", f"localhost:{port_file.read_text().strip()}",
+                        "--environment_type", "EXTERNAL",
+                        "--environment_config", f"localhost:{pool_port}"],
+               "pool_log": pool_log}
+    finally:
+        _stop(pool)
+        _stop(job)
+
+
+def _consumed() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("dynllm_events_consumed_total") or 0.0
+
+
+def _replay(run_dir: Path, log: Path, state: Path, shards: int,
+            beam_args: list[str] | None = None) -> None:
+    """Replay ``log`` from empty memory into ``state`` (latency records in ``latency.jsonl``)."""
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+
+    run_pipeline(PipelineConfig(run_dir=str(run_dir), state_dir=str(state), shards=shards,
+                                log_path=str(log), fresh_state=True, max_batch=1000,
+                                checkpoint_events=10**9,
+                                latency_log=str(state / "latency.jsonl")),
+                 beam_args=beam_args or ())
+
+
+def test_portable_replay_equals_in_process(run_dir, cj_small, tmp_path, portable_runner):
+    import pyarrow.parquet as pq
+
+    rows, shards = 3000, 2
+    log = tmp_path / f"first-{rows}.parquet"
+    pq.write_table(pq.read_table(cj_small / "events.parquet").slice(0, rows), log)
+    local, portable = tmp_path / "local", tmp_path / "portable"
+    local.mkdir()
+    portable.mkdir()
+    _replay(run_dir, log, local, shards)
+    before = _consumed()
+    _replay(run_dir, log, portable, shards, portable_runner["args"])
+    # the DoFns ran in an SDK worker the pool started, not here (this process counted nothing)
+    assert _consumed() == before
+    assert "Starting worker" in portable_runner["pool_log"].read_text(errors="replace")
+    for shard in range(shards):
+        ours = torch.load(checkpoint_path(portable, shard, shards), weights_only=True)
+        theirs = torch.load(checkpoint_path(local, shard, shards), weights_only=True)
+        assert ours["users"] == theirs["users"] and ours["items"] == theirs["items"]
+        assert ours["state"].keys() == theirs["state"].keys()
+        for name, tensor in theirs["state"].items():
+            assert torch.equal(ours["state"][name], tensor), name
+        assert theirs["extra"]["positions"] == {0: rows}  # the whole log was applied
+        for key in ("positions", "frontier"):
+            assert ours["extra"][key] == theirs["extra"][key], key
+        assert torch.equal(ours["extra"]["applied_ids"], theirs["extra"]["applied_ids"])
+        mine = load_store(portable / f"embeddings-shard-{shard}-of-{shards}.npz")
+        ref = load_store(local / f"embeddings-shard-{shard}-of-{shards}.npz")
+        for a, b in zip(mine, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # the worker's latency records reached this process through the file: every event once
+    for state in (local, portable):
+        records = read_latency_log(state / "latency.jsonl")
+        assert sum(len(produced) for produced, _, _ in records) == rows
+        assert all(dict(trace).keys() >= {"fetch", "parse", "memory", "fuse"}
+                   for _, trace, _ in records)
+
+
+def test_latency_log_reads_whole_lines_only(tmp_path):
+    from pipelines.elements import Span, UserStates
+
+    path = tmp_path / "latency.jsonl"
+    assert read_latency_log(path) == []
+    states = UserStates(0, Span.of(0, 0, 2).mark("fetch", 1.5), ["a"], np.zeros(1),
+                        np.zeros(1), np.zeros(1), np.zeros(1), np.zeros((1, 1)),
+                        np.array([1.25, 1.5]), np.zeros(1))
+    line = latency_line(states, 2.0)
+    path.write_bytes(line + line[:10])  # a second line half written
+    [(produced, trace, emitted)] = read_latency_log(path)
+    assert produced.tolist() == [1.25, 1.5] and trace == (("fetch", 1.5),) and emitted == 2.0
