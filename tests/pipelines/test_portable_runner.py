@@ -1,6 +1,6 @@
-"""The pipeline beyond one process: a replay on Beam's PortableRunner, against Beam's Python job
-service and an external SDK worker pool (each its own OS process), ends in the in-process run's
-state, tensor for tensor."""
+"""The pipeline beyond one process: on Beam's PortableRunner, against Beam's Python job service
+and an external SDK worker pool (each its own OS process), a replay and a live run (stopped by
+its :class:`~pipelines.sources.StopFlag`) end in the in-process run's state, tensor for tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,7 @@ def _replay(run_dir: Path, log: Path, state: Path, shards: int,
                  beam_args=beam_args or ())
 
 
+@pytest.mark.slow
 def test_portable_replay_equals_in_process(run_dir, cj_small, tmp_path, portable_runner):
     import pyarrow.parquet as pq
 
@@ -151,3 +153,58 @@ def test_latency_log_reads_whole_lines_only(tmp_path):
     path.write_bytes(line + line[:10])  # a second line half written
     [(produced, trace, emitted)] = read_latency_log(path)
     assert produced.tolist() == [1.25, 1.5] and trace == (("fetch", 1.5),) and emitted == 2.0
+
+
+def _live(run_dir: Path, bootstrap: str, state: Path, events: int,
+          beam_args: list[str] | None = None) -> None:
+    """Run the live pipeline on ``bootstrap``'s ``purchases`` until ``events`` events were
+    emitted (read from its latency records, written wherever the writer runs), then stop it
+    with a :class:`~pipelines.sources.StopFlag` (marker files the worker's copy reads)."""
+    from pipelines.pipeline import PipelineConfig, run_pipeline
+    from pipelines.sources import StopFlag
+
+    latency = state / "latency.jsonl"
+    config = PipelineConfig(run_dir=str(run_dir), state_dir=str(state),
+                            bootstrap_servers=bootstrap, request_profiles=False,
+                            checkpoint_seconds=1e9, latency_log=str(latency))
+    stop = StopFlag()
+    thread = threading.Thread(target=run_pipeline, args=(config, stop, beam_args or ()),
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while sum(len(r[0]) for r in read_latency_log(latency)) < events:
+        assert thread.is_alive() and time.monotonic() < deadline, "not every event emitted"
+        time.sleep(0.2)
+    stop.set()
+    thread.join(60)
+    assert not thread.is_alive(), "the pipeline did not stop after the stop flag"
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+def test_portable_live_run_stops_and_equals_in_process(run_dir, cj_small, tmp_path, kafka_broker,
+                                                       portable_runner):
+    import pyarrow.parquet as pq
+
+    from streaming.kafka_io import create_topics, json_producer
+    from streaming.producer import produce_events
+
+    rows = 1000
+    create_topics(kafka_broker, ["purchases"], partitions=4)
+    producer = json_producer(kafka_broker)
+    events = pq.read_table(cj_small / "events.parquet").slice(0, rows)
+    produce_events(producer, "purchases", events, progress=False)
+    producer.close()
+    local, portable = tmp_path / "local", tmp_path / "portable"
+    local.mkdir()
+    portable.mkdir()
+    _live(run_dir, kafka_broker, local, rows)
+    before = _consumed()
+    _live(run_dir, kafka_broker, portable, rows, portable_runner["args"])
+    assert _consumed() == before  # read in the SDK worker
+    ours = torch.load(checkpoint_path(portable, 0, 1), weights_only=True)
+    theirs = torch.load(checkpoint_path(local, 0, 1), weights_only=True)
+    assert sum(theirs["extra"]["positions"].values()) == rows
+    assert ours["extra"]["positions"] == theirs["extra"]["positions"]
+    for name, tensor in theirs["state"].items():
+        assert torch.equal(ours["state"][name], tensor), name
