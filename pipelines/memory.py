@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -125,4 +126,5 @@ class UpdateGraphMemory(beam.PTransform):
     def expand(self, batches):
         return (batches
                 | "ShardByUser" >> beam.ParDo(_ShardByUserFn(self.num_shards))
+                .with_output_types(tuple[int, Any])  # an int key: a deterministic key coder
                 | "ApplyToMemory" >> beam.ParDo(self.apply_fn))

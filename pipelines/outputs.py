@@ -19,6 +19,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
@@ -247,4 +248,5 @@ class WriteEmbeddings(beam.PTransform):
     def expand(self, states):
         return (states
                 | "KeyByShard" >> beam.Map(lambda s: (s.shard, s))
+                .with_output_types(tuple[int, Any])  # an int key: a deterministic key coder
                 | "Write" >> beam.ParDo(self.fn))
