@@ -66,7 +66,8 @@ def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     port_file = work / "job.port"
     job_log, pool_log = work / "job-service.log", work / "worker-pool.log"
     job = _start(["apache_beam.runners.portability.local_job_service_main", "--port", "0",
-                  "--port_file", str(port_file)], job_log, env)
+                  "--port_file", str(port_file), "--staging_dir", str(work / "staging")],
+                 job_log, env)
     pool_port = free_port()
     pool = _start(["apache_beam.runners.worker.worker_pool_main", "--service_port",
                    str(pool_port)], pool_log, env)
