@@ -120,12 +120,18 @@ def encode_events(table: pa.Table, users: IdMap, items: IdMap, grow: bool = True
 def distinct_queries(users: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The distinct ``(user, time)`` queries of rows ``(users [B], t [B])`` (a basket is many
     rows of one user at one time): ``(query_users [Q], query_t [Q] float64, inverse [B],
-    first [Q])``, ``inverse`` each row's query and ``first`` each query's first row."""
-    key = torch.stack([users.to(torch.float64), t.to(torch.float64)], dim=1)
-    queries, inverse = torch.unique(key, dim=0, return_inverse=True)  # [Q, 2], [B]
-    first = torch.full((queries.size(0),), users.numel()).scatter_reduce_(
-        0, inverse, torch.arange(users.numel()), "amin")
-    return queries[:, 0].long(), queries[:, 1], inverse, first
+    first [Q])``, queries sorted by user then time, ``inverse`` each row's query and ``first``
+    each query's first row (one stable ``lexsort``: several times faster than
+    ``torch.unique(dim=0)`` on small batches)."""
+    u, times = users.numpy(), t.to(torch.float64).numpy()
+    order = np.lexsort((times, u))  # by user, then time; equal rows in row order
+    su, st = u[order], times[order]
+    new = np.ones(order.size, dtype=bool)
+    new[1:] = (su[1:] != su[:-1]) | (st[1:] != st[:-1])
+    inverse = np.empty(order.size, dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return (torch.from_numpy(su[new].astype(np.int64)), torch.from_numpy(st[new]),
+            torch.from_numpy(inverse), torch.from_numpy(order[new]))
 
 
 def expand_rows(rows: Tensor, index: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,10 +46,22 @@ HIDDEN = 32
 ADDED_TERMS = ("item_weight", "repeat_dot_weight", "explore_terms.")
 
 
-def _features(score: Tensor) -> tuple[Tensor, Tensor]:
-    """A KNN score ``[Q, N]`` as the two terms its weights apply to:
-    ``log1p(NEIGHBOR_SCALE · score)`` and ``score > 0``."""
-    return torch.log1p(NEIGHBOR_SCALE * score), (score > 0).float()
+def _explore_logits(prior: Tensor, weights: Tensor, explore: Tensor, near: Tensor,
+                    similar: Tensor) -> Tensor:
+    """``prior [N] + Σ_j weights[:, j] · term_j`` ``[Q, N]`` over the five explore terms: the
+    dot product ``explore [Q, N]``, then for each KNN score ``[Q, N]`` (user-KNN ``near``,
+    item-KNN ``similar``) ``log1p(NEIGHBOR_SCALE · score)`` and ``score > 0``.
+
+    Summed in that order, so the same float32 numbers as a chain of ``+``; each product is out
+    of place (its gradient needs the term) and added in place into one buffer, without a new
+    ``[Q, N]`` tensor per sum (``weights [Q, 5]`` may require a gradient: training fits them).
+    """
+    w = weights.unsqueeze(2).unbind(1)  # 5 × [Q, 1]
+    out = prior + w[0] * explore
+    for w_log, w_any, score in ((w[1], w[2], near), (w[3], w[4], similar)):
+        out.add_(w_log * (NEIGHBOR_SCALE * score).log1p_())
+        out.add_(w_any * (score > 0))
+    return out
 
 
 @dataclass
@@ -261,20 +274,17 @@ class RepeatScore(nn.Module):
             empty = torch.zeros(0, dtype=torch.long)
             return empty, empty, torch.zeros(0, dtype=self.g[0].weight.dtype)
         query_users, query_t, inverse, _ = distinct_queries(users, t)
-        picked, first, lens = self._pairs_of(query_users)
-        offsets = lens.cumsum(0) - lens
-        slot = picked[(first - offsets).repeat_interleave(lens)
-                      + torch.arange(int(lens.sum()))]  # [S] query by query
-        q_time = query_t.repeat_interleave(lens)
-        values = (self._g(slot, q_time, item_features) if slot.numel()
+        slot, offsets, lens = self._pairs_of(query_users)  # [S] query by query
+        values = (self._g(slot, query_t.repeat_interleave(lens), item_features) if slot.numel()
                   else torch.zeros(0))  # [S]
-        # rows: each row b takes the entries of its query inverse[b]
-        row_lens = lens[inverse]  # [B]
-        rows = torch.arange(users.numel()).repeat_interleave(row_lens)  # [M]
-        row_start = (row_lens.cumsum(0) - row_lens).repeat_interleave(row_lens)
-        q_start = offsets[inverse].repeat_interleave(row_lens)
-        pos = q_start + torch.arange(rows.numel()) - row_start  # [M] entry in slot/values
-        return rows, self.signals.pair_item[slot[pos]], values[pos]
+        # rows: each row b takes the entries of its query inverse[b] (numpy: a few small
+        # index operations, cheaper than torch's per-op overhead at a request's size)
+        row_lens = lens.numpy()[inverse.numpy()]  # [B]
+        rows = np.repeat(np.arange(users.numel()), row_lens)  # [M]
+        pos = (np.repeat(offsets.numpy()[inverse.numpy()] - (np.cumsum(row_lens) - row_lens),
+                         row_lens) + np.arange(rows.size))  # [M] entry in slot/values
+        pos = torch.from_numpy(pos)
+        return torch.from_numpy(rows), self.signals.pair_item[slot[pos]], values[pos]
 
     def log_probs(self, explore: Tensor, users: Tensor, t: Tensor) -> Tensor:
         """Mixture log-probabilities ``[Q, N]`` of every item for queries ``(users [Q], t [Q])``.
@@ -305,10 +315,9 @@ class RepeatScore(nn.Module):
         user_features = self.signals.user_features(users, t)  # [Q, USER_FEATURES]
         weights = (torch.cat([self.explore_weight.view(1), self.neighbor_weight,
                               self.item_weight]) + self.explore_terms(user_features))  # [Q, 5]
-        terms = (explore, *_features(near), *_features(similar))  # 5 × [Q, N]
-        others = sum((w.unsqueeze(1) * x for w, x in zip(weights.unbind(1), terms, strict=True)),
-                     prior.expand(q, n)).masked_fill(~bought, -torch.inf)
-        others = others.index_put((rows, items), others.new_tensor(-torch.inf))  # the history
+        others = _explore_logits(prior, weights, explore, near, similar).masked_fill_(
+            ~bought, -torch.inf)
+        others.index_put_((rows, items), others.new_tensor(-torch.inf))  # the history
         has = torch.zeros(q, dtype=torch.bool).index_fill_(0, rows, True)
         gate = self.gate(user_features).squeeze(1)  # [Q] logit
         return Mixture(others, rows, items, values, has,

@@ -78,7 +78,8 @@ class PurchaseSignals:
     Attributes:
         generation: changes with every :meth:`update`, :meth:`reset_state` and
             :meth:`load_packed` (a cache key: what is cached per generation, the pair index of
-            the KNN terms, is a function of the state).
+            the KNN terms, the bought mask, the global repurchase interval, is a function of
+            the state).
     """
 
     def __init__(self) -> None:
@@ -90,6 +91,9 @@ class PurchaseSignals:
         """Forget every event."""
         self.generation += 1
         self._by_user, self._by_item, self._index = PairOrder(), PairOrder(), None
+        # per-generation caches: (generation, value)
+        self._global_gap: tuple[int, Tensor] | None = None
+        self._bought: tuple[tuple[int, int], Tensor] | None = None
         self.slots_of: dict[int, dict[int, int]] = {}  # user → item → slot
         self.size = 0
         self.pair_user = torch.zeros(0, dtype=torch.long)
@@ -295,14 +299,22 @@ class PurchaseSignals:
             rows, items, decay ** rank.astype(np.float64), q, num_items))
 
     def bought(self, num_items: int) -> Tensor:
-        """``[num_items]`` bool: bought by anyone so far (the items a model may recommend)."""
-        return _grow(self.item_stats, num_items)[:num_items, 0] > 0
+        """``[num_items]`` bool: bought by anyone so far (the items a model may recommend);
+        computed once per :attr:`generation` (callers must not change it)."""
+        key = (self.generation, num_items)
+        if self._bought is None or self._bought[0] != key:
+            self._bought = (key, _grow(self.item_stats, num_items)[:num_items, 0] > 0)
+        return self._bought[1]
 
     def _mean_log_gap(self, istats: Tensor) -> Tensor:
-        """Mean log repurchase interval (days) per item row, shrunk to the global mean."""
-        total = self.item_stats[:, 4].sum()
-        glob = self.item_stats[:, 3].sum() / total if total > 0 else torch.tensor(math.log(7.0))
-        return (istats[:, 3] + PRIOR * glob) / (istats[:, 4] + PRIOR)
+        """Mean log repurchase interval (days) per item row, shrunk to the global mean (two
+        sums over every item: computed once per :attr:`generation`)."""
+        if self._global_gap is None or self._global_gap[0] != self.generation:
+            total = self.item_stats[:, 4].sum()
+            glob = (self.item_stats[:, 3].sum() / total if total > 0
+                    else torch.tensor(math.log(7.0)))
+            self._global_gap = (self.generation, glob)
+        return (istats[:, 3] + PRIOR * self._global_gap[1]) / (istats[:, 4] + PRIOR)
 
     def item_features(self, t: float, num_items: int) -> Tensor:
         """Features ``[num_items, ITEM_FEATURES]`` (float32) of every item at time ``t``: log
