@@ -210,8 +210,9 @@ class Recommender:
         for shard in range(self.num_shards):
             ckpt = checkpoint_path(self.state_dir, shard, self.num_shards)
             store = store_path(self.state_dir, shard, self.num_shards)
-            if ckpt.exists():
-                model = TGNRecommender.load(ckpt, user_head=base.user_head).eval()
+            if ckpt.exists():  # with a changelog, a later checkpoint brings only item vectors
+                model = TGNRecommender.load(ckpt, user_head=base.user_head,
+                                            statistics=not keep).eval()
                 newest = max(newest, model.checkpoint_extra.get("saved_at", 0.0))
             elif keep:  # only its item vectors are taken: the run's model as read
                 model = base

@@ -88,6 +88,23 @@ def test_save_load_continue_equals_uninterrupted(tmp_path, tiny_config, tiny_tab
     assert torch.equal(model.score(probe), restored.score(probe))
 
 
+def test_load_without_statistics_keeps_everything_else(tmp_path, tiny_config, tiny_table):
+    """``statistics=False`` (the changelog server's checkpoint reload): the same weights,
+    memory and item embeddings, empty purchase statistics."""
+    model = TGNRecommender(tiny_config).eval()
+    model.apply_events(model.encode(tiny_table)[:200], 50)
+    model.save(tmp_path / "model.pt")
+    light = TGNRecommender.load(tmp_path / "model.pt", statistics=False).eval()
+    assert model.repeat.size > 0 and light.repeat.size == 0
+    full = model.state_dict()
+    for name, value in light.state_dict().items():
+        if name != "repeat._extra_state":
+            assert torch.equal(value, full[name]), name
+    t = float(model.memory.last_update.max())
+    with torch.no_grad():
+        assert torch.equal(light.item_embeddings(t), model.item_embeddings(t))
+
+
 def test_repeat_off_gives_the_dot_product_and_on_mixes_it(tiny_config, tiny_table):
     models = {}
     for on in (False, True):
