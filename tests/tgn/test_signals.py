@@ -94,3 +94,21 @@ def test_a_checkpoint_from_before_the_origin_loads_as_the_same_state():
                                rtol=1e-12, atol=0)
     assert torch.equal(loaded.pair_features(torch.arange(n), torch.full((n,), t)),
                        s.pair_features(torch.arange(n), torch.full((n,), t)))
+
+
+def test_per_generation_caches_follow_every_update():
+    """What is cached per generation (the bought mask, the global repurchase interval inside
+    the pair features), read between updates, is what statistics built from scratch give
+    after each update."""
+    live = PurchaseSignals()
+    for step, (users, items, t) in enumerate(_stream(1)):
+        live.update(users, items, t)
+        fresh = PurchaseSignals()
+        for batch in _stream(1)[:step + 1]:
+            fresh.update(*batch)
+        assert torch.equal(live.bought(NUM_ITEMS + 2), fresh.bought(NUM_ITEMS + 2))
+        slots = torch.arange(live.size)
+        now = torch.full((live.size,), float(t.max()) + DAY, dtype=torch.float64)
+        assert torch.equal(live.pair_features(slots, now), fresh.pair_features(slots, now))
+    live.reset_state()
+    assert not live.bought(NUM_ITEMS).any()
