@@ -15,7 +15,8 @@ from tgn import snapshot
 def test_train_then_evaluate_with_baselines(tiny_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "2",
-                 "--batch-size", "40", "--threads", "1", "-q"]) == 0
+                 "--batch-size", "40", "--threads", "1", "--history-steps", "100",
+                 "-q"]) == 0
     for name in ("model.pt", "config.json", "history.json", "curves.png"):
         assert (run / name).stat().st_size > 0, name
     assert json.loads((run / "config.json").read_text())["epochs_run"] == 2

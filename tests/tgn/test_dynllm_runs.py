@@ -21,7 +21,7 @@ from tgn.profile_features import read_profile_store, read_profile_texts
 from tgn.train import TrainConfig
 
 SMALL = TGNConfig(memory_dim=8, time_dim=4, embed_dim=8, heads=2, neighbors=3)
-QUICK = TrainConfig(epochs=1, batch_size=60, eval_batch_size=60)
+QUICK = TrainConfig(epochs=1, batch_size=60, eval_batch_size=60, history_steps=100)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_cli_train_evaluate_explain_dynllm(tiny_dataset, store, tmp_path, capsys
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_dataset), "--model", "dynllm", "--profiles",
                  str(store), "--hops", "1", "--no-gate", "--out", str(run), "--epochs", "1",
-                 "--batch-size", "120", "-q"]) == 0
+                 "--batch-size", "120", "--history-steps", "100", "-q"]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["hops"] == 1 and config["fusion_config"]["gate"] is False
     assert main(["evaluate", "--data", str(tiny_dataset), "--run", str(run), "-q"]) == 0

@@ -47,7 +47,7 @@ def test_unseen_users_and_items_grow_the_state(tiny_config, tiny_table):
 def _fit(path, config, seed: int, epochs: int = 3) -> tuple[TGNRecommender, list[float]]:
     model, (tr, va, _) = build_model(Dataset.load(path), config, seed)
     result = train(model, tr, va, TrainConfig(epochs=epochs, batch_size=25, seed=seed,
-                                              patience=epochs), progress=False)
+                                              patience=epochs, history_steps=100), progress=False)
     return model, [h["loss"] for h in result.history]
 
 

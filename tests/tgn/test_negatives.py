@@ -122,6 +122,7 @@ def test_the_settings_are_checked_and_training_runs_with_them(tiny_dataset, tiny
     assert "between 0 and 1" in capsys.readouterr().err
     model, (tr, va, _) = build_model(Dataset.load(tiny_dataset), tiny_config, seed=0)
     result = train(model, tr, va, TrainConfig(epochs=1, batch_size=25, negatives=2,
-                                              history_negatives=0.5), progress=False)
+                                              history_negatives=0.5, history_steps=100),
+                   progress=False)
     assert 0 < result.history[0]["loss"] < 10
     assert "val_explore/recall@20" in result.history[0]  # NaN here: no explore purchase

@@ -18,7 +18,7 @@ from tgn.quality import (
 )
 from tgn.train import TrainConfig
 
-FAST = TrainConfig(epochs=1, batch_size=50, eval_batch_size=100)
+FAST = TrainConfig(epochs=1, batch_size=50, eval_batch_size=100, history_steps=100)
 
 
 def test_quality_json_has_every_part_and_seeds_differ(tmp_path, tiny_dataset, tiny_config):
