@@ -39,6 +39,20 @@ def _consumed() -> float:
     return REGISTRY.get_sample_value("dynllm_events_consumed_total") or 0.0
 
 
+def _outcomes() -> dict[str, float]:
+    """This process's counts of what became of the events read so far: dead-lettered by
+    reason, and the watermark stage's outcomes (sealed, late, already applied)."""
+    from streaming.metrics import EVENTS_DEAD_LETTERED, EVENTS_SEALED
+
+    counts: dict[str, float] = {}
+    for prefix, metric, label in (("dead_lettered", EVENTS_DEAD_LETTERED, "reason"),
+                                  ("watermark", EVENTS_SEALED, "outcome")):
+        for sample in next(iter(metric.collect())).samples:
+            if sample.name.endswith("_total"):
+                counts[f"{prefix}:{sample.labels[label]}"] = sample.value
+    return counts
+
+
 def untrained_run(data_dir: str, out: Path) -> str:
     """A run directory with an untrained TGN whose id maps cover the dataset (timing only)."""
     import pyarrow.compute as pc
@@ -254,6 +268,7 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         warm.send(LIVE_TOPIC, value={"event_id": "warm-up", "user_id": "warm", "item_id": "w",
                                      "ts": 0.0, "quantity": 1.0, "price": 0.0})
         warm.flush()
+        warm.close()
         while not any(len(r[0]) for r in read_latency_log(latency_log)):
             time.sleep(0.1)
         warm_records = len(read_latency_log(latency_log))  # not counted
@@ -261,7 +276,7 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         def emitted() -> list:
             return read_latency_log(latency_log)[warm_records:]
 
-        base = _consumed()
+        base, outcomes_before = _consumed(), _outcomes()
         child = _start_producer(broker.bootstrap_servers, LIVE_TOPIC, log_path, limit, rate)
         samples, started = [], time.monotonic()
         for line in child.stdout:
@@ -278,6 +293,8 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
         stop.set()
         pipeline.join(60)
         records = emitted()
+        consumed = int(_consumed() - base)
+        outcomes = {k: v - outcomes_before.get(k, 0.0) for k, v in _outcomes().items()}
         reference = bare_consume_latency(broker.bootstrap_servers, log_path, rate,
                                          min(seconds, 30.0))
     lat_ms, breakdown = latency_breakdown(records)
@@ -286,6 +303,8 @@ def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: 
     return {"live_rate": rate, "live_seconds": seconds, "live_events": limit,
             "live_call_s": call_s,
             "live_events_emitted": int(lat_ms.size),
+            "live_events_consumed": consumed,
+            "live_event_outcomes": {k: int(v) for k, v in sorted(outcomes.items()) if v},
             "live_p50_ms": float(np.percentile(lat_ms, 50)),
             "live_p90_ms": float(np.percentile(lat_ms, 90)),
             "live_p99_ms": float(np.percentile(lat_ms, 99)), **reference,
@@ -324,6 +343,8 @@ def _bench(args: argparse.Namespace) -> int:
                   f"(bare consumer p99 {report['reference_consume_p99_ms']:.0f} ms), "
                   f"lag max {report['lag_max']} (median first/second half "
                   f"{report['lag_median_first_half']:.0f}/{report['lag_median_second_half']:.0f})")
+            print(f"  {report['live_events_emitted']:,} of {report['live_events']:,} events "
+                  f"emitted; outcomes: {report['live_event_outcomes']}")
             for name, parts in report["live_breakdown"].items():
                 print(f"  {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     if args.json:

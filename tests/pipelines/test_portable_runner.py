@@ -91,6 +91,23 @@ def _consumed() -> float:
     return REGISTRY.get_sample_value("dynllm_events_consumed_total") or 0.0
 
 
+def _checkpoint(state: Path, shard: int, shards: int) -> dict:
+    return torch.load(checkpoint_path(state, shard, shards), weights_only=True)
+
+
+def _assert_same_checkpoint(ours_dir: Path, theirs_dir: Path, shard: int, shards: int) -> dict:
+    """Assert shard ``shard``'s checkpoints in the two state folders hold the same id maps,
+    tensors (``torch.equal``), source positions and frontier; returns ``theirs_dir``'s."""
+    ours, theirs = (_checkpoint(d, shard, shards) for d in (ours_dir, theirs_dir))
+    assert ours["users"] == theirs["users"] and ours["items"] == theirs["items"]
+    assert ours["state"].keys() == theirs["state"].keys()
+    for name, tensor in theirs["state"].items():
+        assert torch.equal(ours["state"][name], tensor), name
+    for key in ("positions", "frontier"):
+        assert ours["extra"][key] == theirs["extra"][key], key
+    return theirs
+
+
 def _replay(run_dir: Path, log: Path, state: Path, shards: int,
             beam_args: list[str] | None = None) -> None:
     """Replay ``log`` from empty memory into ``state`` (latency records in ``latency.jsonl``)."""
@@ -120,16 +137,10 @@ def test_portable_replay_equals_in_process(run_dir, cj_small, tmp_path, portable
     assert _consumed() == before
     assert "Starting worker" in portable_runner["pool_log"].read_text(errors="replace")
     for shard in range(shards):
-        ours = torch.load(checkpoint_path(portable, shard, shards), weights_only=True)
-        theirs = torch.load(checkpoint_path(local, shard, shards), weights_only=True)
-        assert ours["users"] == theirs["users"] and ours["items"] == theirs["items"]
-        assert ours["state"].keys() == theirs["state"].keys()
-        for name, tensor in theirs["state"].items():
-            assert torch.equal(ours["state"][name], tensor), name
+        theirs = _assert_same_checkpoint(portable, local, shard, shards)
         assert theirs["extra"]["positions"] == {0: rows}  # the whole log was applied
-        for key in ("positions", "frontier"):
-            assert ours["extra"][key] == theirs["extra"][key], key
-        assert torch.equal(ours["extra"]["applied_ids"], theirs["extra"]["applied_ids"])
+        assert torch.equal(_checkpoint(portable, shard, shards)["extra"]["applied_ids"],
+                           theirs["extra"]["applied_ids"])
         mine = load_store(portable / f"embeddings-shard-{shard}-of-{shards}.npz")
         ref = load_store(local / f"embeddings-shard-{shard}-of-{shards}.npz")
         # embeddings are computed from that state: equal up to float summation order (the
@@ -208,9 +219,5 @@ def test_portable_live_run_stops_and_equals_in_process(run_dir, cj_small, tmp_pa
     before = _consumed()
     _live(run_dir, kafka_broker, portable, rows, portable_runner["args"])
     assert _consumed() == before  # read in the SDK worker
-    ours = torch.load(checkpoint_path(portable, 0, 1), weights_only=True)
-    theirs = torch.load(checkpoint_path(local, 0, 1), weights_only=True)
+    theirs = _assert_same_checkpoint(portable, local, 0, 1)
     assert sum(theirs["extra"]["positions"].values()) == rows
-    assert ours["extra"]["positions"] == theirs["extra"]["positions"]
-    for name, tensor in theirs["state"].items():
-        assert torch.equal(ours["state"][name], tensor), name
