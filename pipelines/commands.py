@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     metrics.process_info("pipeline", model_id=str(Path(args.run).resolve()))
     server = metrics.start_metrics_server(args.metrics_port)
-    stop = StopFlag()
+    stop = StopFlag(args.stop_dir)
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("%s: draining, checkpointing and stopping", signal.Signals(signum).name)
@@ -159,6 +159,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "the watermark back; all idle: open micro-batches are sealed (1)")
     run.add_argument("--no-profile-requests", action="store_true",
                      help="do not publish profile requests")
+    run.add_argument("--stop-dir", help="folder for the stop markers the reader polls "
+                                        "(default: the system temp folder; on a cluster, one "
+                                        "every Beam worker can see)")
     replay = commands.add_parser("replay", help="run the same pipeline over a dataset's log "
                                                 "in event-time order")
     replay.add_argument("--data", required=True, help="dataset directory")

@@ -126,9 +126,12 @@ def test_dynllm_run_stops_cleanly_on_sigterm(kafka_broker, run_dir, cj_small, tm
     producer = json_producer(kafka_broker)
     produce_events(producer, "purchases", events, progress=False)
     producer.close()
+    markers = tmp_path / "markers"  # a shared folder on a cluster
+    markers.mkdir()
     command = [sys.executable, "-c", "import sys; from pipelines.cli import main; sys.exit(main())",
                "run", "--bootstrap-servers", kafka_broker, "--run", str(run_dir),
-               "--state-dir", str(tmp_path), "--metrics-port", str(free_port())]
+               "--state-dir", str(tmp_path), "--metrics-port", str(free_port()),
+               "--stop-dir", str(markers)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     store = tmp_path / "embeddings-shard-0-of-1.npz"
@@ -140,6 +143,7 @@ def test_dynllm_run_stops_cleanly_on_sigterm(kafka_broker, run_dir, cj_small, tm
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output[-2000:]
     assert "stopped cleanly" in output
+    assert not list(markers.iterdir())  # nothing left behind in the markers folder
     from tgn.model import TGNRecommender
 
     model = TGNRecommender.load(checkpoint_path(tmp_path, 0, 1))
