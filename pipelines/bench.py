@@ -172,13 +172,16 @@ def _start_producer(bootstrap: str, topic: str, log_path: str, limit: int, rate:
 
 def bare_consume_latency(bootstrap: str, log_path: str, rate: float,
                          seconds: float) -> dict[str, float]:
-    """Reference: produce→consume latency of a bare ``TopicReader`` at the same rate."""
+    """Reference: produce→consume latency of a bare ``TopicReader`` at the same rate, with the
+    live reader's fetch settings (no CRC check, fetches of at most ``FETCH_MAX_WAIT_MS``)."""
+    from pipelines.sources import FETCH_MAX_WAIT_MS
     from streaming.kafka_io import TopicReader, create_topics
 
     topic, limit = "bench-reference", int(rate * seconds)
     create_topics(bootstrap, [topic], partitions=4)
     latencies: list[float] = []
-    with TopicReader(bootstrap, topic, max_batch=2000, check_crcs=False) as reader:
+    with TopicReader(bootstrap, topic, max_batch=2000, check_crcs=False,
+                     fetch_max_wait_ms=FETCH_MAX_WAIT_MS) as reader:
         reader.poll(0.1)  # connected before the first send
         child = _start_producer(bootstrap, topic, log_path, limit, rate)
         for batch in reader.batches(limit=limit, idle_timeout_s=30.0, poll_timeout_s=0.05):
