@@ -340,6 +340,54 @@ def _sample(logits, rng, temperature: float = 0.7, top_p: float = 0.9, top_k: in
     return int(top[rng.choice(keep, p=p)])
 
 
+#: llama.cpp's names of the x86 instruction sets it was compiled for (``llama_print_system_info``)
+#: and the flags Linux lists for them in ``/proc/cpuinfo``.
+CPU_FEATURE_FLAGS = {"AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2",
+                     "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+                     "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+                     "AMX_INT8": "amx_int8"}
+
+
+def missing_cpu_features(system_info: str, cpu_flags: set[str]) -> list[str]:
+    """The instruction sets a llama.cpp build uses (its system-info line) that the CPU lacks.
+
+    >>> info = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | OPENMP = 1 |"
+    >>> missing_cpu_features(info, {"avx", "avx2", "avx512f"})
+    ['AVX512_BF16']
+    >>> missing_cpu_features(info, set())  # no flags known (not Linux): nothing to say
+    []
+    """
+    if not cpu_flags:
+        return []
+    used = [name for name, value in (part.split("=", 1) for part in
+                                     system_info.replace("CPU :", "|").split("|") if "=" in part)
+            if value.strip() == "1" and name.strip() in CPU_FEATURE_FLAGS]
+    return [n.strip() for n in used if CPU_FEATURE_FLAGS[n.strip()] not in cpu_flags]
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((row for row in f if row.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def check_llama_build() -> None:
+    """Refuse a llama.cpp build this CPU cannot run (one :class:`UsageError` line, instead of a
+    SIGILL inside llama.cpp): the Makefile builds for the CPU it runs on (AVX-512 where present),
+    so a virtual environment copied to an older machine would otherwise crash at the first
+    decode."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    if missing := missing_cpu_features(info, _cpu_flags()):
+        raise UsageError(f"this llama-cpp-python build uses {', '.join(missing)}, which this CPU"
+                         " lacks; rebuild it here: make clean install")
+
+
 class _LlamaSession:
     """One llama.cpp model in this process: chat template, grammar decoder, completion.
 
@@ -358,6 +406,7 @@ class _LlamaSession:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        check_llama_build()
         try:
             self.llm = Llama(model_path=model_file, n_ctx=n_ctx, n_batch=n_ctx,
                              n_threads=threads, n_threads_batch=threads, seed=seed,
