@@ -87,12 +87,15 @@ def text_probe(args: argparse.Namespace) -> dict:
     model, (train, val, _) = build_model(data, TGNConfig(), seed=0)
     items = item_text_vectors(args.data)
     table = profile_table(args.profiles, model, args.hops)
+    if len(table) == 0:
+        raise SystemExit(f"{args.profiles} holds no profiles (hops={args.hops}) for "
+                         f"{args.data}'s users: nothing to probe")
     out = {}
     for facet, name in enumerate(("mean", "crowd_segment", "personal_interests",
                                   "preferred_categories", "favored_brands"), start=-1):
         metrics, _ = _val_metrics(FacetTextMatch(table, items, facet), train, val)
         out[name] = {k: metrics[k] for k in ("recall@20", "recall@50", "explore/recall@20")}
-    out["random_recall@20"] = 20 / len(model.items)
+    out["random_recall@20"] = min(1.0, 20 / len(model.items))
     return out
 
 

@@ -98,8 +98,10 @@ def facet_signal(signal_data: str | Path, writer: ProfileWriter, store: Path,
         raise UsageError(f"the facet-signal probe {PROBE} is not here (run from a checkout)")
     dataset = Dataset.load(signal_data)
     start = time.perf_counter()
-    written = build(dataset, writer, ProfileStore(store), "train", hops=hops,
-                    batch_size=batch_size, progress=False)
+    target = ProfileStore(store)  # the writer's own store is the speed run's
+    written = build(dataset, ProfileWriter(writer.backend, writer.embedder, target), target,
+                    "train", hops=hops, batch_size=batch_size, progress=False)
+    target.close()
     build_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "probe.json"

@@ -96,3 +96,20 @@ def test_bench_reports_consistent_figures(tiny_data):
     assert 0.0 < result["reused_prompt_share"] < 1.0  # the head was reused by later prompts
     assert result["facet_signal_recall@20"] is None  # only with signal_data
     assert result["example"]["fallback"] is False
+
+
+@pytest.mark.llm
+@pytest.mark.slow
+def test_bench_facet_signal_probes_the_profiles_it_wrote(tiny_data, tmp_path):
+    from profiles import bench
+    from profiles.modelpack import DEFAULT_MODEL, packaged_gguf
+
+    store = tmp_path / "signal.sqlite"
+    result = bench.run(tiny_data, packaged_gguf(), DEFAULT_MODEL.name, users=2, threads=1,
+                       processes=1, batch_size=4, reference_users=1, signal_data=tiny_data,
+                       signal_store=store)
+    signal = result["facet_signal"]
+    # the probe reads the store the signal profiles went to, not the speed run's
+    assert signal["profiles"] > 0 and len(ProfileStore(store)) == signal["profiles"]
+    assert 0.0 < result["facet_signal_random_recall@20"] <= 1.0
+    assert 0.0 <= result["facet_signal_recall@20"] <= 1.0
