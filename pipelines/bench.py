@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.elements import BATCH_EVENTS
+
 LIVE_TOPIC = "purchases"
 
 
@@ -92,7 +94,7 @@ def _bare_loop(run_dir: str, log_path: str, events: int, batch: int) -> float:
 
 
 def bench_replay(run_dir: str, log_path: str, events: int, batch: int, repeats: int,
-                 batch_events: int = 200) -> dict[str, float]:
+                 batch_events: int = BATCH_EVENTS) -> dict[str, float]:
     """Replay figures (medians over ``repeats``); the reference model loop runs micro-batches
     of ``batch_events`` rows (the pipeline's are at most that, cut by event-time windows)."""
     from pipelines.pipeline import PipelineConfig, run_pipeline
@@ -245,7 +247,7 @@ def latency_breakdown(log: list) -> tuple[np.ndarray, dict[str, dict[str, float]
 
 
 def bench_live(run_dir: str, log_path: str, rate: float, seconds: float, batch: int,
-               call_s: float = 0.25, batch_events: int = 200,
+               call_s: float = 0.25, batch_events: int = BATCH_EVENTS,
                idle_s: float = 1.0) -> dict[str, object]:
     """Live figures: latency percentiles and lag over a run at ``rate`` events/s (every event
     counted, the last ones sealed by the idle bound after the stream stops)."""
@@ -363,8 +365,8 @@ def add_bench_arguments(bench_targets: argparse._SubParsersAction) -> None:
     bench.add_argument("--run", help="run directory (default: an untrained model; timing only)")
     bench.add_argument("--events", type=int, default=100_000, help="replayed events (100000)")
     bench.add_argument("--batch-size", type=int, default=2000, help="replay rows per read (2000)")
-    bench.add_argument("--batch-events", type=int, default=200,
-                       help="events per micro-batch, live and replay (200)")
+    bench.add_argument("--batch-events", type=int, default=BATCH_EVENTS,
+                       help=f"events per micro-batch, live and replay ({BATCH_EVENTS})")
     bench.add_argument("--idle-seconds", type=float, default=1.0,
                        help="live: idle bound of a quiet partition (1)")
     bench.add_argument("--repeats", type=int, default=3, help="replay repeats (3)")

@@ -13,6 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
+from pipelines.elements import BATCH_EVENTS
 from streaming.arg_types import non_negative_float, positive_float, positive_int
 from streaming.errors import UsageError
 from streaming.kafka_settings import add_kafka_options, settings_from_args
@@ -175,8 +176,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="rows per read; with --evaluate events per micro-batch "
                              "(default 2000, as `dynllm evaluate`)")
     for sub in (run, replay):
-        sub.add_argument("--batch-events", type=positive_int, default=200,
-                         help="most events per micro-batch (200; docs/pipeline.md, "
+        sub.add_argument("--batch-events", type=positive_int, default=BATCH_EVENTS,
+                         help=f"most events per micro-batch ({BATCH_EVENTS}; docs/pipeline.md, "
                               "'Event time')")
         sub.add_argument("--batch-window", type=positive_float, default=86400.0,
                          help="a micro-batch spans at most this many event-time seconds "

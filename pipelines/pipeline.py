@@ -30,6 +30,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipelines.elements import BATCH_EVENTS
 from pipelines.memory import UpdateGraphMemory
 from pipelines.outages import prepare_input_log
 from pipelines.outputs import WriteEmbeddings
@@ -99,7 +100,7 @@ class PipelineConfig:
     checkpoint_seconds: float = 30.0
     call_seconds: float = 0.25
     request_profiles: bool = True
-    batch_events: int = 200
+    batch_events: int = BATCH_EVENTS
     batch_window_s: float = 86400.0
     lateness_s: float = 0.0
     idle_seconds: float = 1.0

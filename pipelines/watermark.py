@@ -42,7 +42,7 @@ from apache_beam import pvalue
 from apache_beam.coders import VarIntCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 
-from pipelines.elements import EventsBatch, Span
+from pipelines.elements import BATCH_EVENTS, EventsBatch, Span
 from streaming import metrics
 from streaming.schema import events_to_table
 from streaming.validation import DeadLetter, Reason
@@ -66,7 +66,7 @@ class BatchRule:
             be applied (the watermark waits this much longer).
     """
 
-    events: int | None = 200
+    events: int | None = BATCH_EVENTS
     window_s: float = 86400.0
     lateness_s: float = 0.0
 

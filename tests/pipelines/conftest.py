@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipelines.elements import BATCH_EVENTS
+
 
 @pytest.fixture(scope="session")
 def run_dir(cj_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -19,7 +21,7 @@ def run_dir(cj_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _replay(run_dir: Path, data: Path, state_dir: Path | None, shards: int = 1,
             stop_row: int | None = None, batch: int = 1000, rows: int | None = None,
-            batch_events: int = 200) -> None:
+            batch_events: int = BATCH_EVENTS) -> None:
     """Replay ``data``'s log through the pipeline (resuming from ``state_dir`` if it holds one).
 
     ``stop_row`` stops reading there (the open micro-batch stays open, as after a crash);
@@ -35,7 +37,8 @@ def _replay(run_dir: Path, data: Path, state_dir: Path | None, shards: int = 1,
         log = Path(state_dir) / f"first-{rows}.parquet"
         log.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pq.read_table(data / "events.parquet").slice(0, rows), log)
-    window = {} if batch_events == 200 else {"batch_events": batch_events, "batch_window_s": 1e9}
+    window = {} if batch_events == BATCH_EVENTS else {"batch_events": batch_events,
+                                                      "batch_window_s": 1e9}
     run_pipeline(PipelineConfig(run_dir=str(run_dir), state_dir=state_dir and str(state_dir),
                                 shards=shards, log_path=str(log), stop_row=stop_row,
                                 fresh_state=True, max_batch=batch, checkpoint_events=10**9,
@@ -45,7 +48,7 @@ def _replay(run_dir: Path, data: Path, state_dir: Path | None, shards: int = 1,
 @pytest.fixture(scope="session")
 def replay():
     """``replay(run_dir, data_dir, state_dir, shards=1, stop_row=None, batch=1000, rows=None,
-    batch_events=200)``."""
+    batch_events=BATCH_EVENTS)``."""
     return _replay
 
 
