@@ -129,8 +129,9 @@ class LiveProfiles:
             self._table = None
         metrics.PROFILE_UPDATES_APPLIED.inc()
 
-    def lookup(self, user_ids: list[str], t: np.ndarray, num_facets: int, text_dim: int):
-        """``ProfileLookup`` (facets ``[U, F, T]``, has_profile ``[U]``) for users at ``t``."""
+    def table(self, num_facets: int, text_dim: int):
+        """Every version as a :class:`~tgn.profile_features.ProfileTable` keyed by this object's
+        user index (:meth:`index`); the same object until a new version arrives."""
         import torch
 
         from tgn.profile_features import ProfileTable
@@ -141,9 +142,22 @@ class LiveProfiles:
                                             torch.tensor(self._rows[1], dtype=torch.float64),
                                             torch.from_numpy(np.stack(self._rows[2])))
                                if self._rows[0] else ProfileTable.empty(num_facets, text_dim))
-            known = len(self._index)  # an unknown user gets an index with no profiles
-            index = [self._index.get(u, known) for u in user_ids]
-            return self._table.lookup(torch.tensor(index, dtype=torch.long), torch.from_numpy(t))
+            return self._table
+
+    def index(self, user_ids: list[str]):
+        """``[U]`` int64 user indices of :meth:`table` (a user with no profile gets one that
+        holds none)."""
+        import torch
+
+        with self._lock:
+            known = len(self._index)
+            return torch.tensor([self._index.get(u, known) for u in user_ids], dtype=torch.long)
+
+    def lookup(self, user_ids: list[str], t: np.ndarray, num_facets: int, text_dim: int):
+        """``ProfileLookup`` (facets ``[U, F, T]``, has_profile ``[U]``) for users at ``t``."""
+        import torch
+
+        return self.table(num_facets, text_dim).lookup(self.index(user_ids), torch.from_numpy(t))
 
 
 class _FuseFn(beam.DoFn):
@@ -158,9 +172,10 @@ class _FuseFn(beam.DoFn):
 
         model = load_run_model(self.run_dir).eval()
         head = model.user_head
-        self._fusion = head.fusion.eval() if isinstance(head, DynLLMHead) else None
+        self._head = head if isinstance(head, DynLLMHead) else None
+        self._live = False  # the head still reads the run's own table (other user indices)
         self._stop = threading.Event()
-        if self._fusion is None:
+        if self._head is None:
             return
         table = head.profiles
         self._profiles = LiveProfiles(model.users.decode(table.user_index.tolist()),
@@ -190,19 +205,25 @@ class _FuseFn(beam.DoFn):
         yield states
 
     def _fuse(self, states: UserStates) -> None:
-        """Set ``states.embedding`` (and facet weights and ``has_profile`` with a head)."""
+        """Set ``states.embedding`` (and facet weights and ``has_profile`` with a head): the
+        model's own head (:meth:`tgn.dynllm_head.DynLLMHead.forward`, the path of
+        ``model.user_embeddings``), reading the live profile table."""
         import torch
 
-        if self._fusion is None or len(states) == 0:
+        if self._head is None or len(states) == 0:
             states.embedding = states.temporal
             metrics.FUSIONS_WITHOUT_PROFILE.inc(len(states))
             return
-        config = self._fusion.config
-        found = self._profiles.lookup(states.user_ids, states.ts, config.num_facets,
-                                      config.text_dim)
+        config = self._head.config
+        table = self._profiles.table(config.num_facets, config.text_dim)
+        if table is not self._head.profiles:  # new versions: the head folds only those
+            self._head.set_profiles(table, appended=self._live)
+            self._live = True  # from now on every table extends the previous one
         with torch.no_grad():
-            out = self._fusion(torch.from_numpy(states.temporal), found.facets, found.has_profile)
-        has = found.has_profile.numpy()
+            self._head(torch.from_numpy(states.temporal), self._profiles.index(states.user_ids),
+                       torch.from_numpy(states.ts))
+        out = self._head.last
+        has = out.has_profile.numpy()
         metrics.FUSIONS_WITHOUT_PROFILE.inc(int((~has).sum()))
         states.embedding = out.embedding.numpy()
         states.facet_weights = out.relevance.numpy()

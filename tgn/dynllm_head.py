@@ -30,10 +30,10 @@ class DynLLMHead(nn.Module):
     The output of the latest call (:attr:`last`, :attr:`last_rows`) is kept on the instance
     for callers that just scored through the model and want the facet relevance behind it
     (``dynllm explain``, tests): ``forward`` must return only the embedding to fit the
-    ``user_head`` contract. It is a per-call convenience, not state: nothing in the pipeline or
-    the server reads it (the pipeline's fusion stage calls :attr:`fusion` and passes the
-    weights on as data; the server reads them from the embedding store and changelog), it is
-    not saved, and a concurrent caller of the same head overwrites it.
+    ``user_head`` contract. It is a per-call convenience, not state: the pipeline's fusion stage
+    reads it right after its own call on its own head and passes the weights on as data, the
+    server reads them from the embedding store and changelog; it is not saved, and a concurrent
+    caller of the same head overwrites it.
 
     Args:
         config: fusion sizes and switches; ``config.dim`` must equal the model's embed width.
@@ -48,22 +48,32 @@ class DynLLMHead(nn.Module):
         self.profiles = profiles or ProfileTable.empty(self.config.num_facets,
                                                        self.config.text_dim)
         self._last: tuple[FusionOutput, Tensor, Tensor | None] | None = None
-        self._keys: FoldedFusion | None = None  # P + 1 folded tables (eval only)
+        #: eval only: folded tables of the profile versions in the table's input order
+        #: (``profiles.source_row``), then one for "no profile"
+        self._keys: FoldedFusion | None = None
 
     def train(self, mode: bool = True) -> DynLLMHead:
         """Switch mode; leaving eval mode drops the cached facet keys (weights will change)."""
         self._keys = None
         return super().train(mode)
 
-    def set_profiles(self, profiles: ProfileTable) -> None:
-        """Read from ``profiles`` from now on (e.g. after new profiles arrived)."""
+    def set_profiles(self, profiles: ProfileTable, appended: bool = False) -> None:
+        """Read from ``profiles`` from now on (e.g. after new profiles arrived).
+
+        Args:
+            profiles: the new table.
+            appended: ``profiles`` was built from the current table's input rows, in their
+                order, followed by new versions: only the new ones are folded (a live table
+                that only grows re-folds nothing it had).
+        """
         if (profiles.num_facets, profiles.text_dim) != (self.config.num_facets,
                                                         self.config.text_dim) and len(profiles):
             raise ValueError(f"profiles are [P, {profiles.num_facets}, {profiles.text_dim}], "
                              f"the head expects [P, {self.config.num_facets}, "
                              f"{self.config.text_dim}]")
+        if not appended:
+            self._keys = None
         self.profiles = profiles
-        self._keys = None
 
     @property
     def last(self) -> FusionOutput | None:
@@ -86,14 +96,25 @@ class DynLLMHead(nn.Module):
 
     @torch.no_grad()
     def _cached_tables(self) -> FoldedFusion:
-        """Folded tables of every profile version, the last row for "no profile"; computed once
-        per eval session (:meth:`DistilledFusion.fold`)."""
+        """Folded tables (:meth:`DistilledFusion.fold`) of every profile version in input order,
+        the last row for "no profile"; each version is folded once per eval session."""
+        fusion, table = self.fusion, self.profiles
+        done = 0 if self._keys is None else len(self._keys) - 1
+        if self._keys is not None and done == len(table):
+            return self._keys
+        sorted_row = torch.empty_like(table.source_row)
+        sorted_row[table.source_row] = torch.arange(len(table))  # input position -> sorted row
+        vectors = table.vectors[sorted_row[done:]]  # the versions not folded yet, input order
+        parts = [fusion.facet_keys(vectors[i:i + 4096]) for i in range(0, len(vectors), 4096)]
         if self._keys is None:
-            fusion = self.fusion
-            parts = [fusion.facet_keys(self.profiles.vectors[i:i + 4096])
-                     for i in range(0, len(self.profiles), 4096)]
-            parts.append(fusion.no_profile_keys().unsqueeze(0))
-            self._keys = fusion.fold(torch.cat(parts))
+            self._keys = fusion.fold(torch.cat(parts + [fusion.no_profile_keys().unsqueeze(0)]))
+        else:
+            new, old = fusion.fold(torch.cat(parts)), self._keys
+            self._keys = FoldedFusion(
+                *(torch.cat([a[:-1], b, a[-1:]]) for a, b in ((old.score, new.score),
+                                                               (old.value, new.value),
+                                                               (old.offset, new.offset))),
+                old.merge_z, old.merge_bias)
         return self._keys
 
     def forward(self, z: Tensor, user_index: Tensor, t: Tensor) -> Tensor:
@@ -119,7 +140,9 @@ class DynLLMHead(nn.Module):
         row = self.profiles.latest_rows(user_index[first], t[first])
         tables = self._cached_tables()
         has = row >= 0
-        out = self.fusion.attend_folded(z[first], tables, row.where(has, len(tables) - 1), has)
+        # the folded tables follow the table's input order (appended versions go at the end)
+        source = self.profiles.source_row[row.clamp(min=0)] if len(self.profiles) else row
+        out = self.fusion.attend_folded(z[first], tables, source.where(has, len(tables) - 1), has)
         self._last = (out, row, inverse)  # per run; expanded to events on demand
         return out.embedding[inverse]
 

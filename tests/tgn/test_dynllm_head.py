@@ -74,3 +74,25 @@ def test_eval_path_with_repeated_user_time_pairs_matches_training_path():
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
     assert fast_rows.tolist() == head.last_rows.tolist() == [-1, 0, 0, -1, -1]
     torch.testing.assert_close(fast_relevance, head.last.relevance, rtol=1e-4, atol=1e-6)
+
+
+def test_appended_profiles_fold_only_the_new_versions_and_match_a_fresh_fold():
+    model, head = _model()
+    users = torch.tensor([0, 1, 1])
+    t = torch.tensor([300.0, 300.0, 100.5], dtype=torch.float64)
+    # input order (user 1 at 200, user 0 at 150) differs from the table's sorted order
+    first = (torch.tensor([1, 0]), torch.tensor([200.0, 150.0], dtype=torch.float64),
+             torch.randn(2, 4, 6))
+    more = (torch.tensor([0, 1]), torch.tensor([250.0, 100.0], dtype=torch.float64),
+            torch.randn(2, 4, 6))
+    grown = ProfileTable(*(torch.cat([a, b]) for a, b in zip(first, more, strict=True)))
+    with torch.no_grad():
+        head.set_profiles(ProfileTable(*first))
+        model.user_embeddings(users, t)  # folds the first two versions
+        head.set_profiles(grown, appended=True)
+        incremental = model.user_embeddings(users, t)
+        assert len(head._keys) == len(grown) + 1  # both old, both new, "no profile"
+        head.set_profiles(grown)  # from scratch
+        fresh = model.user_embeddings(users, t)
+    torch.testing.assert_close(incremental, fresh)
+    assert head.last_rows.tolist() == [1, 3, 2]  # sorted rows: (0,150) (0,250) (1,100) (1,200)
