@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-#: Most events per micro-batch by default: at 2,000 events/s a batch of 150 fills in 75 ms, and
+#: Most events per micro-batch by default: at 2,000 events/s a batch of 200 fills in 100 ms, and
 #: each batch pays a fixed model cost, so smaller batches cost replay throughput. Measured on
-#: cj26 (BENCHMARKS.md, "Streaming pipeline"): 200 gave live p99 268-289 ms and replay ~26k/s,
-#: 150 gives 244-254 ms and ~22k/s, 100 fell to ~12.6k/s.
-BATCH_EVENTS = 150
+#: cj26 (BENCHMARKS.md, "Streaming pipeline"): 200 gave live p99 268-289 ms and replay ~27k/s;
+#: 150 gave 244-273 ms (median of 6: 258) and 18-22k/s, so it was not kept; 100: ~12.6k/s.
+BATCH_EVENTS = 200
 
 
 @dataclass(frozen=True)
