@@ -173,13 +173,14 @@ class _FuseFn(beam.DoFn):
         model = load_run_model(self.run_dir).eval()
         head = model.user_head
         self._head = head if isinstance(head, DynLLMHead) else None
-        self._live = False  # the head still reads the run's own table (other user indices)
         self._stop = threading.Event()
         if self._head is None:
             return
         table = head.profiles
         self._profiles = LiveProfiles(model.users.decode(table.user_index.tolist()),
                                       table.ts.numpy(), table.vectors.numpy())
+        # the head reads the live table (keyed by user id, not the run's user index) from now on
+        head.set_profiles(self._profiles.table(head.config.num_facets, head.config.text_dim))
         if self.bootstrap_servers:
             threading.Thread(target=self._follow_updates, daemon=True,
                              name="profile-updates").start()
@@ -217,8 +218,7 @@ class _FuseFn(beam.DoFn):
         config = self._head.config
         table = self._profiles.table(config.num_facets, config.text_dim)
         if table is not self._head.profiles:  # new versions: the head folds only those
-            self._head.set_profiles(table, appended=self._live)
-            self._live = True  # from now on every table extends the previous one
+            self._head.set_profiles(table, appended=True)
         with torch.no_grad():
             self._head(torch.from_numpy(states.temporal), self._profiles.index(states.user_ids),
                        torch.from_numpy(states.ts))

@@ -359,10 +359,10 @@ def missing_cpu_features(system_info: str, cpu_flags: set[str]) -> list[str]:
     """
     if not cpu_flags:
         return []
-    used = [name for name, value in (part.split("=", 1) for part in
-                                     system_info.replace("CPU :", "|").split("|") if "=" in part)
-            if value.strip() == "1" and name.strip() in CPU_FEATURE_FLAGS]
-    return [n.strip() for n in used if CPU_FEATURE_FLAGS[n.strip()] not in cpu_flags]
+    pairs = (part.split("=", 1) for part in system_info.replace("CPU :", "|").split("|")
+             if "=" in part)
+    used = [name.strip() for name, value in pairs if value.strip() == "1"]
+    return [n for n in used if n in CPU_FEATURE_FLAGS and CPU_FEATURE_FLAGS[n] not in cpu_flags]
 
 
 def _cpu_flags() -> set[str]:
