@@ -52,7 +52,8 @@ def _stats_profiles(data, graph, store_path: Path, refresh_every: int) -> int:
 
 
 def _llm_profiles(data, graph, store_path: Path, users: list[str], times: list[float],
-                  batch_size: int, threads: int, until: float, int8: bool) -> None:
+                  batch_size: int, threads: int, until: float, int8: bool,
+                  hops_kinds: list[int]) -> None:
     from tqdm import tqdm
 
     from profiles.backends import LlamaCppBackend
@@ -66,7 +67,7 @@ def _llm_profiles(data, graph, store_path: Path, users: list[str], times: list[f
     store = ProfileStore(store_path)
     backend = LlamaCppBackend(packaged_gguf(), DEFAULT_MODEL.name, threads=1, processes=threads)
     writer = ProfileWriter(backend, FacetEmbedder(), store)
-    bar = tqdm(total=2 * len(users) * len(times), unit="profile")
+    bar = tqdm(total=len(hops_kinds) * len(users) * len(times), unit="profile")
     started = time.perf_counter()
     for at in times:  # every user's first version, then the refresh
         for start in range(0, len(users), batch_size):
@@ -75,7 +76,7 @@ def _llm_profiles(data, graph, store_path: Path, users: list[str], times: list[f
                 break
             chunk = [u for u in users[start:start + batch_size]
                      if graph.user_event_times(u)[0] <= at]
-            for hops in (2, 1):
+            for hops in hops_kinds:
                 contexts = [graph.context(u, at, hops) for u in chunk]
                 todo = [c for c in contexts
                         if not store.has(c.user_id, c.ts, backend.model_id, hops)]
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                              "end of training)")
     parser.add_argument("--int8", action="store_true",
                         help="dynamic int8 quantization of the LLM (see docs/profiles.md)")
+    parser.add_argument("--hops", default="2,1",
+                        help="comma-separated prompt kinds to write (2: with co-buyers, 1: history "
+                             "only); the shipped model reads 2")
     parser.add_argument("--stats-refresh-every", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM profiles at t={times} for {min(args.llm_users, len(users))} users")
     _llm_profiles(data, graph, Path(args.llm_store or root / "profiles-llm.sqlite"),
                   users[:args.llm_users], times, args.batch_size, args.threads, _deadline(args),
-                  args.int8)
+                  args.int8, [int(h) for h in args.hops.split(",")])
     return 0
 
 

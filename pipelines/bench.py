@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.elements import BATCH_EVENTS
+from tgn.run import Run
 
 LIVE_TOPIC = "purchases"
 
@@ -66,8 +67,7 @@ def untrained_run(data_dir: str, out: Path) -> str:
     data = Dataset.load(data_dir)
     model = TGNRecommender(None, IdMap(pc.unique(data.events.column("user_id")).to_pylist()),
                            IdMap(data.items.column("item_id").to_pylist()))
-    model.save(out / "model.pt")
-    (out / "config.json").write_text(json.dumps({"data": str(Path(data_dir).resolve())}))
+    Run(out).write(model, {"model": "tgn", "data": str(Path(data_dir).resolve())}, [])
     return str(out)
 
 
@@ -76,9 +76,7 @@ def _bare_loop(run_dir: str, log_path: str, events: int, batch: int) -> float:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.state import load_run_model
-
-    model = load_run_model(run_dir).eval()
+    model = Run.open(run_dir).model().eval()
     model.reset_state()
     table = pq.read_table(log_path).slice(0, events)
     started = time.perf_counter()

@@ -17,13 +17,9 @@ from pipelines.elements import BATCH_EVENTS
 from streaming.arg_types import non_negative_float, positive_float, positive_int
 from streaming.errors import UsageError
 from streaming.kafka_settings import add_kafka_options, settings_from_args
+from tgn.run import Run
 
 log = logging.getLogger(__name__)
-
-
-def _check_run(run: str) -> None:
-    if not (Path(run) / "model.pt").exists():
-        raise UsageError(f"{run} is not a run directory (no model.pt; see `dynllm train`)")
 
 
 def _beam_args(args: argparse.Namespace) -> list[str]:
@@ -44,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.sources import StopFlag
     from streaming import metrics
 
-    _check_run(args.run)
+    Run.open(args.run)  # a clear error before anything starts
     kafka_settings = settings_from_args(args)
     torch.set_num_threads(args.threads)
     metrics.process_info("pipeline", model_id=str(Path(args.run).resolve()))
@@ -82,7 +78,7 @@ def _replay(args: argparse.Namespace) -> int:
     from pipelines.pipeline import PipelineConfig, run_pipeline
     from streaming.dataset import Dataset
 
-    _check_run(args.run)
+    Run.open(args.run)  # a clear error before anything starts
     torch.set_num_threads(args.threads)
     data = Dataset.load(args.data)
     log_path = str(Path(args.data) / "events.parquet")
@@ -116,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pipelines.server import Recommender, make_server
     from streaming import metrics
 
-    _check_run(args.run)
+    Run.open(args.run)  # a clear error before anything starts
     kafka_settings = settings_from_args(args)
     torch.set_num_threads(args.threads)
     metrics.process_info("server", model_id=str(Path(args.run).resolve()))

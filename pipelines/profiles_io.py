@@ -167,10 +167,10 @@ class _FuseFn(beam.DoFn):
         self.stop, self.settings = stop, settings
 
     def setup(self) -> None:
-        from pipelines.state import load_run_model
         from tgn.dynllm_head import DynLLMHead
+        from tgn.run import Run
 
-        model = load_run_model(self.run_dir).eval()
+        model = Run.open(self.run_dir).model().eval()
         head = model.user_head
         self._head = head if isinstance(head, DynLLMHead) else None
         self._stop = threading.Event()

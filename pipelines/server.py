@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import socket
 import threading
@@ -51,12 +50,13 @@ from torch import Tensor
 
 from pipelines.outputs import EMBEDDING_TOPIC, load_store, store_path
 from pipelines.serving import KNN_REFRESH_S, ServingShard, UserRow, follow
-from pipelines.state import checkpoint_path, load_run_model, shard_of
+from pipelines.state import checkpoint_path, shard_of
 from streaming import metrics
 from streaming.errors import UsageError
 from streaming.kafka_settings import PLAINTEXT, KafkaSettings
 from tgn.fusion import FACETS
 from tgn.model import TGNRecommender
+from tgn.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Recommender:
     def __init__(self, run_dir: str | Path, state_dir: str | Path,
                  data_dir: str | Path | None = None, bootstrap_servers: str | None = None,
                  topic: str = EMBEDDING_TOPIC, kafka_settings: KafkaSettings = PLAINTEXT) -> None:
-        self.run_dir, self.state_dir = Path(run_dir), Path(state_dir)
+        self.run, self.state_dir = Run.open(run_dir), Path(state_dir)
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.kafka_settings = kafka_settings
         self.items = self._item_text(data_dir)
@@ -172,9 +172,7 @@ class Recommender:
         self.reload()
 
     def _item_text(self, data_dir: str | Path | None) -> dict[str, dict[str, object]]:
-        if data_dir is None:
-            config = self.run_dir / "config.json"
-            data_dir = json.loads(config.read_text()).get("data") if config.exists() else None
+        data_dir = data_dir or self.run.data_dir
         if data_dir is None or not (Path(data_dir) / "items.parquet").exists():
             raise UsageError("no item catalog: pass --data DIR (a dataset directory)")
         rows = pq.read_table(Path(data_dir) / "items.parquet").to_pylist()
@@ -203,7 +201,7 @@ class Recommender:
         if stamp == self._stamp:
             return
         if self._base is None:  # the run does not change: read once (its head, its model)
-            self._base = load_run_model(self.run_dir).eval()
+            self._base = self.run.model().eval()
         base = self._base
         keep = bool(self.shards) and self.bootstrap_servers is not None
         models, rows, newest = [], {}, 0.0
@@ -217,7 +215,7 @@ class Recommender:
             elif keep:  # only its item vectors are taken: the run's model as read
                 model = base
             else:  # before the first checkpoint the pipeline runs the run's model
-                model = load_run_model(self.run_dir).eval()
+                model = self.run.model().eval()
             models.append(model)
             if store.exists():
                 for user, ts, version, vector, weights in zip(*load_store(store), strict=True):

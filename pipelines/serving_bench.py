@@ -51,15 +51,15 @@ def warm_run(data_dir: str, out: Path, events: int) -> str:
     import pyarrow.parquet as pq
 
     from pipelines.bench import untrained_run
-    from pipelines.state import load_run_model
+    from tgn.run import Run
 
     out.mkdir(parents=True, exist_ok=True)
-    run = untrained_run(data_dir, out)
-    model = load_run_model(run).eval()
+    run = Run.open(untrained_run(data_dir, out))
+    model = run.model().eval()
     table = pq.read_table(Path(data_dir) / "events.parquet").slice(0, events)
     model.apply_events(model.encode(table))
-    model.save(Path(run) / "model.pt")
-    return run
+    model.save(run.model_path)
+    return str(run.path)
 
 
 def _get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:

@@ -127,6 +127,13 @@ class IdleWatch:
     partition's silence then says nothing; counted, it made a partition whose records were
     still on their way idle, and the others' clocks sealed its events as late.
 
+    **Wake-up.** When an idle partition brings records again, every other partition starts its
+    quiet time afresh: a stream that resumes after a pause (or starts after every partition
+    went idle) reaches the partitions one fetch after another, and the ones not fetched yet
+    must hold the watermark back again until they bring records or stay quiet for ``idle_s``.
+    Without it the first partition fetched sealed its events alone and the others' first
+    events came late (359 of 120,000 in two ``dynllm bench pipeline`` runs).
+
     Args:
         idle_s: seconds of polling without records before a caught-up partition is idle.
     """
@@ -147,9 +154,10 @@ class IdleWatch:
         step = 0.0 if self._polled is None else min(now - self._polled, self.STEP_S)
         self._polled = now
         delivered = {r.partition for r in records}
+        woke = any(self._quiet.get(p, 0.0) >= self.idle_s for p in delivered)
         for p in partitions:
             busy = p in delivered or lag(p) != 0 or buffered(p)
-            self._quiet[p] = 0.0 if busy else self._quiet.get(p, 0.0) + step
+            self._quiet[p] = 0.0 if busy or woke else self._quiet.get(p, 0.0) + step
         return frozenset(p for p in partitions if self._quiet[p] >= self.idle_s)
 
 

@@ -32,9 +32,6 @@ from streaming import metrics
 from streaming.errors import UsageError
 from streaming.validation import RECENT_IDS_CAPACITY
 
-#: The trained model inside a run directory (written by ``dynllm train``).
-RUN_MODEL = "model.pt"
-
 
 def shard_of(user_ids: Sequence[str], num_shards: int) -> np.ndarray:
     """Shard ``[B]`` (int64) of each user id: CRC-32 of its UTF-8 bytes modulo ``num_shards``.
@@ -46,18 +43,6 @@ def shard_of(user_ids: Sequence[str], num_shards: int) -> np.ndarray:
         return np.zeros(len(user_ids), np.int64)
     return np.fromiter((zlib.crc32(u.encode()) % num_shards for u in user_ids), np.int64,
                        len(user_ids))
-
-
-def load_run_model(run_dir: str | Path):
-    """The trained model of ``run_dir`` (a DynLLM checkpoint keeps its fusion head)."""
-    from tgn.dynllm_head import load_dynllm
-    from tgn.model import TGNRecommender
-
-    path = Path(run_dir) / RUN_MODEL
-    if not path.exists():
-        raise UsageError(f"{run_dir} has no {RUN_MODEL} (train one with `dynllm train`)")
-    extra = torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
-    return load_dynllm(path) if extra.get("model") == "dynllm" else TGNRecommender.load(path)
 
 
 def checkpoint_path(state_dir: str | Path, shard: int, num_shards: int) -> Path:
@@ -156,11 +141,14 @@ class ShardState:
             fresh_state: start from the trained weights with empty memory (replay from scratch).
             topic_id: the input topic's id now (``None``: keep the checkpoint's).
         """
+        from tgn.run import Run
+
+        run = Run.open(run_dir)
         path = checkpoint_path(state_dir, shard, num_shards) if state_dir else None
         if path is not None and path.exists():
             from tgn.model import TGNRecommender
 
-            model = TGNRecommender.load(path, user_head=load_run_model(run_dir).user_head)
+            model = TGNRecommender.load(path, user_head=run.user_head())
             extra = model.checkpoint_extra
             positions = {int(p): int(o) for p, o in extra["positions"].items()}
             metrics.CHECKPOINT_TIMESTAMP.set(extra.get("saved_at", 0.0))
@@ -170,7 +158,7 @@ class ShardState:
             state.applied_ids = AppliedIds.from_tensor(model.checkpoint_extra.get(EXTRA_KEY),
                                                        state.applied_ids.capacity)
             return state
-        model = load_run_model(run_dir).eval()
+        model = run.model().eval()
         if fresh_state:
             model.reset_state()
         if path is not None:

@@ -1,8 +1,8 @@
 """DynLLM runs: the temporal graph model and the fusion head trained jointly, and evaluated.
 
-Same run-directory conventions as :mod:`tgn.experiment` (``model.pt``, ``config.json``,
-``history.json``, ``curves.png``); the checkpoint's ``extra`` also carries the fusion config and
-the profile table, so a run is self-contained (:func:`tgn.dynllm_head.load_dynllm`).
+The run directory is a :class:`tgn.run.Run` like any other; the checkpoint's ``extra`` also
+carries the fusion config and the profile table, so a run is self-contained
+(:func:`tgn.dynllm_head.head_from_extra`).
 
 Profiles come from a profile store file (``dynllm profiles build``) and are looked up
 time-correctly everywhere: in training, in validation and in the test replay an event at ``t``
@@ -11,7 +11,6 @@ only sees profiles written from events strictly before ``t``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,10 +22,11 @@ from streaming.dataset import Dataset
 from streaming.errors import UsageError
 from tgn.data import EventBatch
 from tgn.dynllm_head import DynLLMHead, head_extra
-from tgn.experiment import build_model, plot_curves
+from tgn.experiment import build_model
 from tgn.fusion import FusionConfig
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.profile_features import ProfileTable, read_profile_store
+from tgn.run import Run
 from tgn.train import TrainConfig, TrainResult, train
 
 
@@ -91,10 +91,6 @@ def fit_dynllm(data_dir: str | Path, out_dir: str | Path, store: str | Path, hop
         "epochs_run": len(result.history), "train_seconds": seconds,
         "threads": torch.get_num_threads(),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "model.pt", extra={"best_epoch": result.best_epoch, **head_extra(head)})
-    (out / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-    plot_curves(result.history, out / "curves.png")
+    Run(out_dir).write(model, summary, result.history,
+                       extra={"best_epoch": result.best_epoch, **head_extra(head)})
     return summary

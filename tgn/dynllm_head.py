@@ -7,14 +7,14 @@ embedding (:class:`tgn.fusion.DistilledFusion`). The facet relevance of the last
 for explanations and the serving API.
 
 The profile table is data, not weights: it is saved beside the weights in the checkpoint's
-``extra`` (see :func:`head_extra` / :func:`load_dynllm`) and can be swapped while streaming
-(:meth:`DynLLMHead.set_profiles`) as new profiles arrive.
+``extra`` (:func:`head_extra`, read back by :func:`head_from_extra`; runs are opened with
+:class:`tgn.run.Run`) and can be swapped while streaming (:meth:`DynLLMHead.set_profiles`) as
+new profiles arrive.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,31 +152,9 @@ def head_extra(head: DynLLMHead) -> dict[str, Any]:
     return {"model": "dynllm", "fusion": asdict(head.config), "profiles": head.profiles.to_state()}
 
 
-def load_dynllm(path: str | Path):
-    """Load a DynLLM checkpoint written by ``TGNRecommender.save(path, extra=head_extra(...))``.
-
-    Returns:
-        The :class:`tgn.model.TGNRecommender` with its :class:`DynLLMHead` and profile table.
-    """
-    from tgn.model import TGNRecommender
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    extra = payload.get("extra", {})
+def head_from_extra(extra: dict[str, Any]) -> DynLLMHead | None:
+    """A fresh head as a checkpoint's ``extra`` (:func:`head_extra`) describes it, with its
+    profile table; ``None`` for a plain TGN checkpoint. Its weights load with the model."""
     if extra.get("model") != "dynllm":
-        raise ValueError(f"{path} is not a DynLLM checkpoint (model={extra.get('model')!r})")
-    head = DynLLMHead(FusionConfig(**extra["fusion"]), ProfileTable.from_state(extra["profiles"]))
-    return TGNRecommender.load(path, user_head=head)
-
-
-def load_checkpoint(path: str | Path):
-    """Load any run's ``model.pt``: a DynLLM checkpoint with its head, else a plain TGN one.
-
-    Returns:
-        ``(model, name)`` with name ``"DynLLM"`` or ``"TGN"``.
-    """
-    from tgn.model import TGNRecommender
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("extra", {}).get("model") == "dynllm":
-        return load_dynllm(path), "DynLLM"
-    return TGNRecommender.load(path), "TGN"
+        return None
+    return DynLLMHead(FusionConfig(**extra["fusion"]), ProfileTable.from_state(extra["profiles"]))

@@ -1,13 +1,10 @@
 """Runs on a dataset directory: fit a model into a run directory, evaluate a run.
 
-A run directory holds ``model.pt`` (weights, state after train+val, id maps), ``config.json``
-(model and training settings, dataset path and counts, timings), ``history.json`` and
-``curves.png`` (loss and validation Recall@10 per epoch).
+The run directory's layout is :class:`tgn.run.Run`'s.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +20,7 @@ from tgn.evaluate import Evaluator, Recommender
 from tgn.ids import IdMap
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.nbr import TIFUKNN, UPCF
+from tgn.run import Run
 from tgn.train import TrainConfig, TrainResult, train
 
 #: Columns of the printed table.
@@ -41,30 +39,10 @@ def build_model(data: Dataset, config: TGNConfig,
     return model, [model.encode(data.split(name)) for name in ("train", "val", "test")]
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Loss and validation Recall@10 per epoch, side by side (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(epochs, [h["loss"] for h in history], marker="o")
-    left.set(title="training BPR loss", xlabel="epoch")
-    right.plot(epochs, [h["val_recall@10"] for h in history], marker="o", color="tab:green")
-    right.set(title="validation Recall@10", xlabel="epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def fit(data_dir: str | Path, out_dir: str | Path, model_config: TGNConfig,
         train_config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train on ``data_dir`` and write a run directory; returns the saved ``config.json``."""
     data = Dataset.load(data_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model, (train_events, val_events, _) = build_model(data, model_config, train_config.seed)
     if len(train_events) == 0 or len(val_events) == 0:
         raise UsageError(f"{data_dir}: the training and validation splits must not be empty")
@@ -82,10 +60,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, model_config: TGNConfig,
         "epochs_run": len(result.history), "train_seconds": seconds,
         "threads": torch.get_num_threads(),
     }
-    model.save(out / "model.pt", extra={"best_epoch": result.best_epoch})
-    (out / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "history.json").write_text(json.dumps(result.history, indent=2) + "\n")
-    plot_curves(result.history, out / "curves.png")
+    Run(out_dir).write(model, summary, result.history, extra={"best_epoch": result.best_epoch})
     return summary
 
 
@@ -126,14 +101,9 @@ def evaluate_run(data_dir: str | Path, run_dir: str | Path, with_baselines: bool
     """
     if with_baselines is True:
         with_baselines = "heuristics"
-    model_path = Path(run_dir) / "model.pt"
-    if not model_path.exists():
-        raise UsageError(f"{run_dir} holds no model.pt (train one with `dynllm train`)")
+    run = Run.open(run_dir)
     data = Dataset.load(data_dir)
-    from tgn.dynllm_head import load_checkpoint  # DynLLM runs carry their fusion head
-
-    model, model_name = load_checkpoint(model_path)
-    model.eval()
+    model, model_name = run.model().eval(), run.name  # a DynLLM run carries its fusion head
     train_events, val_events, test = (model.encode(data.split(name))
                                       for name in ("train", "val", "test"))
     history = EventBatch.cat([train_events, val_events])

@@ -8,7 +8,6 @@ the last event the run's state holds (the moment a live system would serve next)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +17,10 @@ import torch
 
 from streaming.dataset import Dataset
 from streaming.errors import UsageError
-from tgn.dynllm_head import DynLLMHead, load_dynllm
+from tgn.dynllm_head import DynLLMHead
 from tgn.fusion import FACETS
 from tgn.profile_features import read_profile_texts
+from tgn.run import Run
 
 
 @dataclass
@@ -63,14 +63,14 @@ def _times_bought(data: Dataset, user_id: str, t: float) -> dict[str, int]:
 def explain_user(run_dir: str | Path, user_id: str, k: int = 10,
                  at: float | None = None) -> Explanation:
     """Explain the top-``k`` recommendations of a DynLLM run for ``user_id`` at time ``at``."""
-    run = Path(run_dir)
-    if not (run / "model.pt").exists() or not (run / "config.json").exists():
-        raise UsageError(f"{run} is not a run directory (needs model.pt and config.json)")
-    config = json.loads((run / "config.json").read_text())
-    if config.get("model") != "dynllm":
-        raise UsageError(f"{run} holds a {config.get('model')!r} run; explain needs a DynLLM run "
-                         "(dynllm train --model dynllm)")
-    model = load_dynllm(run / "model.pt").eval()
+    run = Run.open(run_dir)
+    config = run.config
+    if not config:
+        raise UsageError(f"{run_dir} has no {Run.CONFIG} (written by `dynllm train`)")
+    if not run.is_dynllm:
+        raise UsageError(f"{run_dir} holds a {config.get('model')!r} run; explain needs a DynLLM "
+                         "run (dynllm train --model dynllm)")
+    model = run.model().eval()
     if user_id not in model.users:
         raise UsageError(f"user {user_id!r} is not known to the run")
     t = float(model.memory.last_update.max()) + 1.0 if at is None else float(at)

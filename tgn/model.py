@@ -205,15 +205,23 @@ class TGNRecommender(nn.Module):
         """Rebuild a model saved by :meth:`save` (pass the same kind of ``user_head``);
         ``statistics=False`` leaves the repeat term's purchase statistics empty (a reader that
         keeps its own, like the changelog server, skips rebuilding them: ~0.2 s on cj26)."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return cls.from_payload(torch.load(path, map_location="cpu", weights_only=True),
+                                user_head, statistics, source=path)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], user_head: nn.Module | None = None,
+                     statistics: bool = True,
+                     source: str | Path = "checkpoint") -> TGNRecommender:
+        """Rebuild a model from a :meth:`checkpoint_payload` already read (``source`` names it
+        in errors); the tensors are copied into the new model, so one payload can build many."""
         if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format')!r}")
+            raise ValueError(f"{source}: unsupported checkpoint format {payload.get('format')!r}")
         config = TGNConfig(**{"repeat": False, **payload["config"]})  # older: no repeat term
         model = cls(config, IdMap(payload["users"]),
                     IdMap(payload["items"]), user_head)
         state = payload["state"]
         if not statistics and model.repeat is not None:
-            state["repeat._extra_state"] = model.repeat.get_extra_state()  # its empty ones
+            state = {**state, "repeat._extra_state": model.repeat.get_extra_state()}  # empty
         model.load_state_dict(state)
         model.checkpoint_extra = payload["extra"]
         return model

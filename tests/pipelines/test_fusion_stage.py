@@ -56,7 +56,8 @@ def test_live_embeddings_equal_the_models_on_the_same_state(cj_small, run_dir, t
     """The fusion stage's embeddings are ``model.user_embeddings`` of the state they were
     computed from (users of the last batch: the final checkpoint's state), with and without a
     profile."""
-    from pipelines.state import checkpoint_path, load_run_model
+    from pipelines.state import checkpoint_path
+    from tgn.run import Run
 
     torch.manual_seed(1)
     base = TGNRecommender.load(run_dir / "model.pt")
@@ -78,7 +79,7 @@ def test_live_embeddings_equal_the_models_on_the_same_state(cj_small, run_dir, t
     replay(run, cj_small, tmp_path / "state", rows=4000, batch_events=1000)
     ids, ts, _, embedding, weights = load_store(tmp_path / "state/embeddings-shard-0-of-1.npz")
     model = TGNRecommender.load(checkpoint_path(tmp_path / "state", 0, 1),
-                                user_head=load_run_model(run).user_head).eval()
+                                user_head=Run.open(run).user_head()).eval()
     pick = np.isin(ids, late)
     index = torch.from_numpy(model.users.encode(ids[pick].tolist(), grow=False))
     with torch.no_grad():

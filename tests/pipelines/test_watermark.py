@@ -164,3 +164,29 @@ def test_only_time_spent_polling_makes_a_quiet_partition_idle():
     assert poll(watch, [Rec()], buffered=True) == frozenset()  # fetched, not yet returned
     time.sleep(0.11)
     assert poll(watch, [Rec()], lag=None) == frozenset()  # its end not known yet
+
+
+def test_a_partition_waking_up_makes_the_others_prove_idleness_again():
+    """A stream resuming after every partition went idle reaches them one fetch after another:
+    the ones not fetched yet must hold the watermark back again for ``idle_s``."""
+    from pipelines.sources import IdleWatch
+
+    class Rec:
+        def __init__(self, partition: int) -> None:
+            self.partition = partition
+
+    watch = IdleWatch(idle_s=0.25)
+    poll = lambda records=(): watch.update(list(records), [0, 1, 2], lambda p: 0,  # noqa: E731
+                                           lambda p: False)
+    poll()
+    for _ in range(4):
+        time.sleep(0.11)
+        idle = poll()
+    assert idle == frozenset({0, 1, 2})  # the stream has not started
+    assert poll([Rec(0)]) == frozenset()  # partition 0 wakes: 1 and 2 are not idle any more
+    for _ in range(4):  # partition 0 keeps bringing records, 1 and 2 stay quiet
+        time.sleep(0.11)
+        idle = poll([Rec(0)])
+    assert idle == frozenset({1, 2})  # the bounded wait: idle again after idle_s of polling
+    assert poll([Rec(0), Rec(1)]) == frozenset()  # 1 wakes: 2 waits again; 0 was never idle
+

@@ -79,10 +79,10 @@ def test_a_marked_reset_moves_positions_to_the_log_start_and_keeps_the_memory(ru
     import torch
 
     from pipelines.outages import RESET_MARKER, finish_log_reset, mark_log_reset
-    from pipelines.state import load_run_model
     from tgn.model import TGNRecommender
+    from tgn.run import Run
 
-    model = load_run_model(run_dir)
+    model = Run.open(run_dir).model()
     for shard in range(2):
         model.save(checkpoint_path(tmp_path, shard, 2), extra={"positions": {0: 7, 1: 3}})
     assert not finish_log_reset(tmp_path, 2)  # nothing marked: nothing changes
@@ -137,10 +137,11 @@ def test_a_pipeline_started_after_an_empty_restart_reads_the_new_log_from_its_st
 
 def test_checkpoints_keep_the_topic_id_and_a_reset_stores_the_new_one(run_dir, tmp_path):
     from pipelines.outages import checkpoint_topic_ids, finish_log_reset, mark_log_reset
-    from pipelines.state import ShardState, load_run_model
+    from pipelines.state import ShardState
+    from tgn.run import Run
 
     assert checkpoint_topic_ids(tmp_path, 2) == set()
-    load_run_model(run_dir).save(checkpoint_path(tmp_path, 0, 2), extra={"positions": {0: 5}})
+    Run.open(run_dir).model().save(checkpoint_path(tmp_path, 0, 2), extra={"positions": {0: 5}})
     assert checkpoint_topic_ids(tmp_path, 2) == set()  # an old checkpoint: no id, trusted
     state = ShardState.open(run_dir, tmp_path, 1, 2, topic_id="A")
     state.positions = {0: 9}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from streaming.schema import PurchaseEvent, events_to_table
-from tgn.dynllm_head import DynLLMHead, head_extra, load_dynllm
+from tgn.dynllm_head import DynLLMHead, head_extra
 from tgn.fusion import FusionConfig
 from tgn.model import TGNConfig, TGNRecommender
 from tgn.profile_features import ProfileTable
+from tgn.run import Run
 
 
 def _model() -> tuple[TGNRecommender, object]:
@@ -43,7 +44,9 @@ def test_checkpoint_round_trip_keeps_profiles_and_outputs(tmp_path):
     with torch.no_grad():
         before = model.user_embeddings(users, t)
     model.save(tmp_path / "model.pt", extra=head_extra(head))
-    loaded = load_dynllm(tmp_path / "model.pt").eval()
+    run = Run.open(tmp_path)
+    assert run.is_dynllm and run.name == "DynLLM"
+    loaded = run.model().eval()
     with torch.no_grad():
         after = loaded.user_embeddings(users, t)
     torch.testing.assert_close(before, after)

@@ -14,10 +14,10 @@ from streaming.dataset import Dataset
 from streaming.errors import UsageError
 from tgn.ablation import aggregate, build_variant, markdown_table, run_ablation
 from tgn.dynllm_experiment import fit_dynllm
-from tgn.dynllm_head import load_dynllm
 from tgn.explain import explain_user, render
 from tgn.model import TGNConfig
 from tgn.profile_features import read_profile_store, read_profile_texts
+from tgn.run import Run
 from tgn.train import TrainConfig
 
 SMALL = TGNConfig(memory_dim=8, time_dim=4, embed_dim=8, heads=2, neighbors=3)
@@ -81,7 +81,7 @@ def test_explain_prints_facets_weights_and_items(run_dir):
 
 def test_explain_scores_are_the_models_full_score(run_dir):
     expl = explain_user(run_dir, "u3", k=20)
-    model = load_dynllm(run_dir / "model.pt").eval()
+    model = Run.open(run_dir).model().eval()
     user, t = torch.tensor(model.users.encode(["u3"], grow=False)), torch.tensor([expl.t],
                                                                                 dtype=torch.float64)
     with torch.no_grad():
