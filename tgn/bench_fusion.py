@@ -1,14 +1,19 @@
 """``dynllm bench fusion``: what the DynLLM head adds to the cost of a user embedding.
 
 One model is warmed up on a dataset's training events (so memories and neighbour buffers are
-full), then user embeddings are produced for the validation events, batch by batch, with the
-identity head (TGN only) and with the DynLLM head (profile lookup + distilled attention), in
-alternating repeats within the same run. The profile table holds ``versions`` random facet
-vectors per user: the cost does not depend on the vector values, only on the table's size.
+full), then the validation events are streamed batch by batch the way the live pipeline does
+it: each batch's distinct users are embedded once, at their latest event time in the batch
+(``pipelines.state.ShardState`` emits one temporal embedding per touched user and the fusion
+stage fuses those), with the identity head (TGN only) and with the DynLLM head (profile lookup +
+distilled attention), in alternating repeats within the same run. The profile table holds
+``versions`` random facet vectors per user: the cost does not depend on the vector values, only
+on the table's size.
 
-Reported: median microseconds per event of ``user_embeddings`` (the per-event cost of producing
-a user embedding) and of the whole streaming step ``user_embeddings + update``, and the added
-share of the fusion head for both.
+Reported: median microseconds per event of ``user_embeddings`` (producing the batch's user
+embeddings) and of the whole streaming step ``update + user_embeddings``, and the added share
+of the fusion head for both. (Until 2026-12-03 the bench embedded every event's user, a
+basket's lines repeating it: not the path the stream runs, and kinder to the head, which
+de-duplicates its input while the temporal embedding did not.)
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from streaming.dataset import Dataset
+from tgn.data import EventBatch
 from tgn.dynllm_head import DynLLMHead
 from tgn.embedding import IdentityHead
 from tgn.fusion import FusionConfig
@@ -35,15 +42,31 @@ def _random_profiles(num_users: int, versions: int, t0: float, t1: float) -> Pro
     return ProfileTable(users, ts, torch.randn(users.numel(), 4, 384, generator=gen))
 
 
-def _time_pass(model: TGNRecommender, batches: list, update: bool) -> float:
-    """Seconds for one pass of ``user_embeddings`` (+ ``update``) over ``batches``."""
+def live_queries(batch: EventBatch) -> tuple[Tensor, Tensor]:
+    """What a streaming step embeds: each distinct user of ``batch`` once, at its latest event
+    time in it (users ``[U]`` sorted, times ``[U]``), as ``ShardState`` emits them.
+
+    >>> b = EventBatch(torch.tensor([3, 1, 3]), torch.tensor([0, 0, 1]),
+    ...                torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), torch.zeros(3, 2))
+    >>> [x.tolist() for x in live_queries(b)]
+    [[1, 3], [2.0, 5.0]]
+    """
+    users, inverse = torch.unique(batch.users, return_inverse=True)
+    t = torch.full((users.numel(),), -torch.inf, dtype=torch.float64)
+    return users, t.scatter_reduce(0, inverse, batch.t, "amax")
+
+
+def _time_pass(model: TGNRecommender, batches: list[EventBatch],
+               queries: list[tuple[Tensor, Tensor]], update: bool) -> float:
+    """Seconds for one pass over ``batches``: ``update`` (if asked) then the batch's
+    ``user_embeddings`` for its ``queries``."""
     state = {k: v.clone() for k, v in model.state_dict().items()} if update else None
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in batches:
-            model.user_embeddings(batch.users, batch.t)
+        for batch, (users, t) in zip(batches, queries, strict=True):
             if update:
                 model.update(batch)
+            model.user_embeddings(users, t)
     elapsed = time.perf_counter() - start
     if state is not None:
         model.load_state_dict(state)
@@ -67,15 +90,17 @@ def bench_fusion(dataset_dir: str | Path, batch_size: int = 200, repeats: int = 
                                               float(train.t[0]), float(train.t[-1]))).eval(),
     }
     batches = list(probe.batches(batch_size))
+    queries = [live_queries(b) for b in batches]
     seconds: dict[str, list[float]] = {f"{h}/{m}": [] for h in heads for m in ("embed", "step")}
     for _ in range(repeats + 1):  # first round is warm-up
         for name, head in heads.items():
             model.user_head = head
-            seconds[f"{name}/embed"].append(_time_pass(model, batches, update=False))
-            seconds[f"{name}/step"].append(_time_pass(model, batches, update=True))
+            seconds[f"{name}/embed"].append(_time_pass(model, batches, queries, update=False))
+            seconds[f"{name}/step"].append(_time_pass(model, batches, queries, update=True))
     us = {k: 1e6 * statistics.median(v[1:]) / len(probe) for k, v in seconds.items()}
     return {
         "dataset": str(dataset_dir), "events": len(probe), "batch_size": batch_size,
+        "embedded_users": sum(len(u) for u, _ in queries),
         "repeats": repeats, "threads": threads, "users": len(model.users),
         "profiles": len(heads["dynllm"].profiles),
         "us_per_event": us,

@@ -35,9 +35,10 @@ def _bench_fusion(args: argparse.Namespace) -> int:
     report = bench_fusion(args.data, args.batch_size, args.repeats, args.versions, args.threads,
                           args.max_events)
     us = report["us_per_event"]
-    print(f"{report['events']:,} validation events of {args.data}, batch {args.batch_size}, "
-          f"{args.threads} thread(s), {report['profiles']:,} profile versions, median of "
-          f"{args.repeats} repeats")
+    print(f"{report['events']:,} validation events of {args.data}, batch {args.batch_size} "
+          f"({report['embedded_users']:,} user embeddings: each batch's distinct users, as the "
+          f"stream emits them), {args.threads} thread(s), {report['profiles']:,} profile "
+          f"versions, median of {args.repeats} repeats")
     print("| per event | TGN µs | DynLLM µs | added by fusion |")
     print("|---|---:|---:|---:|")
     print(f"| user embedding | {us['tgn/embed']:.1f} | {us['dynllm/embed']:.1f} | "
