@@ -189,4 +189,3 @@ def test_a_partition_waking_up_makes_the_others_prove_idleness_again():
         idle = poll([Rec(0)])
     assert idle == frozenset({1, 2})  # the bounded wait: idle again after idle_s of polling
     assert poll([Rec(0), Rec(1)]) == frozenset()  # 1 wakes: 2 waits again; 0 was never idle
-
