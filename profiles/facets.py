@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from profiles.graph import UserContext
-from profiles.prompt import FACETS, PLACEHOLDERS
+from profiles.prompt import DANGLING, FACETS, PLACEHOLDERS
 
 _LINE = re.compile(r"^\s*[-*#\d.]*\s*\**\s*(" + "|".join(FACETS) + r")\s*\**\s*:\s*(.*)$", re.I)
 _COUNT = re.compile(r"\(\d+\)")
@@ -126,9 +126,6 @@ def fallback_facets(ctx: UserContext) -> Facets:
 
 # -- quality checks of written profiles (the bench's rates) -----------------------------------
 
-#: Words a finished phrase does not end on ("… with income between" was cut).
-_DANGLING = frozenset("a an and as at between but by for from in including into like of on or "
-                      "plus such than that the to who with".split())
 #: Household attributes (age band, income band, family, status) outside the crowd segment.
 _HOUSEHOLD = re.compile(r"\b(\d\d-\d\d|\d\d\+|\d+-\d+k|under \d+k|\d+k\+|income|age|married|"
                         r"single|unknown|homeowner|renter|adults?|kids?|retired|seniors?)\b", re.I)
@@ -136,7 +133,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def _content_words(text: str) -> set[str]:
-    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in _DANGLING}
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in DANGLING}
 
 
 def repeats_a_facet(facets: Facets, share: float = 2 / 3) -> bool:
@@ -170,4 +167,4 @@ def cut_mid_phrase(facets: Facets) -> bool:
     True
     """
     items = [facets.texts[0]] + [i for t in facets.texts[1:] for i in t.split(",")]
-    return any((_WORD.findall(i.lower()) or [""])[-1] in _DANGLING for i in items)
+    return any((_WORD.findall(i.lower()) or [""])[-1] in DANGLING for i in items)

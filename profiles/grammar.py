@@ -9,12 +9,12 @@ misspell or repeat one), and nothing after the fourth line. What each line may s
   vocabulary (``HOUSEHOLD_TYPES``, ``BUDGETS``, ``STYLES`` of :mod:`profiles.prompt`): a
   description of the household, never a copy of its attribute line ("45-54, income 15-24K,
   2 Adults Kids") or of category names;
-- **personal interests**: one or two product types the prompt shows (most bought, most
-  recent), less every one that shares a word with a category the next line may use, so the
-  two lines cannot repeat each other;
+- **personal interests**: one or two of the product types the user buys most;
 - **preferred categories**: one or two catalog categories the prompt shows (the user's and the
-  co-buyers'), two different ones;
-- **favored brands**: one or two of the brands shown in the prompt, two different ones.
+  co-buyers'), two different ones, less every one whose words all occur in one interest, so the
+  two lines cannot repeat each other;
+- **favored brands**: one or two of the brands shown in the prompt, each with the product
+  bought most of it ("M69 private label Lunchmeat"), two different ones.
 
 A list line with no names given falls back to free whole words
 (at most :data:`MAX_ITEMS` items of :data:`ITEM_WORDS` words). The grammar is a pure function

@@ -67,6 +67,11 @@ class UserContext:
         neighbours: Co-buyers found (users sharing at least one item), ``0`` in 1-hop mode.
         crowd_categories: Top categories of the co-buyers' purchases.
         crowd_brands: Top brands of the co-buyers' purchases.
+        brand_products: Per listed brand (own and co-buyers'), the product type bought most
+            of it (the user's lines for an own brand, the co-buyers' for theirs), one of the
+            user's top ``types`` only if the brand has no other: a brand code alone names no
+            product (Complete Journey's are anonymised manufacturers), a brand with what is
+            bought of it points at items.
         known: Lower-cased category/type/brand names in the history or neighbourhood
             (the grounding reference).
         known_brands: The lower-cased brand names among ``known``.
@@ -87,6 +92,7 @@ class UserContext:
     neighbours: int = 0
     crowd_categories: list[tuple[str, int]] = field(default_factory=list)
     crowd_brands: list[tuple[str, int]] = field(default_factory=list)
+    brand_products: dict[str, str] = field(default_factory=dict)
     known: set[str] = field(default_factory=set)
     known_brands: set[str] = field(default_factory=set)
 
@@ -98,6 +104,20 @@ def _top(codes: np.ndarray, names: np.ndarray, k: int) -> list[tuple[str, int]]:
     uniq, counts = np.unique(codes, return_counts=True)
     order = sorted(range(len(uniq)), key=lambda i: (-counts[i], names[uniq[i]]))[:k]
     return [(str(names[uniq[i]]), int(counts[i])) for i in order]
+
+
+def _top_products(brand: np.ndarray, kind: np.ndarray, brands: list[str], brand_names: np.ndarray,
+                  type_names: np.ndarray, avoid: set[str]) -> dict[str, str]:
+    """Per brand name in ``brands``: the product type of ``kind`` bought most of it among the
+    lines ``brand`` / ``kind`` (codes ``[L]``), ties by name, a type in ``avoid`` only if the
+    brand has no other."""
+    code = {str(n): i for i, n in enumerate(brand_names)}
+    out = {}
+    for name in brands:
+        ranked = [n for n, _ in _top(kind[brand == code[name]], type_names, len(type_names))]
+        if ranked:
+            out[name] = next((n for n in ranked if n not in avoid), ranked[0])
+    return out
 
 
 class PurchaseGraph:
@@ -282,6 +302,9 @@ class PurchaseGraph:
             budget_share=float(np.mean(band == 0)),
             premium_share=float(np.mean(band == 2)),
         )
+        ctx.brand_products = _top_products(brand, kind, [n for n, _ in ctx.brands],
+                                           self._brand_names, self._type_names,
+                                           {n for n, _ in ctx.types})
         ctx.known = {str(n).lower() for n in np.concatenate([
             self._cat_names[np.unique(cat)], self._type_names[np.unique(kind)],
             self._brand_names[np.unique(brand)]])}
@@ -305,6 +328,10 @@ class PurchaseGraph:
         ctx.neighbours = len(keep)
         ctx.crowd_categories = _top(self._item_cat[their], self._cat_names, self.top_k)
         ctx.crowd_brands = _top(self._item_brand[their], self._brand_names, self.top_k)
+        new = [n for n, _ in ctx.crowd_brands if n not in ctx.brand_products]
+        ctx.brand_products |= _top_products(self._item_brand[their], self._item_type[their], new,
+                                            self._brand_names, self._type_names,
+                                            {n for n, _ in ctx.types})
         ctx.known |= {n.lower() for n, _ in ctx.crowd_categories + ctx.crowd_brands}
         ctx.known_brands |= {n.lower() for n, _ in ctx.crowd_brands}
 

@@ -41,9 +41,9 @@ class AnswerChoices:
     """The names one user's list lines may use (as the prompt shows them).
 
     Attributes:
-        interests: Product types (the user's most bought and most recent) for the interests.
+        interests: Product types (the user's most bought) for the interests.
         categories: Catalog categories (the user's and the co-buyers') for the categories.
-        brands: Brands (the user's and the co-buyers') for the brands line.
+        brands: Brands with their products (the user's and the co-buyers') for the brands.
     """
 
     interests: tuple[str, ...] = ()
@@ -75,16 +75,25 @@ PLACEHOLDERS = tuple(" ".join(re.findall(r"<([^>]+)>", line)).lower()
 
 _NOISE = re.compile(r"\s*[(\d].*$")  # "Soft Drinks 12/18&15Pk" -> "Soft Drinks"
 
+#: Words a finished phrase does not end on ("… with income between" was cut).
+DANGLING = frozenset("a an and as at between but by for from in including into like of on or "
+                     "plus such than that the to who with".split())
+
 
 def short_name(name: str) -> str:
-    """A product or category name cut before its first digit or bracket (if text remains).
+    """A product or category name cut before its first digit or bracket (if text remains), and
+    without a last word no phrase ends on (the catalog cuts names at 30 characters).
 
     >>> short_name("Soft Drinks 12/18&15Pk Can Car"), short_name("Pineapple Juice (Over 50%")
     ('Soft Drinks', 'Pineapple Juice')
-    >>> short_name("2% Milk")
-    '2% Milk'
+    >>> short_name("2% Milk"), short_name("Frzn Boxed Vegetables- Value A")
+    ('2% Milk', 'Frzn Boxed Vegetables- Value')
     """
     cut = _NOISE.sub("", name).strip(" -,&/")
+    words = cut.split(" ")
+    while len(words) > 1 and words[-1].lower() in DANGLING:
+        words.pop()
+    cut = " ".join(words).strip(" -,&/")
     return cut if len(cut) >= 3 else name
 
 
@@ -92,17 +101,35 @@ def _names(names: list[str]) -> str:
     return ", ".join(dict.fromkeys(short_name(n) for n in names)) or "none"
 
 
+def brand_label(ctx: UserContext, brand: str) -> str:
+    """A brand as the prompt and the brands line name it: with the product bought most of it.
+
+    >>> from profiles.graph import UserContext
+    >>> ctx = UserContext("u1", 0.0, 3, None, [], [], [("M69 private label", 3)], [], 1.0,
+    ...                   brand_products={"M69 private label": "Cheddar 8 Oz"})
+    >>> brand_label(ctx, "M69 private label"), brand_label(ctx, "M7 national")
+    ('M69 private label Cheddar', 'M7 national')
+    """
+    product = ctx.brand_products.get(brand)
+    return f"{brand} {short_name(product)}" if product else brand
+
+
+def _labels(ctx: UserContext, brands: list[str]) -> str:
+    return ", ".join(dict.fromkeys(brand_label(ctx, b) for b in brands)) or "none"
+
+
 def render_context(ctx: UserContext) -> str:
     """The user message: household, own history (1 hop), what co-buyers buy (2 hops).
 
     >>> from profiles.graph import UserContext
     >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar 8 Oz", 2)],
-    ...                   [("M69 private label", 3)], ["Cheddar 8 Oz", "Milk"], 1.0, 3.0)
+    ...                   [("M69 private label", 3)], ["Cheddar 8 Oz", "Milk"], 1.0, 3.0,
+    ...                   brand_products={"M69 private label": "Cheddar 8 Oz"})
     >>> print(render_context(ctx))
     3 lines, 3 units in 1 days, 0% budget, 0% premium
     Categories: Cheese
     Products: Cheddar; recently Milk
-    Brands: M69 private label
+    Brands: M69 private label Cheddar
     """
     lines = [f"Household: {ctx.household}"] if ctx.household else []
     cats, types = [n for n, _ in ctx.categories], [n for n, _ in ctx.types]
@@ -113,32 +140,38 @@ def render_context(ctx: UserContext) -> str:
         f"{ctx.budget_share:.0%} budget, {ctx.premium_share:.0%} premium",
         f"Categories: {_names(cats)}",
         f"Products: {_names(types)}" + (f"; recently {_names(recent)}" if recent else ""),
-        f"Brands: {_names(brands)}",
+        f"Brands: {_labels(ctx, brands)}",
     ]
     if ctx.neighbours:  # what the co-buyers buy most, less what this shopper's lists show
         crowd_cats = [n for n, _ in ctx.crowd_categories if n not in cats]
         crowd_brands = [n for n, _ in ctx.crowd_brands if n not in brands]
         lines.append(f"{ctx.neighbours} co-buyers also buy: {_names(crowd_cats)}; "
-                     f"{_names(crowd_brands)}")
+                     f"{_labels(ctx, crowd_brands)}")
     return "\n".join(lines)
 
 
 def answer_choices(ctx: UserContext) -> AnswerChoices:
-    """The names the user's list lines may use: those the prompt shows, interests (product
-    types) less any sharing a word with a category, so the two lines cannot repeat each other.
+    """The names the user's list lines may use, all shown in the prompt: interests from the
+    product types the user buys most (not the recent ones: what a household buys most is what
+    it buys next, measured in docs/profiles.md), categories less any whose words all occur in
+    one interest, so the two lines cannot repeat each other ("Cheese" beside "Shredded Cheese"),
+    and brands with their products (:func:`brand_label`); categories and brands of the user and
+    of the co-buyers.
 
     >>> from profiles.graph import UserContext
-    >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2)], [("Cheddar Cheese 8 Oz", 2)],
-    ...                   [("M69 private label", 3)], ["Milk"], 1.0, 3.0)
+    >>> ctx = UserContext("u1", 0.0, 3, None, [("Cheese", 2), ("Dairy", 1)],
+    ...                   [("Cheddar Cheese 8 Oz", 2)], [("M69 private label", 3)], ["Milk"],
+    ...                   1.0, 3.0, brand_products={"M69 private label": "Milk"})
     >>> answer_choices(ctx)
-    AnswerChoices(interests=('Milk',), categories=('Cheese',), brands=('M69 private label',))
+    AnswerChoices(interests=('Cheddar Cheese',), categories=('Dairy',), \
+brands=('M69 private label Milk',))
     """
-    categories = tuple(dict.fromkeys(short_name(n) for n, _ in
-                                     ctx.categories + ctx.crowd_categories))
-    used = set().union(*(_words(c) for c in categories))
-    types = [short_name(n) for n, _ in ctx.types] + [short_name(n) for n in ctx.recent]
-    interests = tuple(dict.fromkeys(t for t in types if not _words(t) & used))
-    brands = tuple(dict.fromkeys(n for n, _ in ctx.brands + ctx.crowd_brands))
+    interests = tuple(dict.fromkeys(short_name(n) for n, _ in ctx.types))
+    words = [_words(t) for t in interests]
+    categories = tuple(c for c in dict.fromkeys(short_name(n) for n, _ in
+                                                ctx.categories + ctx.crowd_categories)
+                       if not any(_words(c) <= w for w in words))
+    brands = tuple(dict.fromkeys(brand_label(ctx, n) for n, _ in ctx.brands + ctx.crowd_brands))
     return AnswerChoices(interests, categories, brands)
 
 

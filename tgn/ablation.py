@@ -61,8 +61,11 @@ VARIANTS = {"dynllm": ("llm", 2, True, False), "dynllm_no_gate": ("llm", 2, Fals
             "dynllm_shuffled": ("llm", 2, True, True)}
 
 
-def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dict[str, Any]:
-    """Write a dataset with the ``top_users`` most active users of ``source`` (all their events).
+def top_users_subset(source: str | Path, out: str | Path, top_users: int,
+                     skip: int = 0) -> dict[str, Any]:
+    """Write a dataset with the ``top_users`` most active users of ``source`` (all their events),
+    after the ``skip`` most active (``skip=150``: a second, disjoint set of households to choose
+    settings on before reading the first).
 
     Ties in activity are broken by user id, so the subset is deterministic. The split is
     recomputed on the subset (chronological 70/15/15 of its events).
@@ -70,15 +73,15 @@ def top_users_subset(source: str | Path, out: str | Path, top_users: int) -> dic
     data = Dataset.load(source)
     counts = data.events.group_by("user_id").aggregate([("user_id", "count")])
     counts = counts.sort_by([("user_id_count", "descending"), ("user_id", "ascending")])
-    keep = counts.column("user_id").slice(0, top_users)
+    keep = counts.column("user_id").slice(skip, top_users)
     events = data.events.filter(pc.is_in(data.events.column("user_id"), keep))
     items = data.items.filter(pc.is_in(data.items.column("item_id"),
                                        pc.unique(events.column("item_id"))))
     users = data.users.filter(pc.is_in(data.users.column("user_id"), keep)) \
         if data.users.num_rows else None
-    name = f"{data.meta.get('name', 'custom')}-top{top_users}"
-    return write_dataset(out, events, items, users, name=name,
-                         extra_meta={"subset": {"source": str(source), "top_users": top_users}})
+    name = f"{data.meta.get('name', 'custom')}-top{top_users}" + (f"-after{skip}" if skip else "")
+    subset = {"source": str(source), "top_users": top_users} | ({"skip": skip} if skip else {})
+    return write_dataset(out, events, items, users, name=name, extra_meta={"subset": subset})
 
 
 def build_variant(name: str, data: Dataset, stores: Mapping[str, str | Path | None],

@@ -38,7 +38,8 @@ def test_two_hops_adds_co_buyers_and_one_hop_does_not(graph):
     assert dict(two.crowd_categories) == {"Cheese": 2, "Soft Drinks": 2}
     assert "soft drinks" in two.known
     # cheese and M69 are already in u1's own lists: the 2-hop line shows only what is new
-    assert render_context(two).splitlines()[-1] == "1 co-buyers also buy: Soft Drinks; M7 national"
+    assert render_context(two).splitlines()[-1] == \
+        "1 co-buyers also buy: Soft Drinks; M7 national Cola"  # a brand with its product
     one = graph.context("u1", 14 * DAY, hops=1)
     assert one.neighbours == 0 and "co-buyers" not in render_context(one)
     assert "soft drinks" not in one.known

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from streaming.dataset import Dataset
 from tgn.quality import (
     README_BEGIN,
     README_END,
@@ -88,3 +89,20 @@ def test_runs_in_worker_processes_give_the_same_result(tiny_dataset, tiny_config
             assert {k: v for k, v in metrics.items() if "seconds" not in k} == {
                 k: v for k, v in two[name][part][model].items() if "seconds" not in k}
     assert len(partial) == 3 and two[name]["meta"]["workers"] == 2
+
+
+def test_top_users_subsets_after_a_skip_are_disjoint(cj_small, tmp_path):
+    """The 5 most active households, and the next 5: disjoint, each with all its events."""
+    from tgn.ablation import top_users_subset
+
+    first = top_users_subset(cj_small, tmp_path / "a", 5)
+    after = top_users_subset(cj_small, tmp_path / "b", 5, skip=5)
+    a, b = Dataset.load(tmp_path / "a"), Dataset.load(tmp_path / "b")
+    users_a, users_b = (set(d.events.column("user_id").to_pylist()) for d in (a, b))
+    assert len(users_a) == len(users_b) == 5 and not users_a & users_b
+    assert after["subset"]["skip"] == 5 and "skip" not in first["subset"]
+    source = Dataset.load(cj_small).events
+    counts = source.group_by("user_id").aggregate([("user_id", "count")]).to_pylist()
+    per_user = {r["user_id"]: r["user_id_count"] for r in counts}
+    assert min(per_user[u] for u in users_a) >= max(per_user[u] for u in users_b)
+    assert b.events.num_rows == sum(per_user[u] for u in users_b)
