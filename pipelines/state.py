@@ -31,6 +31,7 @@ from pipelines.watermark import START, BatchRule, Frontier, Key, after_key
 from streaming import metrics
 from streaming.errors import UsageError
 from streaming.validation import RECENT_IDS_CAPACITY
+from tgn.data import latest_per_user
 
 
 def shard_of(user_ids: Sequence[str], num_shards: int) -> np.ndarray:
@@ -216,10 +217,7 @@ class ShardState:
                 evaluator.observe(encoded)
         before = model.neighbors.count[model.user_node[encoded.users]].numpy().copy()
         model.update(encoded)
-        users, first, inverse = np.unique(encoded.users.numpy(), return_index=True,
-                                          return_inverse=True)
-        ts = np.full(len(users), -np.inf)
-        np.maximum.at(ts, inverse, encoded.t.numpy())
+        users, ts, inverse, first = latest_per_user(encoded.users.numpy(), encoded.t.numpy())
         first_produced = np.full(len(users), np.inf)
         np.minimum.at(first_produced, inverse, batch.produced_at[order])
         user_index = torch.from_numpy(users)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from streaming.dataset import Dataset
-from tgn.data import EventBatch
+from tgn.data import EventBatch, latest_per_user
 from tgn.dynllm_head import DynLLMHead
 from tgn.embedding import IdentityHead
 from tgn.fusion import FusionConfig
@@ -43,17 +43,10 @@ def _random_profiles(num_users: int, versions: int, t0: float, t1: float) -> Pro
 
 
 def live_queries(batch: EventBatch) -> tuple[Tensor, Tensor]:
-    """What a streaming step embeds: each distinct user of ``batch`` once, at its latest event
-    time in it (users ``[U]`` sorted, times ``[U]``), as ``ShardState`` emits them.
-
-    >>> b = EventBatch(torch.tensor([3, 1, 3]), torch.tensor([0, 0, 1]),
-    ...                torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64), torch.zeros(3, 2))
-    >>> [x.tolist() for x in live_queries(b)]
-    [[1, 3], [2.0, 5.0]]
-    """
-    users, inverse = torch.unique(batch.users, return_inverse=True)
-    t = torch.full((users.numel(),), -torch.inf, dtype=torch.float64)
-    return users, t.scatter_reduce(0, inverse, batch.t, "amax")
+    """What a streaming step embeds (:func:`tgn.data.latest_per_user`, as ``ShardState``
+    emits them): users ``[U]`` sorted, times ``[U]``."""
+    users, latest, _, _ = latest_per_user(batch.users.numpy(), batch.t.numpy())
+    return torch.from_numpy(users), torch.from_numpy(latest)
 
 
 def _time_pass(model: TGNRecommender, batches: list[EventBatch],

@@ -134,6 +134,21 @@ def distinct_queries(users: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, 
             torch.from_numpy(inverse), torch.from_numpy(order[new]))
 
 
+def latest_per_user(users: np.ndarray,
+                    t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What a streaming step embeds: each distinct user of rows ``(users [B], t [B])`` once, at
+    its latest time: ``(distinct users [U] sorted, latest time [U] float64, inverse [B] each
+    row's user, first [U] each user's first row)``.
+
+    >>> [x.tolist() for x in latest_per_user(np.array([3, 1, 3]), np.array([1.0, 2.0, 5.0]))]
+    [[1, 3], [2.0, 5.0], [1, 0, 1], [1, 0]]
+    """
+    distinct, first, inverse = np.unique(users, return_index=True, return_inverse=True)
+    latest = np.full(len(distinct), -np.inf)
+    np.maximum.at(latest, inverse, t)
+    return distinct, latest, inverse, first
+
+
 def expand_rows(rows: Tensor, index: Tensor) -> Tensor:
     """``rows [Q, N]`` gathered by ``index [B]`` into ``[B, N]`` (``np.take``: several times
     faster than ``index_select`` on wide float rows on CPU; rows that need a gradient are
