@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -131,20 +132,27 @@ class DynLLMHead(nn.Module):
             out = self.fusion.attend(z, keys, found.has_profile)
             self._last = (out, found.row, None)
             return out.embedding
-        # inference: once per distinct (user, t), from precomputed per-profile tables
-        # events come in time order, so a basket's lines are adjacent: no sort needed
-        starts = torch.ones_like(user_index, dtype=torch.bool)
-        starts[1:] = (user_index[1:] != user_index[:-1]) | (t[1:] != t[:-1])
-        first = starts.nonzero().squeeze(1)  # [U] first event of each run of one (user, t)
-        inverse = starts.cumsum(0) - 1  # [B] its run
-        row = self.profiles.latest_rows(user_index[first], t[first])
+        # inference: once per distinct (user, t), from precomputed per-profile tables; events
+        # come in time order, so a basket's lines are adjacent (no sort needed), and the stream
+        # embeds each user once per batch (no run at all). Index bookkeeping in NumPy: a few
+        # dozen users per call, where each torch call costs more than the arithmetic.
+        users, times = user_index.numpy(), t.numpy()
+        starts = np.ones(len(users), dtype=bool)
+        starts[1:] = (users[1:] != users[:-1]) | (times[1:] != times[:-1])
+        inverse = None if starts.all() else torch.from_numpy(np.cumsum(starts) - 1)  # [B] run
+        if inverse is not None:
+            first = torch.from_numpy(np.flatnonzero(starts))  # [U] first event of each run
+            z, user_index, t = z[first], user_index[first], t[first]
+        row = self.profiles.latest_rows(user_index, t)
         tables = self._cached_tables()
         has = row >= 0
         # the folded tables follow the table's input order (appended versions go at the end)
-        source = self.profiles.source_row[row.clamp(min=0)] if len(self.profiles) else row
-        out = self.fusion.attend_folded(z[first], tables, source.where(has, len(tables) - 1), has)
+        source = self.profiles.source_row.numpy()[np.maximum(row.numpy(), 0)] \
+            if len(self.profiles) else row.numpy()
+        source = torch.from_numpy(np.where(has.numpy(), source, len(tables) - 1))
+        out = self.fusion.attend_folded(z, tables, source, has)
         self._last = (out, row, inverse)  # per run; expanded to events on demand
-        return out.embedding[inverse]
+        return out.embedding if inverse is None else out.embedding[inverse]
 
 
 def head_extra(head: DynLLMHead) -> dict[str, Any]:

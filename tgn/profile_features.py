@@ -113,6 +113,10 @@ class ProfileTable:
     def latest_rows(self, user_index: Tensor, t: Tensor) -> Tensor:
         """Row of each user's latest profile with ``ts < t``, or -1.
 
+        The bookkeeping runs on NumPy views of the same arrays (a handful of calls of about a
+        microsecond each, where the same torch calls cost several each: this runs once per
+        streamed batch, on a few dozen users).
+
         Args:
             user_index: [B] int64.
             t: [B] query times.
@@ -122,13 +126,12 @@ class ProfileTable:
         """
         if len(self) == 0:
             return torch.full_like(user_index, -1, dtype=torch.long)
-        user_index = user_index.long()
-        query = user_index * self._stride + self._rank(t, right=False)
+        users = np.asarray(user_index.numpy(), np.int64)
+        rank = np.searchsorted(self._distinct_ts.numpy(), np.asarray(t.numpy(), np.float64))
         # rows with key < query are earlier users or this user's profiles strictly before t
-        row = torch.searchsorted(self._keys, query, right=False) - 1
-        safe = row.clamp(min=0)
-        valid = (row >= 0) & (self.user_index[safe] == user_index)
-        return torch.where(valid, row, torch.full_like(row, -1))
+        row = np.searchsorted(self._keys.numpy(), users * self._stride + rank) - 1
+        valid = (row >= 0) & (self.user_index.numpy()[np.maximum(row, 0)] == users)
+        return torch.from_numpy(np.where(valid, row, -1))
 
     def lookup(self, user_index: Tensor, t: Tensor) -> ProfileLookup:
         """Facet vectors of the latest profile strictly before ``t`` for each query.
