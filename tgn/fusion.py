@@ -255,13 +255,14 @@ class DistilledFusion(nn.Module):
         # two contractions as batched matmuls over the F*H facet heads
         score, value, offset = (torch.from_numpy(np.take(x.numpy(), rows.numpy(), axis=0))
                                 for x in (folded.score, folded.value, folded.offset))
-        logits = torch.bmm(score.view(b, f * h, d), z.unsqueeze(2)).view(b, f, h) + offset
-        weights = torch.softmax(logits, dim=1)  # [B, F, H]
+        logits = torch.baddbmm(offset.view(b, f * h, 1), score.view(b, f * h, d), z.unsqueeze(2))
+        weights = torch.softmax(logits.view(b, f, h), dim=1)  # [B, F, H]
         attended = torch.bmm(weights.view(b, 1, f * h), value.view(b, f * h, d)).view(b, d)
-        hidden = torch.relu(torch.addmm(folded.merge_bias, z, folded.merge_z) + attended)
-        out = self.merge[2](hidden)
+        hidden = torch.addmm(attended, z, folded.merge_z).add_(folded.merge_bias).relu_()
+        last = self.merge[2]
+        out = torch.addmm(z if self.config.residual else last.bias, hidden, last.weight.T)
         if self.config.residual:
-            out = out + z
+            out += last.bias
         return FusionOutput(out, weights.mean(2), has_profile)
 
     def forward(self, z: Tensor, facets: Tensor, has_profile: Tensor) -> FusionOutput:
