@@ -65,9 +65,11 @@ class _ApplyToMemoryFn(beam.DoFn):
 
     def setup(self) -> None:
         from tgn.evaluate import Evaluator
+        from tgn.run import Run
 
         # no torch.set_grad_enabled(False) here: on the in-process runner it would switch
         # gradients off for the caller's thread too; ShardState.apply runs under no_grad
+        self._run = Run.open(self.run_dir)  # one read of the checkpoint for every shard
         self._shards: dict[int, ShardState] = {}
         self._unsaved: dict[int, int] = {}  # events applied since the last checkpoint
         self._evaluator = Evaluator() if self.evaluate_to else None
@@ -77,7 +79,7 @@ class _ApplyToMemoryFn(beam.DoFn):
         state = self._shards.get(shard)
         if state is None:
             state = self._shards[shard] = ShardState.open(
-                self.run_dir, self.state_dir, shard, self.num_shards, self.fresh_state,
+                self._run, self.state_dir, shard, self.num_shards, self.fresh_state,
                 self.topic_id)
         for ready in state.accept(batch):
             out = state.apply(ready, self._evaluator, self.test_from)

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,9 @@ from streaming import metrics
 from streaming.errors import UsageError
 from streaming.validation import RECENT_IDS_CAPACITY
 from tgn.data import latest_per_user
+
+if TYPE_CHECKING:
+    from tgn.run import Run
 
 
 def shard_of(user_ids: Sequence[str], num_shards: int) -> np.ndarray:
@@ -133,18 +137,20 @@ class ShardState:
         self._pending: list[EventsBatch] = []
 
     @classmethod
-    def open(cls, run_dir: str | Path, state_dir: str | Path | None, shard: int,
+    def open(cls, run: Run | str | Path, state_dir: str | Path | None, shard: int,
              num_shards: int, fresh_state: bool = False,
              topic_id: str | None = None) -> ShardState:
         """Resume from the shard's checkpoint if there is one, else start from the run's model.
 
         Args:
+            run: the trained run (a :class:`tgn.run.Run`, opened once for all of a worker's
+                shards: its checkpoint is read once), or its directory.
             fresh_state: start from the trained weights with empty memory (replay from scratch).
             topic_id: the input topic's id now (``None``: keep the checkpoint's).
         """
         from tgn.run import Run
 
-        run = Run.open(run_dir)
+        run = run if isinstance(run, Run) else Run.open(run)
         path = checkpoint_path(state_dir, shard, num_shards) if state_dir else None
         if path is not None and path.exists():
             from tgn.model import TGNRecommender

@@ -15,6 +15,7 @@ import pytest
 from pipelines.applied_ids import AppliedIds, load_applied_ids
 from pipelines.state import ShardState, checkpoint_path
 from streaming.deadletter import decode_raw
+from tgn.run import Run
 
 PHASE_A, PHASE_B, RESENT = 60, 40, 10
 
@@ -67,3 +68,8 @@ def test_shard_checkpoints_carry_their_ids(run_dir, cj_small, tmp_path):
         state.wait()
     assert load_applied_ids(tmp_path, 2) == ids.to_pylist()
     assert ShardState.open(run_dir, tmp_path, 1, 2).applied_ids.to_list() == ids.to_pylist()[15:]
+    # a worker opens the run once for all its shards (its checkpoint read once): the same states
+    run = Run.open(run_dir)
+    shards = [ShardState.open(run, tmp_path, shard, 2) for shard in range(2)]
+    assert [s.applied_ids.to_list() for s in shards] == [ids.to_pylist()[:15], ids.to_pylist()[15:]]
+    assert shards[0].model is not shards[1].model and "payload" in vars(run)
