@@ -111,10 +111,10 @@ def _top_products(brand: np.ndarray, kind: np.ndarray, brands: list[str], brand_
     """Per brand name in ``brands``: the product type of ``kind`` bought most of it among the
     lines ``brand`` / ``kind`` (codes ``[L]``), ties by name, a type in ``avoid`` only if the
     brand has no other."""
-    code = {str(n): i for i, n in enumerate(brand_names)}
     out = {}
     for name in brands:
-        ranked = [n for n, _ in _top(kind[brand == code[name]], type_names, len(type_names))]
+        code = np.searchsorted(brand_names, name)  # names are np.unique's: sorted
+        ranked = [n for n, _ in _top(kind[brand == code], type_names, len(type_names))]
         if ranked:
             out[name] = next((n for n in ranked if n not in avoid), ranked[0])
     return out

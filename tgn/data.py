@@ -150,7 +150,7 @@ def latest_per_user(users: np.ndarray,
 
 
 def expand_rows(rows: Tensor, index: Tensor) -> Tensor:
-    """``rows [Q, N]`` gathered by ``index [B]`` into ``[B, N]`` (``np.take``: several times
+    """``rows [Q, ...]`` gathered by ``index [B]`` into ``[B, ...]`` (``np.take``: several times
     faster than ``index_select`` on wide float rows on CPU; rows that need a gradient are
     indexed with torch)."""
     if rows.requires_grad:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from tgn.data import expand_rows
 
 #: The facet order used everywhere (profiles export, fusion, explain).
 FACETS = ("crowd_segment", "personal_interests", "preferred_categories", "favored_brands")
@@ -251,9 +252,8 @@ class DistilledFusion(nn.Module):
         """:meth:`attend` from :meth:`fold` tables (inference): ``z`` [B, D] reads table rows
         ``rows`` [B] (the "no profile" row where ``has_profile`` [B] is False)."""
         b, (f, h, d) = z.shape[0], folded.score.shape[1:]
-        # one gather per table (np.take: several times cheaper than torch's on CPU), then the
-        # two contractions as batched matmuls over the F*H facet heads
-        score, value, offset = (torch.from_numpy(np.take(x.numpy(), rows.numpy(), axis=0))
+        # one gather per table, then the two contractions as batched matmuls over the F*H heads
+        score, value, offset = (expand_rows(x, rows)
                                 for x in (folded.score, folded.value, folded.offset))
         logits = torch.baddbmm(offset.view(b, f * h, 1), score.view(b, f * h, d), z.unsqueeze(2))
         weights = torch.softmax(logits.view(b, f, h), dim=1)  # [B, F, H]

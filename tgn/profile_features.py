@@ -65,7 +65,7 @@ class ProfileTable:
         self.source_row = order  #: [P] position of each sorted row in the input
         self._distinct_ts = torch.unique(self.ts)  # sorted
         self._stride = self._distinct_ts.numel() + 1
-        self._keys = self.user_index * self._stride + self._rank(self.ts, right=False)
+        self._keys = self.user_index * self._stride + torch.from_numpy(self._rank(self.ts))
 
     @classmethod
     def from_export(cls, user_ids: Sequence[str], ts: Sequence[float] | np.ndarray,
@@ -106,9 +106,9 @@ class ProfileTable:
         """``E``."""
         return self.vectors.shape[2]
 
-    def _rank(self, t: Tensor, right: bool) -> Tensor:
-        """Number of distinct profile timestamps ``< t`` (``<= t`` if ``right``), [B] int64."""
-        return torch.searchsorted(self._distinct_ts, t.double().contiguous(), right=right)
+    def _rank(self, t: Tensor) -> np.ndarray:
+        """Number of distinct profile timestamps ``< t``, [B] int64."""
+        return np.searchsorted(self._distinct_ts.numpy(), np.asarray(t.numpy(), np.float64))
 
     def latest_rows(self, user_index: Tensor, t: Tensor) -> Tensor:
         """Row of each user's latest profile with ``ts < t``, or -1.
@@ -127,9 +127,8 @@ class ProfileTable:
         if len(self) == 0:
             return torch.full_like(user_index, -1, dtype=torch.long)
         users = np.asarray(user_index.numpy(), np.int64)
-        rank = np.searchsorted(self._distinct_ts.numpy(), np.asarray(t.numpy(), np.float64))
         # rows with key < query are earlier users or this user's profiles strictly before t
-        row = np.searchsorted(self._keys.numpy(), users * self._stride + rank) - 1
+        row = np.searchsorted(self._keys.numpy(), users * self._stride + self._rank(t)) - 1
         valid = (row >= 0) & (self.user_index.numpy()[np.maximum(row, 0)] == users)
         return torch.from_numpy(np.where(valid, row, -1))
 
