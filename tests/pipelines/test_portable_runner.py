@@ -102,7 +102,14 @@ def _assert_same_checkpoint(ours_dir: Path, theirs_dir: Path, shard: int, shards
     assert ours["users"] == theirs["users"] and ours["items"] == theirs["items"]
     assert ours["state"].keys() == theirs["state"].keys()
     for name, tensor in theirs["state"].items():
-        assert torch.equal(ours["state"][name], tensor), name
+        mine = ours["state"][name]
+        if not torch.equal(mine, tensor):
+            rows = (mine != tensor).reshape(len(tensor), -1).any(1)
+            batches = [[len(r[0]) for r in read_latency_log(d / "latency.jsonl")]
+                       for d in (ours_dir, theirs_dir)]
+            raise AssertionError(f"{name}: {int(rows.sum())} of {len(tensor)} rows differ, by "
+                                 f"up to {float((mine - tensor).abs().max()):.3g}; events per "
+                                 f"emitted batch: {batches[0]} here, {batches[1]} there")
     for key in ("positions", "frontier"):
         assert ours["extra"][key] == theirs["extra"][key], key
     return theirs
