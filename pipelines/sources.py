@@ -315,7 +315,10 @@ class _ReadKafkaFn(beam.DoFn):
             batch = self._batch(element.topic, records, position, polled, watermark)
             if batch is not None:
                 if not tracker.try_claim(self._reader.positions):
-                    return
+                    return  # split off: the residual reads these records again
+                # counted once claimed: a batch dropped by a split must be told again
+                self._idle.reported = batch.span.idle
+                metrics.EVENTS_CONSUMED.inc(len(records))
                 position = self._reader.positions
                 yield batch
             if time.monotonic() >= deadline:
@@ -344,12 +347,9 @@ class _ReadKafkaFn(beam.DoFn):
             due = self.policy.due(0)
             if not due and idle == self._idle.reported:
                 return None
-            self._idle.reported = idle
             empty = _empty_batch(position, due, idle)  # it may seal events: trace its poll
             empty.span = empty.span.mark("poll", polled).mark("fetch", fetched)
             return empty
-        self._idle.reported = idle
-        metrics.EVENTS_CONSUMED.inc(len(records))
         batch = _records_batch(records, position, self._reader.positions,
                                self.policy.due(len(records)), polled, fetched, idle)
         newest = Timestamp(float(batch.produced_at.max()))

@@ -189,3 +189,51 @@ def test_a_partition_waking_up_makes_the_others_prove_idleness_again():
         idle = poll([Rec(0)])
     assert idle == frozenset({1, 2})  # the bounded wait: idle again after idle_s of polling
     assert poll([Rec(0), Rec(1)]) == frozenset()  # 1 wakes: 2 waits again; 0 was never idle
+
+
+@pytest.mark.kafka
+def test_an_idle_report_split_off_by_the_runner_is_sent_again(kafka_broker):
+    """The runner may split the reader's restriction between a poll and its claim (Beam's
+    dynamic split); the batch of that poll is then not emitted, so what it reported (here: the
+    partition went idle, which seals the open micro-batches) must come again from the
+    residual, or the last events of a quiet stream would wait for ever."""
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+    from apache_beam.runners.sdf_utils import ThreadsafeRestrictionTracker
+
+    from pipelines.positions import PositionsTracker, TopicPositions
+    from pipelines.sources import CheckpointPolicy, KafkaTopic, StopFlag, _ReadKafkaFn
+    from streaming.kafka_io import create_topics, json_producer
+
+    create_topics(kafka_broker, ["purchases"], partitions=1)
+    producer = json_producer(kafka_broker)
+    for i in range(5):
+        producer.send("purchases", {"event_id": f"e{i}"}, partition=0)
+    producer.close()
+
+    class SplitAtIdle(PositionsTracker):
+        """Splits (as a runner's split request would) at the second claim of the end: the
+        first is the records' batch, the second the idle report."""
+
+        def __init__(self, restriction: TopicPositions) -> None:
+            super().__init__(restriction)
+            self.ends, self.residual = 0, None
+
+        def try_claim(self, position):
+            self.ends += position == {0: 5}
+            if self.ends == 2:
+                self.residual = self.try_split(0.0)[1]
+            return super().try_claim(position)
+
+    reader = _ReadKafkaFn(StopFlag(), max_batch=100, poll_s=0.05, call_s=3.0,
+                          policy=CheckpointPolicy(10**9, 1e9), state_dir=None, idle_s=0.3)
+    reader.setup()
+    element = KafkaTopic(kafka_broker, "purchases", ((0, 0),))
+    split = SplitAtIdle(TopicPositions(((0, 0),)))
+    first = list(reader.process(element, ThreadsafeRestrictionTracker(split),
+                                ManualWatermarkEstimator(None)))
+    assert sum(len(b) for b in first) == 5 and not any(b.span.idle for b in first)
+    assert split.residual == TopicPositions(((0, 5),))  # split after the records, at the idle
+    rest = list(reader.process(element, ThreadsafeRestrictionTracker(PositionsTracker(
+        split.residual)), ManualWatermarkEstimator(None)))
+    assert [b.span.idle for b in rest] == [frozenset({0})] and not any(len(b) for b in rest)
+    reader.teardown()
