@@ -101,17 +101,18 @@ def _assert_same_checkpoint(ours_dir: Path, theirs_dir: Path, shard: int, shards
     ours, theirs = (_checkpoint(d, shard, shards) for d in (ours_dir, theirs_dir))
     assert ours["users"] == theirs["users"] and ours["items"] == theirs["items"]
     assert ours["state"].keys() == theirs["state"].keys()
+    for key in ("positions", "frontier"):  # the same events sealed, first: then the tensors
+        assert ours["extra"][key] == theirs["extra"][key], key
     for name, tensor in theirs["state"].items():
         mine = ours["state"][name]
         if not torch.equal(mine, tensor):
             rows = (mine != tensor).reshape(len(tensor), -1).any(1)
+            gap = float((mine.double() - tensor.double()).abs().max())
             batches = [[len(r[0]) for r in read_latency_log(d / "latency.jsonl")]
                        for d in (ours_dir, theirs_dir)]
             raise AssertionError(f"{name}: {int(rows.sum())} of {len(tensor)} rows differ, by "
-                                 f"up to {float((mine - tensor).abs().max()):.3g}; events per "
+                                 f"up to {gap:.3g}; events per "
                                  f"emitted batch: {batches[0]} here, {batches[1]} there")
-    for key in ("positions", "frontier"):
-        assert ours["extra"][key] == theirs["extra"][key], key
     return theirs
 
 

@@ -235,5 +235,7 @@ def test_an_idle_report_split_off_by_the_runner_is_sent_again(kafka_broker):
     assert split.residual == TopicPositions(((0, 5),))  # split after the records, at the idle
     rest = list(reader.process(element, ThreadsafeRestrictionTracker(PositionsTracker(
         split.residual)), ManualWatermarkEstimator(None)))
-    assert [b.span.idle for b in rest] == [frozenset({0})] and not any(len(b) for b in rest)
+    # the residual's first batch tells it again (a later poll may see the partition busy a
+    # moment, e.g. a fetch in flight, and report it idle again: never records)
+    assert rest and rest[0].span.idle == frozenset({0}) and not any(len(b) for b in rest)
     reader.teardown()
