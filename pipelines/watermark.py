@@ -31,6 +31,7 @@ number of crashes, and so is the state (``tests/reliability/test_crash_safety.py
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -87,6 +88,9 @@ class Frontier:
         read: per partition, the next offset the reader had read.
         clocks: per partition, the newest event time before ``resume``.
         rule: the :class:`BatchRule` as a dict.
+        cuts: digest (hex) of every micro-batch sealed up to ``last``, by its last event and
+            size (:func:`chain_cuts`): two runs sealed the same batches iff their digests at the
+            same ``last`` are equal (the state after them then is the same).
     """
 
     last: Key = START
@@ -94,12 +98,14 @@ class Frontier:
     read: dict[int, int] = field(default_factory=dict)
     clocks: dict[int, float] = field(default_factory=dict)
     rule: dict = field(default_factory=dict)
+    cuts: str = ""
 
     def to_dict(self) -> dict:
         """Plain types, for a checkpoint's ``extra`` (loads with ``weights_only``)."""
         return {"last_ts": float(self.last[0]), "last_id": self.last[1],
                 "resume": dict(self.resume), "read": dict(self.read),
-                "clocks": {p: float(c) for p, c in self.clocks.items()}, "rule": dict(self.rule)}
+                "clocks": {p: float(c) for p, c in self.clocks.items()}, "rule": dict(self.rule),
+                "cuts": self.cuts}
 
     @classmethod
     def from_dict(cls, data: dict) -> Frontier:
@@ -107,7 +113,19 @@ class Frontier:
         ints = lambda d: {int(p): int(o) for p, o in d.items()}  # noqa: E731
         return cls((float(data["last_ts"]), str(data["last_id"])), ints(data["resume"]),
                    ints(data["read"]), {int(p): float(c) for p, c in data["clocks"].items()},
-                   dict(data.get("rule", {})))
+                   dict(data.get("rule", {})), str(data.get("cuts", "")))
+
+
+def chain_cuts(cuts: str, last: Key, events: int) -> str:
+    """The digest of the sealed batches ``cuts`` followed by one of ``events`` events ending at
+    ``last`` (BLAKE2b, 16 bytes, hex).
+
+    >>> a = chain_cuts("", (1.0, "e1"), 2)
+    >>> a == chain_cuts("", (1.0, "e1"), 2) != chain_cuts("", (1.0, "e1"), 3)
+    True
+    """
+    entry = f"{cuts}|{last[0]!r}|{last[1]}|{events}".encode()
+    return hashlib.blake2b(entry, digest_size=16).hexdigest()
 
 
 def after_key(events: pa.Table, key: Key) -> np.ndarray:
@@ -165,6 +183,7 @@ class Sealer:
         self.rule = rule
         frontier = frontier or Frontier()
         self.last: Key = frontier.last
+        self.cuts = frontier.cuts
         self.clocks: dict[int, float] = dict(frontier.clocks)
         self.read: dict[int, int] = dict(frontier.resume)  # next offset, this incarnation
         self._seen = dict(frontier.read)  # offsets below these were read before a restart
@@ -284,6 +303,8 @@ class Sealer:
         """``rows`` as a sealed micro-batch ending at ``last``; ``drop`` rows leave the buffer."""
         if drop:
             self._buffer.drop_first(drop)
+        if len(rows):  # an empty one (a checkpoint mark's) is not a cut
+            self.cuts = chain_cuts(self.cuts, last, len(rows))
         after, self.last = self.last, last
         self.sealed += 1
         metrics.EVENTS_SEALED.labels("sealed").inc(len(rows))
@@ -303,7 +324,7 @@ class Sealer:
                 resume[partition] = int(offsets[first])
                 clocks[partition] = float(buffer.prior[first])
         read = {p: max(o, self._seen.get(p, 0)) for p, o in self.read.items()}
-        return Frontier(self.last, resume, read, clocks, asdict(self.rule))
+        return Frontier(self.last, resume, read, clocks, asdict(self.rule), self.cuts)
 
     @staticmethod
     def _empty_like(batch: EventsBatch) -> EventsBatch:

@@ -39,7 +39,7 @@ def events(cj_small) -> pa.Table:
     return pq.read_table(cj_small / "events.parquet").slice(0, 1500)
 
 
-def _replayed(events: pa.Table, rule: BatchRule = RULE) -> list[list[str]]:
+def _replay(events: pa.Table, rule: BatchRule = RULE) -> list[EventsBatch]:
     """The micro-batches of the events as one sorted log read in chunks of 400 rows."""
     sealer, out = Sealer(rule), []
     for lo in range(0, events.num_rows, 400):
@@ -47,7 +47,16 @@ def _replayed(events: pa.Table, rule: BatchRule = RULE) -> list[list[str]]:
         out += sealer.add(_batch(events.slice(lo, hi - lo), np.zeros(hi - lo),
                                  np.arange(lo, hi), {0: (lo, hi)},
                                  end=hi == events.num_rows))[0]
-    return _ids(out)
+    return out
+
+
+def _replayed(events: pa.Table, rule: BatchRule = RULE) -> list[list[str]]:
+    return _ids(_replay(events, rule))
+
+
+def _cuts(batches: list[EventsBatch]) -> str:
+    """The sealed-batch digest after the last batch with events."""
+    return [b for b in batches if len(b)][-1].frontier.cuts
 
 
 class _Topic:
@@ -91,6 +100,7 @@ def test_live_polls_cut_the_batches_of_a_sorted_replay(events, seed):
     live = topic.read(Sealer(RULE), dict.fromkeys(range(4), 0), np.random.default_rng(seed))
     expected = _replayed(events)
     assert _ids(live) == expected
+    assert _cuts(live) == _cuts(_replay(events)) != _cuts(_replay(events, BatchRule(49, 3600.0)))
     assert max(len(b) for b in expected) == RULE.events  # both limits cut batches here
     assert len(expected) > events.num_rows // RULE.events
 
@@ -110,6 +120,7 @@ def test_restarts_from_any_sealed_frontier_rebuild_the_same_batches(events):
     applied += topic.read(Sealer(RULE, frontier), dict(frontier.resume), rng)
     assert restarts >= 5
     assert _ids(applied) == _replayed(events)
+    assert _cuts(applied) == _cuts(_replay(events))  # the digest goes on from the frontier
 
 
 def test_late_events_are_dead_letters_unless_within_the_allowed_lateness(events):

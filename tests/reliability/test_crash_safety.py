@@ -130,6 +130,8 @@ def _replayed(run_dir: Path, cj_small: Path, state: Path) -> None:
 
 
 def _assert_same_state(got, want, what: str) -> None:
+    cuts = [m.checkpoint_extra["frontier"]["cuts"] for m in (got, want)]
+    assert cuts[0] == cuts[1], f"{what}: other micro-batches sealed"  # then the same tensors
     assert got.users.to_list() == want.users.to_list(), what
     assert got.items.to_list() == want.items.to_list(), what
     for name in BUFFERS:
