@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,13 @@ def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
     Yields ``args`` (the Beam options that submit a pipeline to them) and ``pool_log`` (the
     pool's output). The pool starts each SDK worker as ``python -c ...``, so the venv's ``bin``
-    goes first on its ``PATH``. Both processes, and the workers the pool started, are ended at
-    teardown.
+    goes first on its ``PATH``; its torch runs one thread, as the in-process runs here
+    (:func:`_one_thread`), so both sum floats alike. Both processes, and the workers the pool
+    started, are ended at teardown.
     """
     work = tmp_path_factory.mktemp("portable")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
     port_file = work / "job.port"
     job_log, pool_log = work / "job-service.log", work / "worker-pool.log"
     job = _start(["apache_beam.runners.portability.local_job_service_main", "--port", "0",
@@ -83,6 +86,17 @@ def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
     finally:
         _stop(pool)
         _stop(job)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread for an in-process run, as in the pool's workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _consumed() -> float:
@@ -138,7 +152,8 @@ def test_portable_replay_equals_in_process(run_dir, cj_small, tmp_path, portable
     local, portable = tmp_path / "local", tmp_path / "portable"
     local.mkdir()
     portable.mkdir()
-    _replay(run_dir, log, local, shards)
+    with _one_thread():
+        _replay(run_dir, log, local, shards)
     before = _consumed()
     _replay(run_dir, log, portable, shards, portable_runner["args"])
     # the DoFns ran in an SDK worker the pool started, not here (this process counted nothing)
@@ -151,8 +166,7 @@ def test_portable_replay_equals_in_process(run_dir, cj_small, tmp_path, portable
                            theirs["extra"]["applied_ids"])
         mine = load_store(portable / f"embeddings-shard-{shard}-of-{shards}.npz")
         ref = load_store(local / f"embeddings-shard-{shard}-of-{shards}.npz")
-        # embeddings are computed from that state: equal up to float summation order (the
-        # worker's torch thread count need not be this process's, which earlier tests set)
+        # embeddings are computed from that state: equal up to float summation order
         for a, b in zip(mine, ref, strict=True):
             if np.issubdtype(b.dtype, np.floating):
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -223,7 +237,8 @@ def test_portable_live_run_stops_and_equals_in_process(run_dir, cj_small, tmp_pa
     local, portable = tmp_path / "local", tmp_path / "portable"
     local.mkdir()
     portable.mkdir()
-    _live(run_dir, kafka_broker, local, rows)
+    with _one_thread():
+        _live(run_dir, kafka_broker, local, rows)
     before = _consumed()
     _live(run_dir, kafka_broker, portable, rows, portable_runner["args"])
     assert _consumed() == before  # read in the SDK worker
