@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         topic=args.topic, max_batch=args.max_batch,
         checkpoint_events=args.checkpoint_events, checkpoint_seconds=args.checkpoint_seconds,
         request_profiles=not args.no_profile_requests, idle_seconds=args.idle_seconds,
-        **_batching(args))
+        threads=args.threads, **_batching(args))
     log.info("pipeline reading %s from %s (%s); /metrics on port %d", args.topic,
              args.bootstrap_servers, kafka_settings.describe(), server.server_port)
     try:
@@ -91,7 +91,8 @@ def _replay(args: argparse.Namespace) -> int:
         run_dir=args.run, state_dir=args.state_dir, shards=args.shards, log_path=log_path,
         cut_row=int(np.searchsorted(ts, test_from)) if args.evaluate else None,
         dead_letter_path=args.dead_letters, fresh_state=True, evaluate_to=evaluate_to,
-        test_from=test_from, max_batch=args.batch_size, **_batching(args))
+        test_from=test_from, max_batch=args.batch_size, threads=args.threads,
+        **_batching(args))
     if args.evaluate and args.shards != 1:
         raise UsageError("--evaluate needs --shards 1 (every candidate scored from one state)")
     if args.evaluate and args.state_dir and any(Path(args.state_dir).glob("shard-*.pt")):

@@ -58,14 +58,20 @@ class _ApplyToMemoryFn(beam.DoFn):
     _applied = beam.DoFn.StateParam(APPLIED)
 
     def __init__(self, run_dir: str, state_dir: str | None, num_shards: int, fresh_state: bool,
-                 evaluate_to: str | None, test_from: float, topic_id: str | None) -> None:
+                 evaluate_to: str | None, test_from: float, topic_id: str | None,
+                 threads: int | None) -> None:
         self.run_dir, self.state_dir, self.num_shards = run_dir, state_dir, num_shards
         self.fresh_state, self.evaluate_to, self.test_from = fresh_state, evaluate_to, test_from
-        self.topic_id = topic_id
+        self.topic_id, self.threads = topic_id, threads
 
     def setup(self) -> None:
+        import torch
+
         from tgn.evaluate import Evaluator
         from tgn.run import Run
+
+        if self.threads is not None:  # the worker's process: the command's --threads
+            torch.set_num_threads(self.threads)
 
         # no torch.set_grad_enabled(False) here: on the in-process runner it would switch
         # gradients off for the caller's thread too; ShardState.apply runs under no_grad
@@ -111,18 +117,22 @@ class UpdateGraphMemory(beam.PTransform):
             file at every checkpoint; needs ``num_shards == 1``.
         test_from: event time where scored (test) events start; earlier ones are only observed.
         topic_id: the live input topic's id, kept in the checkpoints with the positions.
+        threads: torch threads of the worker process that applies the memory (``None``: as
+            they are).
     """
 
     def __init__(self, run_dir: str, state_dir: str | None = None, num_shards: int = 1,
                  fresh_state: bool = False, evaluate_to: str | None = None,
-                 test_from: float = -np.inf, topic_id: str | None = None) -> None:
+                 test_from: float = -np.inf, topic_id: str | None = None,
+                 threads: int | None = None) -> None:
         super().__init__()
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
         if evaluate_to and num_shards != 1:
             raise ValueError("evaluation needs a single shard (every candidate from one state)")
         self.apply_fn = _ApplyToMemoryFn(str(run_dir), state_dir and str(state_dir), num_shards,
-                                         fresh_state, evaluate_to, test_from, topic_id)
+                                         fresh_state, evaluate_to, test_from, topic_id,
+                                         threads)
         self.num_shards = num_shards
 
     def expand(self, batches):

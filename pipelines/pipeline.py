@@ -80,6 +80,9 @@ class PipelineConfig:
             holding the watermark back; all idle: the open micro-batches are sealed.
         latency_log: append a latency record per emitted batch to this JSONL file
             (``dynllm bench pipeline``; :func:`~pipelines.outputs.read_latency_log`).
+        threads: torch threads of every worker that applies the memory (``None``: leave the
+            worker's as they are); travels with the pipeline, so a portable runner's SDK
+            workers get the ``--threads`` the command was given.
     """
 
     run_dir: str
@@ -105,6 +108,7 @@ class PipelineConfig:
     lateness_s: float = 0.0
     idle_seconds: float = 1.0
     latency_log: str | None = None
+    threads: int | None = None
 
     @property
     def rule(self) -> BatchRule:
@@ -145,7 +149,7 @@ def build(pipeline: beam.Pipeline, config: PipelineConfig, stop: StopFlag,
                                                       config.kafka_settings))
     states = sealed.events | "UpdateGraphMemory" >> UpdateGraphMemory(
         config.run_dir, config.state_dir, config.shards, config.fresh_state,
-        config.evaluate_to, config.test_from, topic_id)
+        config.evaluate_to, config.test_from, topic_id, config.threads)
     if config.live and config.request_profiles:
         _ = states | "RequestProfiles" >> RequestProfiles(config.bootstrap_servers,
                                                           settings=config.kafka_settings)

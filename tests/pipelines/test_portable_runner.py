@@ -59,13 +59,11 @@ def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
     Yields ``args`` (the Beam options that submit a pipeline to them) and ``pool_log`` (the
     pool's output). The pool starts each SDK worker as ``python -c ...``, so the venv's ``bin``
-    goes first on its ``PATH``; its torch runs one thread, as the in-process runs here
-    (:func:`_one_thread`), so both sum floats alike. Both processes, and the workers the pool
-    started, are ended at teardown.
+    goes first on its ``PATH``. Both processes, and the workers the pool started, are ended at
+    teardown.
     """
     work = tmp_path_factory.mktemp("portable")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     port_file = work / "job.port"
     job_log, pool_log = work / "job-service.log", work / "worker-pool.log"
     job = _start(["apache_beam.runners.portability.local_job_service_main", "--port", "0",
@@ -90,7 +88,8 @@ def portable_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """Torch on one thread for an in-process run, as in the pool's workers."""
+    """Keep this process's torch threads: an in-process run sets them (``threads=1``, as the
+    pool's workers are told) and they are put back after it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -137,7 +136,7 @@ def _replay(run_dir: Path, log: Path, state: Path, shards: int,
 
     run_pipeline(PipelineConfig(run_dir=str(run_dir), state_dir=str(state), shards=shards,
                                 log_path=str(log), fresh_state=True, max_batch=1000,
-                                checkpoint_events=10**9,
+                                checkpoint_events=10**9, threads=1,
                                 latency_log=str(state / "latency.jsonl")),
                  beam_args=beam_args or ())
 
@@ -205,7 +204,7 @@ def _live(run_dir: Path, bootstrap: str, state: Path, events: int,
     latency = state / "latency.jsonl"
     config = PipelineConfig(run_dir=str(run_dir), state_dir=str(state),
                             bootstrap_servers=bootstrap, request_profiles=False,
-                            checkpoint_seconds=1e9, latency_log=str(latency))
+                            checkpoint_seconds=1e9, latency_log=str(latency), threads=1)
     stop = StopFlag()
     thread = threading.Thread(target=run_pipeline, args=(config, stop, beam_args or ()),
                               daemon=True)

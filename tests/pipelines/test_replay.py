@@ -106,3 +106,23 @@ def test_restart_with_shards_checkpointed_at_different_places(run_dir, cj_small,
         a, b = _load(torn, shard, 2), _load(full, shard, 2)
         assert torch.equal(a.neighbors.count, b.neighbors.count)
         assert torch.equal(a.memory.memory, b.memory.memory)
+
+
+def test_the_threads_setting_travels_with_the_pipeline_to_its_workers(run_dir):
+    """``PipelineConfig.threads`` is data of the memory DoFn: a worker that unpickles it (any
+    runner's SDK worker) runs torch on that many threads."""
+    import pickle
+
+    from pipelines.memory import UpdateGraphMemory
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        shipped = pickle.loads(pickle.dumps(UpdateGraphMemory(run_dir, threads=1).apply_fn))
+        shipped.setup()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        pickle.loads(pickle.dumps(UpdateGraphMemory(run_dir).apply_fn)).setup()
+        assert torch.get_num_threads() == 2  # None: left as the worker has them
+    finally:
+        torch.set_num_threads(threads)
